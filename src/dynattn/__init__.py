@@ -1,0 +1,12 @@
+"""dynattn: exact softmax attention maintained under edits to keys and values.
+
+``DynamicAttention`` implements the lazy-update structure of van den Brand,
+Song and Zhou (arXiv 2304.02207) with certified accuracy; ``dynattn.baselines``
+has the ``Recompute``, ``OnDemand`` and ``Eager`` alternatives behind the same
+interface, and ``dynattn.testing`` the float64 reference used to check them.
+"""
+
+from dynattn.structure import DynamicAttention
+
+__all__ = ["DynamicAttention", "__version__"]
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""The interface shared by :class:`~dynattn.DynamicAttention` and the baselines.
+
+:class:`AttentionMaintainer` validates every argument at the public boundary
+and then calls a private ``_apply_*`` / ``_answer_*`` method that subclasses
+implement. Subclasses therefore never see bad input, and a rejected call can
+never leave a half-applied change behind.
+
+Notation (SPEC section 1): ``Q: (n, d)``, ``K: (m, d)``, ``V: (m, e)``,
+``A = exp(scale * Q K^T)``, ``O = D^-1 A V`` with ``D = diag(A 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from dynattn._validation import (
+    check_dtype,
+    check_index,
+    check_index_array,
+    check_matrix,
+    check_scalar,
+)
+
+
+def read_only(array: np.ndarray) -> np.ndarray:
+    """Return a view of ``array`` that cannot be written through."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
+class AttentionMaintainer:
+    """Common constructor, validation and read-only accessors.
+
+    Parameters
+    ----------
+    Q : (n, d) array_like
+        Queries. Copied; the caller's array is never modified.
+    K : (m, d) array_like
+        Keys. Copied.
+    V : (m, e) array_like
+        Values. Copied.
+    scale : float, keyword-only
+        Softmax scale ``s`` in ``exp(s * Q K^T)``; 1.0 is the paper's,
+        ``1/sqrt(d)`` the transformer's.
+    dtype : float32 or float64, keyword-only
+        Storage dtype of the inputs and of the maintained state.
+    """
+
+    def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64):
+        self._dtype = check_dtype(dtype)
+        self._Q = check_matrix("Q", Q, dtype=self._dtype)
+        n, d = self._Q.shape
+        self._K = check_matrix("K", K, dtype=self._dtype, cols=d, col_name="columns (d, as Q has)")
+        m = self._K.shape[0]
+        self._V = check_matrix("V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)")
+        self._scale = check_scalar("scale", scale)
+        self.n, self.d = n, d
+        self.m, self.e = m, self._V.shape[1]
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def Q(self) -> np.ndarray:
+        """Current queries ``(n, d)``, a read-only view."""
+        return read_only(self._Q)
+
+    @property
+    def K(self) -> np.ndarray:
+        """Current keys ``(m, d)``, a read-only view."""
+        return read_only(self._K)
+
+    @property
+    def V(self) -> np.ndarray:
+        """Current values ``(m, e)``, a read-only view."""
+        return read_only(self._V)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Storage dtype (float32 or float64)."""
+        return self._dtype
+
+    @property
+    def scale(self) -> float:
+        """Softmax scale ``s``."""
+        return self._scale
+
+    # ------------------------------------------------------------------ paper operations
+    def update_k(self, i: int, j: int, delta: float) -> None:
+        """Paper's UpdateK: ``K[i, j] += delta``."""
+        i = check_index("i", i, self.m, axis="key rows, m")
+        j = check_index("j", j, self.d, axis="key columns, d")
+        new = self._checked_sum("delta", self._K[i, j], delta, "K")
+        self._apply_k(i, j, new)
+
+    def update_v(self, i: int, j: int, delta: float) -> None:
+        """Paper's UpdateV: ``V[i, j] += delta``."""
+        i = check_index("i", i, self.m, axis="value rows, m")
+        j = check_index("j", j, self.e, axis="value columns, e")
+        new = self._checked_sum("delta", self._V[i, j], delta, "V")
+        self._apply_v(i, j, new)
+
+    def query(self, i: int, j: int) -> float:
+        """Paper's Query: ``O[i, j]`` as a Python float."""
+        i = check_index("i", i, self.n, axis="query rows, n")
+        j = check_index("j", j, self.e, axis="output columns, e")
+        return float(self._answer_entry(i, j))
+
+    def query_row(self, i: int) -> np.ndarray:
+        """``O[i, :]`` as a new ``(e,)`` array of the structure's dtype."""
+        i = check_index("i", i, self.n, axis="query rows, n")
+        return self._answer_rows(np.array([i]))[0].astype(self._dtype)
+
+    def query_many(self, rows: Any, cols: Any) -> np.ndarray:
+        """``O[rows[k], cols[k]]`` for every k, as a new ``(len(rows),)`` array."""
+        rows = check_index_array("rows", rows, self.n, axis="query rows, n")
+        cols = check_index_array("cols", cols, self.e, axis="output columns, e")
+        if rows.shape != cols.shape:
+            raise ValueError(
+                f"rows and cols: expected the same length, got {rows.shape[0]} and {cols.shape[0]}"
+            )
+        return self._answer_entries(rows, cols).astype(self._dtype)
+
+    def output(self) -> np.ndarray:
+        """The whole attention output ``O: (n, e)``, as a new array."""
+        return self._answer_rows(np.arange(self.n)).astype(self._dtype)
+
+    # ------------------------------------------------------------------ hooks
+    def _apply_k(self, i: int, j: int, new_value: Any) -> None:
+        raise NotImplementedError
+
+    def _apply_v(self, i: int, j: int, new_value: Any) -> None:
+        raise NotImplementedError
+
+    def _answer_entry(self, i: int, j: int) -> float:
+        return float(self._answer_entries(np.array([i]), np.array([j]))[0])
+
+    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def _checked_sum(self, name: str, current: Any, delta: Any, target: str) -> Any:
+        """Return ``current + delta`` in the storage dtype, rejecting non-finite results."""
+        step = check_scalar(name, delta)
+        with np.errstate(over="ignore", invalid="ignore"):
+            new = self._dtype.type(current) + self._dtype.type(step)
+        if not math.isfinite(float(new)):
+            raise ValueError(
+                f"{name}={step!r} would make {target} entry {float(current)!r} overflow "
+                f"{self._dtype}; expected a delta keeping it finite"
+            )
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n={self.n}, m={self.m}, d={self.d}, e={self.e}, "
+            f"dtype={self._dtype.name}, scale={self._scale:g})"
+        )
