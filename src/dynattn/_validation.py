@@ -64,7 +64,8 @@ def check_matrix(
         raise ValueError(
             f"{name}: expected {cols} {col_name}, got shape {array.shape}"
         )
-    converted = np.array(array, dtype=dtype, order="C", copy=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = np.array(array, dtype=dtype, order="C", copy=True)
     _check_finite(name, converted, original=array)
     return converted
 

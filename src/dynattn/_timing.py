@@ -1,0 +1,258 @@
+"""Measurement helpers shared by ``dynattn demo``, ``dynattn bench`` and ``benchmarks/``.
+
+Method
+------
+* **Warm-up, then repeats.** Every measured callable runs ``warmup`` times
+  untimed, then ``repeats`` times; :class:`Timing` reports the median and the
+  min-max range.
+* **Interleaving.** :func:`interleaved` runs one sample of every contender per
+  round, rotating the order each round, so a slow phase of a noisy machine
+  hits all of them alike and the *ratios* stay meaningful even when absolute
+  times drift.
+* **The BLAS-3 bound.** :func:`gemm_rate` measures the machine's GEMM rate
+  once per run; :func:`blas3_bound` turns it into the rebuild's lower bound on
+  the amortized update time, ``2 * n * e`` flops per pending column.
+* **Machine record.** :func:`machine_info` records the CPU model, core count,
+  numpy version and BLAS so reference results say where they came from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: A sample function: runs the work and returns its duration in seconds
+#: (``None`` means "time the whole call").
+Sample = Callable[[], "float | None"]
+
+
+@dataclass
+class Timing:
+    """Repeated measurements of one quantity, in seconds.
+
+    Attributes
+    ----------
+    samples : list of float
+        One value per repeat (already divided by the work count, e.g. per update).
+    """
+
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        """Median sample (``nan`` when empty)."""
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def min(self) -> float:
+        """Fastest sample."""
+        return min(self.samples) if self.samples else float("nan")
+
+    @property
+    def max(self) -> float:
+        """Slowest sample."""
+        return max(self.samples) if self.samples else float("nan")
+
+    def as_dict(self, prefix: str) -> dict[str, Any]:
+        """``{prefix: median, prefix_min, prefix_max, prefix_samples}`` for JSON records."""
+        return {
+            prefix: self.median,
+            f"{prefix}_min": self.min,
+            f"{prefix}_max": self.max,
+            f"{prefix}_samples": list(self.samples),
+        }
+
+
+def time_call(fn: Sample) -> float:
+    """Run ``fn`` once; return its own duration if it reports one, else the wall time."""
+    start = time.perf_counter()
+    reported = fn()
+    elapsed = time.perf_counter() - start
+    return float(reported) if reported is not None else elapsed
+
+
+def measure(fn: Sample, *, repeats: int = 5, warmup: int = 1) -> Timing:
+    """Warm up ``warmup`` times, then collect ``repeats`` samples of ``fn``.
+
+    Parameters
+    ----------
+    fn : callable
+        Returns the duration in seconds, or ``None`` to be timed as a whole.
+    repeats, warmup : int
+
+    Returns
+    -------
+    Timing
+    """
+    for _ in range(warmup):
+        fn()
+    return Timing([time_call(fn) for _ in range(max(1, repeats))])
+
+
+def interleaved(
+    fns: Mapping[str, Sample],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    on_sample: Callable[[str, int], None] | None = None,
+) -> dict[str, Timing]:
+    """Measure several contenders round-robin, rotating the order every round.
+
+    Parameters
+    ----------
+    fns : mapping name -> sample function
+    repeats : int
+        Timed rounds; each round takes one sample of every contender.
+    warmup : int
+        Untimed rounds first.
+    on_sample : callable(name, round), optional
+        Called after every timed sample (progress reporting).
+
+    Returns
+    -------
+    dict name -> Timing
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    out = {name: Timing() for name in names}
+    for r in range(max(1, repeats)):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            out[name].samples.append(time_call(fns[name]))
+            if on_sample is not None:
+                on_sample(name, r)
+    return out
+
+
+def gemm_rate(dtype: Any = np.float64, size: int = 1024, repeats: int = 5) -> float:
+    """The machine's GEMM rate in flop/s: median over ``repeats`` square products.
+
+    Parameters
+    ----------
+    dtype : float32 or float64
+    size : int
+        Side of the square matrices (``2 * size**3`` flops per product).
+    repeats : int
+
+    Returns
+    -------
+    float
+        flop/s (median sample).
+    """
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
+    out = np.empty((size, size), dtype=dtype)
+    timing = measure(lambda: np.matmul(a, b, out=out), repeats=repeats, warmup=1)
+    return 2.0 * size**3 / timing.median
+
+
+def blas3_bound(n: int, e: int, rate: float) -> float:
+    """Lower bound on the amortized update time: ``2 * n * e`` flops at ``rate`` flop/s.
+
+    One pending column costs one rank-1 slice of the rebuild's ``(n x T)(T x e)``
+    product, so no lazy scheme that folds columns with BLAS-3 can amortize
+    below this.
+    """
+    return 2.0 * n * e / rate
+
+
+def cpu_model() -> str:
+    """CPU model string from ``/proc/cpuinfo`` (Linux) or :func:`platform.processor`."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def blas_name() -> str:
+    """Name and version of numpy's BLAS, as far as numpy reports it."""
+    try:
+        config = np.show_config(mode="dicts")  # numpy >= 1.25
+        blas = config.get("Build Dependencies", {}).get("blas", {})
+        name = blas.get("name", "unknown")
+        version = blas.get("version", "")
+        return f"{name} {version}".strip()
+    except Exception:  # pragma: no cover - older numpy
+        return "unknown"
+
+
+def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Where a measurement came from: CPU, cores, numpy/BLAS, Python, GEMM rates.
+
+    Parameters
+    ----------
+    rates : mapping dtype name -> flop/s, optional
+        Measured GEMM rates to record.
+    """
+    info: dict[str, Any] = {
+        "cpu_model": cpu_model(),
+        "cores": usable_cores(),
+        "numpy": np.__version__,
+        "blas": blas_name(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if rates:
+        info["gemm_gflops"] = {k: v / 1e9 for k, v in rates.items()}
+    return info
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    """Human-readable duration: ``"12.3 us"``, ``"4.56 ms"``, ``"1.23 s"``."""
+    if seconds is None or not np.isfinite(seconds):
+        return "-"
+    if seconds < 1e-6:
+        return f"{seconds * 1e9:.0f} ns"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_ratio(ratio: float | None) -> str:
+    """``"12.3x"`` (``"-"`` when missing)."""
+    if ratio is None or not np.isfinite(ratio):
+        return "-"
+    if ratio >= 100:
+        return f"{ratio:.0f}x"
+    if ratio >= 10:
+        return f"{ratio:.1f}x"
+    return f"{ratio:.2f}x"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table (first column left-aligned, others right)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        )
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out.extend(line(r) for r in cells[1:])
+    return "\n".join(out)

@@ -1,0 +1,44 @@
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "default",
+    deadline=None,
+    max_examples=40,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("default")
+
+
+def state_of(obj):
+    """A deep copy of every attribute of ``obj`` (arrays, dicts, counters, storage) for equality checks."""
+    return copy.deepcopy(vars(obj))
+
+
+def assert_same_state(before, after):
+    assert before.keys() == after.keys()
+    for key in before:
+        _assert_equal(before[key], after[key], key)
+
+
+def _assert_equal(a, b, where):
+    if isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype, where
+        assert np.array_equal(a, b, equal_nan=True), f"{where} changed"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    elif hasattr(a, "__dict__") and not callable(a):
+        _assert_equal(vars(a), vars(b), where)
+    else:
+        assert a == b or (a != a and b != b), f"{where} changed: {a!r} -> {b!r}"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
