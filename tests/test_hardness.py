@@ -174,12 +174,23 @@ def test_every_black_box_decodes_every_column(box, tau, density):
 def test_n256_dynamic_attention(box, tau):
     n = 256
     M, V, P = random_instance(n, tau, density_m=0.05, density_v=0.05, seed=256)
-    columns = range(0, n, 16) if box != "dynamic-dense-f64" or tau != 1.0 else None
+    columns = None if tau == 1.0 else range(0, n, 16)  # tau = 1: all 256 columns
     solver, got = solve_all(M, V, P, tau, columns=columns, **BLACK_BOXES[box])
     expected = direct_all(M, V, P, columns=columns)
     assert expected.any() and not expected.all()  # a nontrivial instance
     assert np.array_equal(got, expected)
     assert solver.updates == max_hint_nonzeros(n, tau)
+
+
+@pytest.mark.parametrize("box", ["recompute-f64", "recompute-f32", "ondemand-f64", "ondemand-f32",
+                                 "eager-f64", "eager-f32"])
+@pytest.mark.parametrize("tau", [0.25, 0.5])
+def test_n256_baselines(box, tau):
+    n = 256
+    M, V, P = random_instance(n, tau, density_m=0.05, density_v=0.05, seed=257)
+    columns = range(3, n, 32)
+    _, got = solve_all(M, V, P, tau, columns=columns, **BLACK_BOXES[box])
+    assert np.array_equal(got, direct_all(M, V, P, columns=columns))
 
 
 @pytest.mark.parametrize("box", ["recompute-f64", "ondemand-f32", "eager-f64", "eager-f32"])
@@ -273,6 +284,29 @@ def test_widely_differing_counts_n256(dtype):
             M, V, P, tau, columns=columns, attention=DynamicAttention, dtype=dtype, storage=storage
         )
         assert np.array_equal(got, direct_all(M, V, P, columns=columns))
+
+
+@pytest.mark.parametrize("storage", ["dense", "implicit"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_folds_during_and_after_phase2(storage, dtype):
+    """A lazier-than-needed structure (its own tau/3) folds several times inside phase 2."""
+    n, tau = 64, 1.0
+
+    def eager_ish(Q, K, V, *, tau, **options):
+        return DynamicAttention(Q, K, V, tau=tau / 3, **options)
+
+    M, V, P, _ = staircase_instance(n, tau, seed=8)
+    solver = HintedMvViaAttention(
+        M, V, tau=tau, attention=eager_ish, storage=storage, dtype=dtype
+    )
+    solver.hint(P)
+    assert solver.attention.stats["folds"] >= 5
+    got = np.stack([solver.column(i) for i in range(n)], axis=1)
+    assert np.array_equal(got, direct_all(M, V, P))
+    solver.attention.rebuild()  # the amortized charge, paid: answers stay the same
+    assert solver.attention.pending == 0
+    again = np.stack([solver.column(i) for i in range(n)], axis=1)
+    assert np.array_equal(again, got)
 
 
 @pytest.mark.parametrize("gap", [0.7, 3.0, 50.0])
