@@ -152,7 +152,11 @@ def gemm_rate(dtype: Any = np.float64, size: int = 1024, repeats: int = 5) -> fl
     a = rng.standard_normal((size, size)).astype(dtype)
     b = rng.standard_normal((size, size)).astype(dtype)
     out = np.empty((size, size), dtype=dtype)
-    timing = measure(lambda: np.matmul(a, b, out=out), repeats=repeats, warmup=1)
+
+    def product() -> None:
+        np.matmul(a, b, out=out)
+
+    timing = measure(product, repeats=repeats, warmup=1)
     return 2.0 * size**3 / timing.median
 
 
@@ -250,7 +254,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     def line(row: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]

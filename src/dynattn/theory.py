@@ -264,8 +264,12 @@ class Fit:
     def as_dict(self) -> dict[str, float]:
         """JSON-friendly dict."""
         return {
-            "slope": self.slope, "intercept": self.intercept, "stderr": self.stderr,
-            "r2": self.r2, "points": self.points, "span": self.span,
+            "slope": self.slope,
+            "intercept": self.intercept,
+            "stderr": self.stderr,
+            "r2": self.r2,
+            "points": self.points,
+            "span": self.span,
         }
 
 
@@ -283,10 +287,14 @@ def fit_loglog(x: Sequence[float], y: Sequence[float]) -> Fit:
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1:
-        raise ValueError(f"x and y: expected 1-D arrays of equal length, got {xs.shape} and {ys.shape}")
+        raise ValueError(
+            f"x and y: expected 1-D arrays of equal length, got {xs.shape} and {ys.shape}"
+        )
     if xs.size < 2 or np.unique(xs).size < 2:
         raise ValueError(f"x: expected at least two distinct values, got {xs.tolist()}")
-    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)):
+    if not (
+        np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)
+    ):
         raise ValueError("x and y: expected finite positive values for a log-log fit")
     lx, ly = np.log(xs), np.log(ys)
     design = np.stack([lx, np.ones_like(lx)], axis=1)
@@ -308,7 +316,9 @@ MIN_FIT_POINTS = 4
 MIN_FIT_SPAN = 4.0
 
 
-def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> list[dict[str, Any]]:
+def fit_records(
+    records: Iterable[Mapping[str, Any]], impl: str = "dynamic"
+) -> list[dict[str, Any]]:
     """Exponent fits of ``update_s`` and ``query_s`` against ``n`` per (tau, storage, dtype).
 
     Parameters
@@ -333,11 +343,18 @@ def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> 
             continue
         groups.setdefault((rec["tau"], rec.get("storage"), rec.get("dtype")), []).append(rec)
     out = []
-    for (tau, storage, dtype), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    for (tau, storage, dtype), recs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
+    ):
         recs = sorted(recs, key=lambda r: r["n"])
         sizes = [r["n"] for r in recs]
-        entry: dict[str, Any] = {"impl": impl, "tau": tau, "storage": storage, "dtype": dtype,
-                                 "sizes": sizes}
+        entry: dict[str, Any] = {
+            "impl": impl,
+            "tau": tau,
+            "storage": storage,
+            "dtype": dtype,
+            "sizes": sizes,
+        }
         for key, field in (("update", "update_s"), ("query", "query_s")):
             pairs = [(r["n"], r[field]) for r in recs if r.get(field)]
             try:
@@ -358,8 +375,10 @@ def format_fits(fits: Sequence[Mapping[str, Any]]) -> str:
     """Plain-text table of :func:`fit_records` output next to the theoretical exponents."""
     if not fits:
         return "no paper-regime DynamicAttention records to fit"
-    head = (f"{'tau':>5} {'storage':>8} {'sizes':>14} | {'update fit':>14} {'classical':>9} "
-            f"{'best-known':>10} | {'query fit':>14} {'theory':>6} {'paper':>5}")
+    head = (
+        f"{'tau':>5} {'storage':>8} {'sizes':>14} | {'update fit':>14} {'classical':>9} "
+        f"{'best-known':>10} | {'query fit':>14} {'theory':>6} {'paper':>5}"
+    )
     lines = [head, "-" * len(head)]
 
     def show(fit: Mapping[str, Any] | None) -> str:
@@ -374,7 +393,8 @@ def format_fits(fits: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             f"{f['tau']:>5.2f} {str(f['storage']):>8} {sizes:>14} | {show(f['update']):>14} "
             f"{f['theory_update_classical']:>9.3f} {f['theory_update_best']:>10.3f} | "
-            f"{show(f['query']):>14} {f['theory_query']:>6.2f} {f['theory_query_paper']:>5.2f}{flag}"
+            f"{show(f['query']):>14} {f['theory_query']:>6.2f} "
+            f"{f['theory_query_paper']:>5.2f}{flag}"
         )
     lines.append(
         "classical: omega(1,1,tau)-tau with cubic multiplication (= 2); best-known: with the "
