@@ -58,6 +58,7 @@ class AttentionMaintainer:
         m = self._K.shape[0]
         self._V = check_matrix("V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)")
         self._scale = check_scalar("scale", scale)
+        self._dtype_max = float(np.finfo(self._dtype).max)
         self.n, self.d = n, d
         self.m, self.e = m, self._V.shape[1]
 
@@ -147,6 +148,9 @@ class AttentionMaintainer:
     def _checked_sum(self, name: str, current: Any, delta: Any, target: str) -> Any:
         """Return ``current + delta`` in the storage dtype, rejecting non-finite results."""
         step = check_scalar(name, delta)
+        limit = self._dtype_max / 2
+        if abs(step) < limit and abs(float(current)) < limit:
+            return self._dtype.type(current) + self._dtype.type(step)  # cannot overflow
         with np.errstate(over="ignore", invalid="ignore"):
             new = self._dtype.type(current) + self._dtype.type(step)
         if not math.isfinite(float(new)):

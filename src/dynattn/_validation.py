@@ -87,9 +87,12 @@ def check_index(name: str, value: Any, size: int, *, axis: str) -> int:
     message can say what the valid range refers to. Negative indices are
     rejected rather than wrapped: an update to ``K[-1]`` is almost always a bug.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if type(value) is int:  # fast path for the common case
+        index = value
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer index, got {type(value).__name__} {value!r}")
-    index = int(value)
+    else:
+        index = int(value)
     if not 0 <= index < size:
         raise IndexError(f"{name}={index} is out of range: expected 0 <= {name} < {size} ({axis})")
     return index
@@ -115,9 +118,12 @@ def check_index_array(name: str, value: Any, size: int, *, axis: str) -> np.ndar
 
 def check_scalar(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float:
     """Return ``value`` as a finite Python float, optionally within ``[low, high]``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if type(value) is float or type(value) is int:
+        number = float(value)
+    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    number = float(value)
+    else:
+        number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name}: expected a finite number, got {number!r}")
     if low is not None and number < low or high is not None and number > high:

@@ -118,9 +118,9 @@ class DynamicAttention(AttentionMaintainer):
         self._q_norm = np.sqrt(np.einsum("ij,ij->i", self._Q64, self._Q64))
         self._q_col_absmax = np.abs(self._Q64).max(axis=0)
         self._q_norm_max = float(self._q_norm.max())
-        k_norm_max = float(np.sqrt(np.einsum("ij,ij->i", self._K64, self._K64)).max())
-        self._check_logit_range("K", k_norm_max)
-        self._k_norm_max = k_norm_max
+        self._k_sq_norms = np.einsum("ij,ij->i", self._K64, self._K64)
+        self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
+        self._check_logit_range("K", self._k_norm_max)
 
         self._storage_name = choose_storage(storage, n, m, self._dtype, int(budget))
         self._storage = STORAGES[self._storage_name](n, m, self._dtype)
@@ -231,12 +231,16 @@ class DynamicAttention(AttentionMaintainer):
         first touch in implicit storage), plus an amortized fold."""
         old = float(self._K64[c, j])
         new = float(new_value)
-        row_norm = math.sqrt(max(0.0, float(self._K64[c] @ self._K64[c]) - old * old + new * new))
+        # |K_c|^2 kept incrementally (recomputed exactly at each fold); 1e-9 covers its rounding
+        sq_norm = max(0.0, float(self._k_sq_norms[c]) - old * old + new * new)
+        row_norm = math.sqrt(sq_norm) * (1 + 1e-9)
         self._check_logit_range("delta", row_norm)
         slot = self._slot_for(c)
         self._K[c, j] = new_value
         self._K64[c, j] = new
-        self._k_norm_max = max(self._k_norm_max, row_norm)
+        self._k_sq_norms[c] = sq_norm
+        if row_norm > self._k_norm_max:
+            self._k_norm_max = row_norm
         step = self._scale * (new - old)
         growth = abs(step) * float(self._q_col_absmax[j])
         error = float(self._column_error[slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
@@ -484,6 +488,8 @@ class DynamicAttention(AttentionMaintainer):
         if t == 0:
             return
         rows = self._pending_rows[:t]
+        key_rows = self._K64[rows]
+        self._k_sq_norms[rows] = np.einsum("ij,ij->i", key_rows, key_rows)
         key_changed = self._key_changed[:t]
         value_changed = self._value_changed[:t]
         new_columns = self._pending_new_columns[:t]
@@ -523,7 +529,8 @@ class DynamicAttention(AttentionMaintainer):
         self._value_max = np.abs(self._V64).max(axis=0)
         self._value_max_stale = np.zeros(self.e, dtype=bool)
         self._value_scale = self._value_max.copy()
-        self._k_norm_max = float(np.sqrt(np.einsum("ij,ij->i", self._K64, self._K64)).max())
+        self._k_sq_norms = np.einsum("ij,ij->i", self._K64, self._K64)
+        self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
         self._refresh_rows(np.arange(self.n))
         self._stats["full_refreshes"] += 1
 
