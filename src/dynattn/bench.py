@@ -125,13 +125,14 @@ class BenchConfig:
 
 # ---------------------------------------------------------------------- progress
 class _PlainProgress:
-    """Text progress on stderr, one line per step group."""
+    """Text progress on stderr: a line at most every ``interval`` seconds."""
 
-    def __init__(self, total: int, stream: Any = None):
+    def __init__(self, total: int, stream: Any = None, interval: float = 2.0):
         self.total = max(1, total)
         self.done = 0
         self.stream = stream or sys.stderr
-        self._last = ""
+        self.interval = interval
+        self._last = -math.inf
 
     def __enter__(self) -> _PlainProgress:
         return self
@@ -142,11 +143,11 @@ class _PlainProgress:
 
     def advance(self, description: str, steps: int = 1) -> None:
         self.done += steps
-        if description != self._last:
-            pct = 100 * self.done // self.total
-            self.stream.write(f"[{pct:3d}%] {description}\n")
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.stream.write(f"[{self.done}/{self.total}] {description}\n")
             self.stream.flush()
-            self._last = description
 
 
 class _RichProgress:
