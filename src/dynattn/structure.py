@@ -83,6 +83,10 @@ class DynamicAttention(AttentionMaintainer):
     tol : float, keyword-only
         Certification tolerance on the incremental error, relative to
         ``max|V[:, j]|`` (default 1e-11 for float64, 1e-5 for float32).
+    certify : bool, keyword-only
+        Check every answer's error bound and recompute doubtful rows exactly
+        (default). ``False`` skips the checks and the drift refreshes: answers
+        are then uncertified (for measuring what certification costs).
 
     Runtime complexity: construction O(n*m*(d+e)); see each method.
     """
@@ -99,6 +103,7 @@ class DynamicAttention(AttentionMaintainer):
         storage: str = "auto",
         memory_budget: int = 1 << 30,
         tol: float | None = None,
+        certify: bool = True,
     ):
         super().__init__(Q, K, V, scale=scale, dtype=dtype)
         self._tau = check_scalar("tau", tau, low=0.0, high=1.0)
@@ -108,6 +113,9 @@ class DynamicAttention(AttentionMaintainer):
         self._tol = default_tol if tol is None else check_scalar("tol", tol, low=0.0)
         if self._tol <= 0:
             raise ValueError(f"tol: expected a positive number, got {tol!r}")
+        if not isinstance(certify, bool):
+            raise TypeError(f"certify: expected True or False, got {certify!r}")
+        self._certify = certify
         n, m, d, e = self.n, self.m, self.d, self.e
         self._threshold = min(m, max(1, math.ceil(m**self._tau * (1 - 1e-12))))
 
@@ -220,7 +228,8 @@ class DynamicAttention(AttentionMaintainer):
         from dynattn._validation import check_index
 
         i = check_index("i", i, self.n, axis="query rows, n")
-        incremental, _, _ = self._incremental_bound(i, None)
+        row_bound = float(self._row_bounds(np.array([i]))[0][0])
+        incremental = row_bound * (float(self._column_ratio(np.arange(self.e)).max()) + 1)
         if incremental > self._tol:
             incremental = 0.0  # queries would answer from an exact recomputation
         return incremental + self._fresh_error(i)
@@ -282,15 +291,25 @@ class DynamicAttention(AttentionMaintainer):
         """O[i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
         t = self._t
         numerator = float(self._N[i, j])
+        z = float(self._Z[i])
+        new_sum = old_sum = 0.0
         if t:
             new_weights = self._pending_new_columns[:t, i]
             old_weights = self._pending_old_columns[:t, i]
             numerator += float(new_weights @ self._pending_new_values[:t, j]) - float(
                 old_weights @ self._pending_old_values[:t, j]
             )
-        bound, denominator, _ = self._incremental_bound(i, j)
-        if bound > self._tol:
-            return float(self._fallback(np.array([i]))[0, j])
+            new_sum = float(new_weights.sum())
+            old_sum = float(old_weights.sum())
+        denominator = z + new_sum - old_sum
+        if self._certify:
+            error = float(self._row_error(i, z + new_sum + old_sum, old_sum))
+            relative = error / denominator if denominator > 0 else math.inf
+            if not relative < 0.5 or (
+                relative / (1 - relative) * (float(self._column_ratio(np.array([j]))[0]) + 1)
+                > self._tol
+            ):
+                return float(self._fallback(np.array([i]))[0, j])
         return numerator / denominator
 
     def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -328,43 +347,29 @@ class DynamicAttention(AttentionMaintainer):
         return answer
 
     # ------------------------------------------------------------------ error bounds
-    def _incremental_bound(self, i: int, j: int | None) -> tuple[float, float, float]:
-        """(bound relative to max|V[:, j]| (worst j if None), denominator, relative error)."""
-        t = self._t
-        z = float(self._Z[i])
-        new_sum = old_sum = 0.0
-        if t:
-            new_sum = float(self._pending_new_columns[:t, i].sum())
-            old_sum = float(self._pending_old_columns[:t, i].sum())
-        denominator = z + new_sum - old_sum
-        if not denominator > 0:
-            return math.inf, denominator, math.inf
-        mass = z + new_sum + old_sum
-        error = float(self._drift[i]) + self._persistent_error(t) * mass + self._underflow_error
-        if not self._storage.exact_snapshot:
-            error += float(self._mismatch_error(self._q_norm[i])) * old_sum
-        relative = error / denominator
-        if relative >= 0.5:
-            return math.inf, denominator, relative
-        cols = np.arange(self.e) if j is None else np.array([j])
-        ratio = float(self._column_ratio(cols).max())
-        return (ratio + 1) * relative / (1 - relative), denominator, relative
-
     def _row_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Vectorized ``relative/(1-relative)`` and denominators for ``rows``."""
+        """``r/(1-r)`` with ``r = E_i/den_i`` (inf when not certifiable), and ``den_i``, for ``rows``.
+        Multiplied by ``rho_j + 1`` this bounds the error relative to max|V[:, j]|."""
         t = self._t
         z = self._Z[rows]
         new_sum = self._pending_new_columns[:t, rows].sum(axis=0)
         old_sum = self._pending_old_columns[:t, rows].sum(axis=0)
         denominator = z + new_sum - old_sum
-        error = self._drift[rows] + self._persistent_error(t) * (z + new_sum + old_sum)
-        error += self._underflow_error
-        if not self._storage.exact_snapshot:
-            error += self._mismatch_error(self._q_norm[rows]) * old_sum
+        error = self._row_error(rows, z + new_sum + old_sum, old_sum)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(denominator > 0, error / denominator, np.inf)
             bound = np.where(relative < 0.5, relative / (1 - relative), np.inf)
+        if not self._certify:
+            bound = np.zeros_like(bound)
         return bound, denominator
+
+    def _row_error(self, i: Any, mass: Any, old_sum: Any) -> Any:
+        """E_i (docs/accuracy.md) for row(s) ``i`` given the summed weight ``mass`` and the
+        pending old weights ``old_sum``; works on scalars and arrays alike."""
+        error = self._drift[i] + self._persistent_error(self._t) * mass + self._underflow_error
+        if not self._storage.exact_snapshot:
+            error = error + self._mismatch_error(self._q_norm[i]) * old_sum
+        return error
 
     def _persistent_error(self, t: int) -> float:
         """Relative error per unit of weight mass that is not drift: stored
@@ -521,7 +526,7 @@ class DynamicAttention(AttentionMaintainer):
                 self._full_refresh()
                 return
         doubtful = np.flatnonzero(~(self._drift <= DRIFT_FRACTION * self._tol * self._Z))
-        if doubtful.size:
+        if doubtful.size and self._certify:
             self._refresh_rows(doubtful)
 
     def _full_refresh(self) -> None:
