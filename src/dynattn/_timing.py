@@ -133,6 +133,40 @@ def interleaved(
     return out
 
 
+class GemmProbe:
+    """One square GEMM, usable as a sample in :func:`interleaved`.
+
+    Measuring the GEMM rate inside the same rounds as the contenders means the
+    BLAS-3 bound sees the same machine load as the times it is compared with.
+
+    Parameters
+    ----------
+    dtype : float32 or float64
+    size : int
+        Side of the square matrices (``2 * size**3`` flops per product).
+    """
+
+    def __init__(self, dtype: Any = np.float64, size: int = 1024):
+        rng = np.random.default_rng(0)
+        self.size = int(size)
+        self.a = rng.standard_normal((size, size)).astype(dtype)
+        self.b = rng.standard_normal((size, size)).astype(dtype)
+        self.out = np.empty((size, size), dtype=dtype)
+
+    @property
+    def flops(self) -> float:
+        """Flops of one product."""
+        return 2.0 * self.size**3
+
+    def sample(self) -> None:
+        """Run one product (timed as a whole by :func:`time_call`)."""
+        np.matmul(self.a, self.b, out=self.out)
+
+    def rate(self, timing: Timing) -> float:
+        """flop/s from a :class:`Timing` of :meth:`sample` (median)."""
+        return self.flops / timing.median
+
+
 def gemm_rate(dtype: Any = np.float64, size: int = 1024, repeats: int = 5) -> float:
     """The machine's GEMM rate in flop/s: median over ``repeats`` square products.
 
@@ -148,16 +182,8 @@ def gemm_rate(dtype: Any = np.float64, size: int = 1024, repeats: int = 5) -> fl
     float
         flop/s (median sample).
     """
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size)).astype(dtype)
-    b = rng.standard_normal((size, size)).astype(dtype)
-    out = np.empty((size, size), dtype=dtype)
-
-    def product() -> None:
-        np.matmul(a, b, out=out)
-
-    timing = measure(product, repeats=repeats, warmup=1)
-    return 2.0 * size**3 / timing.median
+    probe = GemmProbe(dtype, size)
+    return probe.rate(measure(probe.sample, repeats=repeats, warmup=1))
 
 
 def blas3_bound(n: int, e: int, rate: float) -> float:

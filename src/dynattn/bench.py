@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from dynattn._timing import (
+    GemmProbe,
     Timing,
     blas3_bound,
     fmt_ratio,
@@ -52,6 +53,7 @@ from dynattn._timing import (
     gemm_rate,
     interleaved,
     machine_info,
+    time_call,
 )
 
 SCHEMA = "dynattn-bench/1"
@@ -447,7 +449,12 @@ def build_subjects(config: BenchConfig, size: int) -> list[Subject]:
 def measure_size(
     config: BenchConfig, size: int, rate: float, progress: Any
 ) -> list[dict[str, Any]]:
-    """Measure every subject at one size, interleaved; return one record per subject."""
+    """Measure every subject at one size, interleaved; return one record per subject.
+
+    ``rate`` is the GEMM rate measured at the start of the run (recorded as
+    ``gemm_gflops_at_start``); the bound uses the rate of a square GEMM timed
+    in the same interleaved rounds as the contenders (``gemm_gflops``).
+    """
     subjects = build_subjects(config, size)
     n, m, d, e = config.dims(size)
     for s in subjects:
@@ -460,13 +467,21 @@ def measure_size(
         if s.lazy and s.threshold > 1:
             fns[f"{idx}:rebuild"] = s.rebuild_sample
 
+    probe = GemmProbe(_resolve_dtype(config.dtype))
+    fns["gemm"] = probe.sample
+
     def on_sample(name: str, rnd: int) -> None:
+        if name == "gemm":
+            return
         idx, what = name.split(":")
         progress.advance(
             f"n={size} round {rnd + 1}/{config.repeats} {subjects[int(idx)].label} {what}"
         )
 
     timings = interleaved(fns, repeats=config.repeats, warmup=config.warmup, on_sample=on_sample)
+    # the bound uses the GEMM rate measured in the same rounds (same machine load)
+    start_rate = rate
+    rate = probe.rate(timings["gemm"])
     bound = blas3_bound(n, e, rate)
     records = []
     for idx, s in enumerate(subjects):
@@ -509,6 +524,7 @@ def measure_size(
                 "bound_s": bound,
                 "update_over_bound": upd.median / bound,
                 "gemm_gflops": rate / 1e9,
+                "gemm_gflops_at_start": start_rate / 1e9,
                 "stats": s.stats(),
             }
         )
@@ -824,7 +840,8 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
     n = m = d = e = cfg.size
     Q, K, V = random_problem(n, m, d, e, seed=cfg.seed, dtype=dtype)
     ops = demo_workload(cfg, n, m, d, e)
-    rate = gemm_rate(dtype, size=min(1024, max(256, cfg.size)))
+    probe = GemmProbe(dtype, size=1024)
+    gemm_times = Timing()
     runners = [
         _DemoRunner(
             "dynamic",
@@ -853,6 +870,8 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
                 runner = runners[(idx + r) % len(runners)]
                 runner.run(math.ceil(runner.max_updates / rounds))
                 progress.advance(f"round {r + 1}/{rounds} {runner.name}")
+            gemm_times.samples.append(time_call(probe.sample))
+        rate = probe.rate(gemm_times)
         for runner in runners:
             runner.finish()
         # ---- check every answer against a float64 recomputation, replaying the updates

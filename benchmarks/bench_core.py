@@ -1,0 +1,159 @@
+"""Issue 2's acceptance benchmark for DynamicAttention (a script, not a test).
+
+Paper regime, ``n = m = d = e = 1024``, float64, random entry updates of K
+(``K[i, j] += delta``, ``delta ~ N(0, 0.1**2)``). In one run, interleaved
+round by round with the three baselines (see ``dynattn._timing``), it measures
+the amortized ``update_k`` time over whole fold cycles and the time of one
+``query(i, j)`` with half the threshold pending, for a few tau, and reports
+pass/fail of the targets:
+
+* amortized update_k >= 10x faster than Eager;
+* amortized update_k >= 300x faster than Recompute;
+* query >= 10x faster than OnDemand (half the threshold pending);
+* amortized update_k within 4x of the BLAS-3 bound, ``2 * n * e`` flops per
+  update at the float64 GEMM rate measured at the start of the run.
+
+The best tau is the one passing the most targets (then: fastest update).
+Exit status 0 when the best tau passes all four, 1 otherwise.
+
+Usage::
+
+    python benchmarks/bench_core.py [--size 1024] [--taus 0.5,0.75,1.0] [--repeats 5]
+                                    [--storage auto] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from dynattn._timing import fmt_ratio, fmt_seconds, format_table, gemm_rate, machine_info
+from dynattn.bench import BenchConfig, format_machine, make_progress, measure_size, total_steps
+
+TARGETS = (
+    ("update >= 10x Eager", lambda r: _get(r, "eager", "update") >= 10),
+    ("update >= 300x Recompute", lambda r: _get(r, "recompute", "update") >= 300),
+    ("query >= 10x OnDemand", lambda r: _get(r, "ondemand", "query") >= 10),
+    ("update <= 4x bound", lambda r: r["update_over_bound"] <= 4),
+)
+
+
+def _get(rec: dict, baseline: str, what: str) -> float:
+    value = rec["ratios"].get(baseline, {}).get(what)
+    return float(value) if value is not None else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1024, help="n = m = d = e (default 1024)")
+    parser.add_argument(
+        "--taus", default="0.5,0.75,1.0", help="comma-separated (default 0.5,0.75,1.0)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed interleaved rounds (default 5)"
+    )
+    parser.add_argument("--storage", default="auto", choices=["auto", "dense", "implicit"])
+    parser.add_argument("--sample-s", type=float, default=0.2, help="target seconds per sample")
+    parser.add_argument("--json", metavar="PATH", help="write the records as JSON")
+    parser.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"])
+    args = parser.parse_args(argv)
+
+    taus = [float(t) for t in args.taus.split(",") if t]
+    config = BenchConfig(
+        regime="paper",
+        sizes=[args.size],
+        taus=taus,
+        dtype="float64",
+        storages=[args.storage],
+        repeats=args.repeats,
+        warmup=1,
+        sample_s=args.sample_s,
+        recompute_updates=3,
+        update_kind="k",
+    )
+    started = time.time()
+    rate = gemm_rate(np.float64)
+    with make_progress(total_steps(config), args.progress) as progress:
+        records = measure_size(config, args.size, rate, progress)
+    elapsed = time.time() - started
+    machine = machine_info({"float64": rate})
+
+    n = args.size
+    print(
+        f"bench_core: paper regime n = m = d = e = {n}, float64, random update_k "
+        f"(delta ~ N(0, 0.1^2)); {config.repeats} interleaved rounds, medians"
+    )
+    print(f"machine: {format_machine(machine)}")
+    bound = records[0]["bound_s"]
+    print(f"BLAS-3 bound: 2*n*e / GEMM rate = {fmt_seconds(bound)} per update\n")
+
+    rows = []
+    for rec in records:
+        rows.append(
+            [
+                rec["label"],
+                rec["threshold"] or "-",
+                fmt_seconds(rec["update_s"]),
+                f"{fmt_seconds(rec['update_s_min'])}-{fmt_seconds(rec['update_s_max'])}",
+                f"{rec['update_over_bound']:.2f}x",
+                f"{bound / rec['update_s']:.2f}",
+                fmt_seconds(rec["query_s"]),
+                rec["pending_at_query"],
+            ]
+        )
+    print(
+        format_table(
+            ["impl", "T", "update_k", "(min-max)", "/bound", "bound/update", "query", "pending"],
+            rows,
+        )
+    )
+    print()
+
+    dynamic = [r for r in records if r["impl"] == "dynamic"]
+    verdict_rows = []
+    for rec in dynamic:
+        rec["targets"] = {name: bool(check(rec)) for name, check in TARGETS}
+        verdict_rows.append(
+            [
+                f"tau={rec['tau']:g}",
+                fmt_ratio(_get(rec, "eager", "update")),
+                fmt_ratio(_get(rec, "recompute", "update")),
+                fmt_ratio(_get(rec, "ondemand", "query")),
+                f"{rec['update_over_bound']:.2f}x",
+                f"{sum(rec['targets'].values())}/{len(TARGETS)}",
+            ]
+        )
+    print(
+        format_table(
+            [
+                "DynamicAttention",
+                "upd vs Eager",
+                "upd vs Recompute",
+                "qry vs OnDemand",
+                "upd / bound",
+                "targets",
+            ],
+            verdict_rows,
+        )
+    )
+    best = max(dynamic, key=lambda r: (sum(r["targets"].values()), -r["update_s"]))
+    print(
+        f"\nbest tau = {best['tau']:g} (threshold {best['threshold']}, storage {best['storage']}):"
+    )
+    for name, ok in best["targets"].items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    print(f"\n(run took {elapsed:.0f} s)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(
+                {"machine": machine, "records": records, "best_tau": best["tau"]}, fh, indent=1
+            )
+    return 0 if all(best["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
