@@ -306,8 +306,7 @@ class DynamicAttention(AttentionMaintainer):
             error = float(self._row_error(i, z + new_sum + old_sum, old_sum))
             relative = error / denominator if denominator > 0 else math.inf
             if not relative < 0.5 or (
-                relative / (1 - relative) * (float(self._column_ratio(np.array([j]))[0]) + 1)
-                > self._tol
+                relative / (1 - relative) * (self._column_ratio_of(j) + 1) > self._tol
             ):
                 return float(self._fallback(np.array([i]))[0, j])
         return numerator / denominator
@@ -386,6 +385,14 @@ class DynamicAttention(AttentionMaintainer):
 
     def _fresh_error(self, i: int) -> float:
         return float(2 * (self._logit_error(self._q_norm[i]) + self._unit + _gamma(self.m + 2)))
+
+    def _column_ratio_of(self, j: int) -> float:
+        """Scalar :meth:`_column_ratio` for the entry-query hot path."""
+        if self._value_max_stale[j]:
+            return float(self._column_ratio(np.array([j]))[0])
+        current = float(self._value_max[j])
+        scale = float(self._value_scale[j])
+        return scale / current if current > 0 else (math.inf if scale > 0 else 1.0)
 
     def _column_ratio(self, cols: np.ndarray) -> np.ndarray:
         """``value_scale[j] / max|V[:, j]|`` for ``cols``: how much bigger than today's
