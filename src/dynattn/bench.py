@@ -18,9 +18,14 @@ same machine (see :mod:`dynattn._timing`):
 
 ``update_s``
     Amortized time per update over whole fold cycles: the structure starts a
-    sample freshly folded, runs a multiple of its threshold of updates, and the
-    sample ends with a timed ``rebuild()`` of whatever is still pending, so
-    every pending column's fold is paid for inside the sample.
+    sample freshly folded, runs a multiple (at least 2) of its threshold of
+    updates, and the sample ends with a timed ``rebuild()`` of whatever is
+    still pending, so every pending column's fold is paid for inside the
+    sample (repeated rows make cycles longer than the threshold; the flush
+    covers that). When one cycle would take far longer than a sample (large
+    tau at large n) a long partial cycle is timed instead, its fold paid by
+    the same flush; ``update_cycles`` (updates per sample / threshold) says
+    which.
 ``query_s``
     Time of one ``query(i, j)`` at random ``(i, j)`` with half the threshold
     of rows pending (distinct rows, updated untimed before the sample).
@@ -399,16 +404,19 @@ class Subject:
                 1, min(cfg.recompute_updates, int(sample_s / max(per_update, 1e-9)))
             )
         else:
-            base = self.threshold if self.lazy else 1
-            self.updates_per_sample = base
-            per_update = self.update_sample()
-            want = max(base, int(math.ceil(sample_s / max(per_update, 1e-9))))
-            if self.lazy and self.threshold > 1:
-                cycles = max(2, math.ceil(want / self.threshold))
-                # one cycle is enough when two would take far too long
-                if cycles * self.threshold * per_update > 4 * sample_s:
-                    cycles = max(1, math.floor(4 * sample_s / (self.threshold * per_update)))
-                want = cycles * self.threshold
+            T = self.threshold if self.lazy else 1
+            self.updates_per_sample = min(T, 64)
+            per_update = max(self.update_sample(), 1e-9)
+            want = max(1, math.ceil(sample_s / per_update))
+            if T > 1 and T * per_update <= 4 * sample_s:
+                # whole fold cycles: at least two, about sample_s in all
+                want = max(2, math.ceil(want / T)) * T
+                while want > 2 * T and want * per_update > 4 * sample_s:
+                    want -= T
+            elif T > 1:
+                # a cycle takes far longer than a sample: time a long partial cycle
+                # (its fold is paid by the flush at the end of the sample)
+                want = max(want, math.ceil(4 * sample_s / per_update))
             self.updates_per_sample = min(want, 200_000)
         self.queries_per_sample = 4
         per_query = self.query_sample()
@@ -517,6 +525,7 @@ def measure_size(
         rec.update(
             {
                 "updates_per_sample": s.updates_per_sample,
+                "update_cycles": s.updates_per_sample / s.threshold if s.lazy else None,
                 "queries_per_sample": s.queries_per_sample,
                 "pending_at_query": s.threshold // 2 if s.lazy else 0,
                 "row_api": s.row_api,
