@@ -31,7 +31,14 @@ import time
 
 import numpy as np
 
-from dynattn._timing import fmt_ratio, fmt_seconds, format_table, gemm_rate, machine_info
+from dynattn._timing import (
+    LoadMonitor,
+    fmt_ratio,
+    fmt_seconds,
+    format_table,
+    gemm_rate,
+    machine_info,
+)
 from dynattn.bench import BenchConfig, format_machine, make_progress, measure_size, total_steps
 
 TARGETS = (
@@ -77,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     started = time.time()
     rate = gemm_rate(np.float64)
+    monitor = LoadMonitor().start()
     with make_progress(total_steps(config), args.progress) as progress:
         records = measure_size(config, args.size, rate, progress)
     elapsed = time.time() - started
-    machine = machine_info({"float64": rate})
+    machine = machine_info({"float64": records[0]["gemm_gflops"] * 1e9})
+    machine["foreign_load_max"] = monitor.stop()
 
     n = args.size
     print(

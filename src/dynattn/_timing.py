@@ -196,6 +196,53 @@ def blas3_bound(n: int, e: int, rate: float) -> float:
     return 2.0 * n * e / rate
 
 
+class LoadMonitor:
+    """How busy the machine was with *other* processes during a measurement.
+
+    Compares the CPU time all processes used (``/proc/stat``) with this
+    process's own (``os.times``), over the wall time between :meth:`start`
+    and :meth:`stop`. Linux only; elsewhere the result is ``None``.
+    """
+
+    def __init__(self) -> None:
+        self._start: tuple[float, float, float] | None = None
+
+    @staticmethod
+    def _busy_seconds() -> float | None:
+        try:
+            with open("/proc/stat", encoding="ascii") as fh:
+                fields = fh.readline().split()[1:]
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        values = [int(v) for v in fields]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)
+        return (sum(values[:8]) - idle) / ticks
+
+    @staticmethod
+    def _own_seconds() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def start(self) -> LoadMonitor:
+        """Start (or restart) the window; returns self."""
+        busy = self._busy_seconds()
+        self._start = None if busy is None else (time.monotonic(), busy, self._own_seconds())
+        return self
+
+    def stop(self) -> float | None:
+        """Average number of cores other processes kept busy since :meth:`start`."""
+        busy = self._busy_seconds()
+        if self._start is None or busy is None:
+            return None
+        t0, busy0, own0 = self._start
+        wall = time.monotonic() - t0
+        if wall <= 0:
+            return None
+        foreign = (busy - busy0) - (self._own_seconds() - own0)
+        return max(0.0, foreign / wall)
+
+
 def cpu_model() -> str:
     """CPU model string from ``/proc/cpuinfo`` (Linux) or :func:`platform.processor`."""
     try:

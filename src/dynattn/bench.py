@@ -50,6 +50,7 @@ import numpy as np
 
 from dynattn._timing import (
     GemmProbe,
+    LoadMonitor,
     Timing,
     blas3_bound,
     fmt_ratio,
@@ -67,11 +68,11 @@ DEFAULT_MIXES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 DEFAULTS = {
     "paper": {"sizes": [256, 512, 1024, 2048], "taus": [0.25, 0.5, 0.75, 1.0]},
-    "llm": {"sizes": [4096, 8192, 16384], "taus": [0.25, 0.5, 0.75, 1.0]},
+    "llm": {"sizes": [2048, 4096, 8192, 16384], "taus": [0.25, 0.5, 0.75]},
 }
 QUICK = {
     "paper": {"sizes": [128, 256, 512, 1024], "taus": [0.5, 1.0]},
-    "llm": {"sizes": [1024, 2048, 4096], "taus": [0.5, 1.0]},
+    "llm": {"sizes": [1024, 2048, 4096], "taus": [0.25, 0.5]},
 }
 
 
@@ -583,10 +584,18 @@ def run_bench(config: BenchConfig, progress_mode: str = "auto") -> dict[str, Any
     started = time.time()
     with make_progress(total_steps(config), progress_mode) as progress:
         for size in config.sizes:
-            records.extend(measure_size(config, size, rate, progress))
+            monitor = LoadMonitor().start()
+            size_records = measure_size(config, size, rate, progress)
+            foreign = monitor.stop()
+            for rec in size_records:
+                rec["foreign_load"] = foreign
+            records.extend(size_records)
+    loads = [r["foreign_load"] for r in records if r.get("foreign_load") is not None]
+    machine = machine_info(rates)
+    machine["foreign_load_max"] = max(loads) if loads else None
     return {
         "schema": SCHEMA,
-        "machine": machine_info(rates),
+        "machine": machine,
         "settings": asdict(config),
         "elapsed_s": time.time() - started,
         "records": records,
@@ -716,6 +725,9 @@ def format_machine(machine: Mapping[str, Any]) -> str:
     """One-line description of the machine a result came from."""
     rates = machine.get("gemm_gflops", {})
     rate_txt = ", ".join(f"{k} GEMM {v:.1f} GFLOP/s" for k, v in rates.items())
+    load = machine.get("foreign_load_max")
+    if load is not None:
+        rate_txt += f"; other processes used up to {load:.2f} cores while measuring"
     return (
         f"{machine.get('cpu_model')} ({machine.get('cores')} cores), numpy {machine.get('numpy')}"
         f" [{machine.get('blas')}], {rate_txt}"
@@ -873,6 +885,7 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
         ),
     ]
     rounds = max(1, cfg.rounds)
+    monitor = LoadMonitor().start()
     with make_progress(rounds * len(runners) + 1, progress_mode) as progress:
         for r in range(rounds):
             for idx in range(len(runners)):
@@ -881,6 +894,7 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
                 progress.advance(f"round {r + 1}/{rounds} {runner.name}")
             gemm_times.samples.append(time_call(probe.sample))
         rate = probe.rate(gemm_times)
+        foreign = monitor.stop()
         for runner in runners:
             runner.finish()
         # ---- check every answer against a float64 recomputation, replaying the updates
@@ -941,7 +955,7 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
         "passed": all(row["worst_error"] <= tolerance for row in rows),
         "bound_s": blas3_bound(n, e, rate),
         "gemm_gflops": rate / 1e9,
-        "machine": machine_info({dtype.name: rate}),
+        "machine": {**machine_info({dtype.name: rate}), "foreign_load_max": foreign},
     }
 
 
