@@ -16,7 +16,13 @@ settings.load_profile("default")
 
 def state_of(obj):
     """A deep copy of every attribute of ``obj`` (arrays, dicts, counters, storage) for equality checks."""
-    return copy.deepcopy(vars(obj))
+    state = {k: v for k, v in vars(obj).items() if k not in ("_buffers", "_storage")}
+    state = copy.deepcopy(state)
+    if hasattr(obj, "_buffers"):
+        state["_buffers"] = {name: buffer.copy() for name, (_, buffer) in obj._buffers.items()}
+    if hasattr(obj, "_storage"):
+        state["_storage"] = copy.deepcopy(vars(obj._storage))
+    return state
 
 
 def assert_same_state(before, after):

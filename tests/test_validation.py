@@ -68,10 +68,14 @@ GOOD = random_problem(4, 5, 3, 2)
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"Q": np.ones(3)}, ValueError, "Q: expected a 2-D array"),
+        ({"Q": np.ones(3)}, ValueError, "Q: expected an array of 2 or more dimensions"),
+        ({"K": np.ones((2, 5, 3))}, ValueError, "K: expected a 2-D array"),
         ({"K": np.ones((5, 4))}, ValueError, "K: expected 3 columns"),
         ({"V": np.ones((4, 2))}, ValueError, "V: expected 5 rows"),
         ({"Q": np.ones((0, 3))}, ValueError, "Q: expected a non-empty"),
+        ({"key_mask": np.ones(4, dtype=bool)}, ValueError, r"key_mask: expected a boolean array of shape \(5,\)"),
+        ({"key_mask": np.ones(5)}, ValueError, "key_mask: expected a boolean"),
+        ({"causal": 1}, TypeError, "causal: expected True or False"),
         ({"Q": np.full((4, 3), np.nan)}, ValueError, "Q: expected finite values"),
         ({"V": np.full((5, 2), np.inf)}, ValueError, "V: expected finite values"),
         ({"K": np.ones((5, 3), dtype=complex)}, TypeError, "K: expected a real numeric"),

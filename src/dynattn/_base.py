@@ -50,17 +50,27 @@ class AttentionMaintainer:
         Storage dtype of the inputs and of the maintained state.
     """
 
+    #: whether Q, K, V may carry leading head/batch axes ``(*batch, rows, cols)``
+    _batched = False
+
     def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64):
         self._dtype = check_dtype(dtype)
-        self._Q = check_matrix("Q", Q, dtype=self._dtype)
-        n, d = self._Q.shape
-        self._K = check_matrix("K", K, dtype=self._dtype, cols=d, col_name="columns (d, as Q has)")
-        m = self._K.shape[0]
-        self._V = check_matrix("V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)")
+        self._Q = check_matrix("Q", Q, dtype=self._dtype, batch=None if self._batched else ())
+        batch = self._Q.shape[:-2]
+        n, d = self._Q.shape[-2:]
+        self._K = check_matrix(
+            "K", K, dtype=self._dtype, cols=d, col_name="columns (d, as Q has)", batch=batch
+        )
+        m = self._K.shape[-2]
+        self._V = check_matrix(
+            "V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)", batch=batch
+        )
+        #: leading head/batch axes (``()`` for a single head)
+        self.batch_shape: tuple[int, ...] = batch
         self._scale = check_scalar("scale", scale)
         self._dtype_max = float(np.finfo(self._dtype).max)
         self.n, self.d = n, d
-        self.m, self.e = m, self._V.shape[1]
+        self.m, self.e = m, self._V.shape[-1]
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -161,7 +171,8 @@ class AttentionMaintainer:
         return new
 
     def __repr__(self) -> str:
+        heads = f"batch_shape={self.batch_shape}, " if self.batch_shape else ""
         return (
-            f"{type(self).__name__}(n={self.n}, m={self.m}, d={self.d}, e={self.e}, "
+            f"{type(self).__name__}({heads}n={self.n}, m={self.m}, d={self.d}, e={self.e}, "
             f"dtype={self._dtype.name}, scale={self._scale:g})"
         )

@@ -42,40 +42,50 @@ def check_matrix(
     cols: int | None = None,
     row_name: str = "rows",
     col_name: str = "columns",
+    batch: tuple[int, ...] | None = (),
 ) -> np.ndarray:
-    """Return a C-contiguous copy of ``value`` as a finite 2-D array of ``dtype``.
+    """Return a C-contiguous copy of ``value`` as a finite array of ``dtype``.
 
-    Raises TypeError for non-numeric input (complex, bool, object, strings),
-    ValueError for a wrong number of dimensions, a mismatched shape, an empty
-    axis or a non-finite entry. The caller's array is never modified.
+    The array is a matrix ``(rows, cols)``, or with ``batch=None`` a stack of
+    matrices ``(*batch, rows, cols)`` with any leading axes; with a tuple
+    ``batch`` the leading axes must be exactly that. Raises TypeError for
+    non-numeric input (complex, bool, object, strings), ValueError for a wrong
+    number of dimensions, a mismatched shape, an empty axis or a non-finite
+    entry. The caller's array is never modified.
     """
     array = _as_real_array(name, value)
-    if array.ndim != 2:
+    if batch == () and array.ndim != 2:
         raise ValueError(
             f"{name}: expected a 2-D array, got {array.ndim}-D with shape {array.shape}"
         )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{name}: expected a non-empty matrix, got shape {array.shape}")
-    if rows is not None and array.shape[0] != rows:
+    if array.ndim < 2:
         raise ValueError(
-            f"{name}: expected {rows} {row_name}, got shape {array.shape}"
+            f"{name}: expected an array of 2 or more dimensions (..., rows, columns), "
+            f"got {array.ndim}-D with shape {array.shape}"
         )
-    if cols is not None and array.shape[1] != cols:
+    if 0 in array.shape:
+        raise ValueError(f"{name}: expected a non-empty array, got shape {array.shape}")
+    if batch is not None and array.shape[:-2] != tuple(batch):
         raise ValueError(
-            f"{name}: expected {cols} {col_name}, got shape {array.shape}"
+            f"{name}: expected leading (head/batch) axes {tuple(batch)}, got shape {array.shape}"
         )
+    if rows is not None and array.shape[-2] != rows:
+        raise ValueError(f"{name}: expected {rows} {row_name}, got shape {array.shape}")
+    if cols is not None and array.shape[-1] != cols:
+        raise ValueError(f"{name}: expected {cols} {col_name}, got shape {array.shape}")
     with np.errstate(over="ignore", invalid="ignore"):
         converted = np.array(array, dtype=dtype, order="C", copy=True)
     _check_finite(name, converted, original=array)
     return converted
 
 
-def check_vector(name: str, value: Any, *, dtype: np.dtype, length: int) -> np.ndarray:
-    """Return a finite 1-D copy of ``value`` with ``length`` entries of ``dtype``."""
+def check_rows(name: str, value: Any, *, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Return a finite copy of ``value`` with exactly ``shape`` (a row, or one row per head)."""
     array = _as_real_array(name, value)
-    if array.ndim != 1 or array.shape[0] != length:
-        raise ValueError(f"{name}: expected a 1-D array of length {length}, got shape {array.shape}")
-    converted = np.array(array, dtype=dtype, copy=True)
+    if array.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {array.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = np.array(array, dtype=dtype, copy=True)
     _check_finite(name, converted, original=array)
     return converted
 

@@ -22,77 +22,77 @@ Strategies live in :data:`STORAGES`, a plain name -> class registry.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 
 class DenseStorage:
-    """Keep the stabilized weights ``A^T: (m, n)`` (the paper's O(n*m) space).
+    """Keep the stabilized weights ``A^T: (H, m, n)`` (the paper's O(n*m) space per head).
 
-    Runtime complexity: ``snapshot_column`` O(n); ``commit_columns`` O(n*t);
-    ``rescale_rows`` / ``set_rows`` O(m) per row.
+    The arrays are owned by the structure's buffer registry (they grow with
+    ``append``); :attr:`LAYOUT` names their axes. Runtime complexity:
+    ``snapshot_column`` O(H*n); ``commit_columns`` O(H*n*t); ``rescale_rows`` /
+    ``set_rows`` O(m) per row.
     """
 
     name = "dense"
     #: a column taken out is exactly the column that was folded in
     exact_snapshot = True
+    #: arrays the structure allocates on this object: name -> (axes, dtype or None for the
+    #: structure's dtype). ``column_error`` bounds each stored column's relative error.
+    LAYOUT = {"weights_t": ("Hmn", None), "column_error": ("Hm", np.float64)}
 
-    def __init__(self, n: int, m: int, dtype: np.dtype):
-        self.weights_t = np.zeros((m, n), dtype=dtype)
-        #: relative error bound of each stored column against a fresh computation
-        self.column_error = np.zeros(m)
+    weights_t: np.ndarray
+    column_error: np.ndarray
 
-    def snapshot_column(self, c: int, compute: Callable[[int], np.ndarray]) -> tuple[np.ndarray, float]:
-        """Column ``c`` of the snapshot weights as float64 ``(n,)``, and its relative error bound."""
-        return self.weights_t[c].astype(np.float64), float(self.column_error[c])
+    def snapshot_column(
+        self, c: int, compute: Callable[[int], np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, and
+        each head's relative error bound ``(H,)``."""
+        return self.weights_t[:, c].astype(np.float64), self.column_error[:, c].copy()
 
     def commit_columns(self, key_rows: np.ndarray, columns: np.ndarray, errors: np.ndarray) -> None:
-        """Store new snapshot columns ``columns: (t, n)`` for ``key_rows: (t,)`` at a fold."""
-        self.weights_t[key_rows] = columns
-        self.column_error[key_rows] = errors
+        """Store new snapshot columns ``columns: (H, t, n)`` of ``key_rows: (t,)`` at a fold."""
+        self.weights_t[:, key_rows] = columns
+        self.column_error[:, key_rows] = errors
 
-    def rescale_rows(self, rows: np.ndarray, factors: np.ndarray) -> None:
-        """Multiply weight rows ``rows`` by ``factors`` (a stabilizer moved up)."""
-        block = self.weights_t[:, rows]
-        block *= factors
-        self.weights_t[:, rows] = block
+    def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: np.ndarray) -> None:
+        """Multiply weight rows ``(heads[k], rows[k])`` by ``factors[k]``."""
+        block = self.weights_t[heads, :, rows]  # (k, m)
+        block *= factors[:, None]
+        self.weights_t[heads, :, rows] = block
 
-    def set_rows(self, rows: np.ndarray, weights: np.ndarray) -> None:
-        """Overwrite weight rows ``rows`` with freshly computed ``weights: (len(rows), m)``."""
-        self.weights_t[:, rows] = weights.T
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.weights_t.nbytes + self.column_error.nbytes)
+    def set_rows(self, head: int, rows: np.ndarray, weights: np.ndarray) -> None:
+        """Overwrite weight rows ``rows`` of ``head`` with ``weights: (len(rows), m)``."""
+        self.weights_t[head][:, rows] = weights.T
 
 
 class ImplicitStorage:
     """Keep no weights; recompute a snapshot column when it is needed.
 
-    Runtime complexity: ``snapshot_column`` O(n*d); everything else O(1).
+    Runtime complexity: ``snapshot_column`` O(H*n*d); everything else O(1).
     """
 
     name = "implicit"
     exact_snapshot = False
+    LAYOUT: dict[str, tuple[str, Any]] = {}
 
-    def __init__(self, n: int, m: int, dtype: np.dtype):
-        pass
-
-    def snapshot_column(self, c: int, compute: Callable[[int], np.ndarray]) -> tuple[np.ndarray, float]:
-        return compute(c), 0.0
+    def snapshot_column(
+        self, c: int, compute: Callable[[int], np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        column = compute(c)
+        return column, np.zeros(column.shape[0])
 
     def commit_columns(self, key_rows: np.ndarray, columns: np.ndarray, errors: np.ndarray) -> None:
         pass
 
-    def rescale_rows(self, rows: np.ndarray, factors: np.ndarray) -> None:
+    def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: np.ndarray) -> None:
         pass
 
-    def set_rows(self, rows: np.ndarray, weights: np.ndarray) -> None:
+    def set_rows(self, head: int, rows: np.ndarray, weights: np.ndarray) -> None:
         pass
-
-    @property
-    def nbytes(self) -> int:
-        return 0
 
 
 #: Storage strategies by name. ``"auto"`` is resolved by :func:`choose_storage`.
@@ -103,7 +103,7 @@ STORAGES: dict[str, type[DenseStorage] | type[ImplicitStorage]] = {
 
 
 def choose_storage(name: str, n: int, m: int, dtype: np.dtype, memory_budget: int) -> str:
-    """Resolve ``"auto"``: dense when ``n*m`` weights fit ``memory_budget`` bytes, else implicit."""
+    """Resolve ``"auto"``: dense when the ``heads*n*m`` weights fit ``memory_budget`` bytes."""
     if name != "auto":
         return name
     return "dense" if n * m * dtype.itemsize <= memory_budget else "implicit"

@@ -1,7 +1,8 @@
 """The dynamic attention structure: lazy updates with certified answers.
 
 Math (SPEC sections 1-3). With stabilized weights ``a_c[i] = exp(s*Q_i.K_c - mu_i)``
-(``mu_i`` the row's stabilizer), the structure keeps a *snapshot*
+(``mu_i`` the row's stabilizer; 0 where a mask hides key c from query i), the
+structure keeps a *snapshot*
 
     N = A0 V0  (n, e),   Z = A0 1  (n,)      -- float64, as of the last fold
 
@@ -17,24 +18,37 @@ which costs O(t) for t pending rows. When t reaches the threshold
 BLAS-3 products, ``(a - a0)^T V_C`` over key-changed rows and
 ``a0^T (v - v0)`` over value-changed rows: 2*n*e flops per pending change.
 
-Certification. Each row carries ``drift[i]``, a bound on the rounding error
-that incremental maintenance has accumulated in ``N[i]`` and ``Z[i]`` (in units
-of ``Z`` times the column's value scale). Every answer is checked against a
-first-order bound built from it; when the bound exceeds ``tol`` (cancellation:
-a key that held most of a row's weight moved away; values that shrank by orders
-of magnitude; drift after many folds), the row is recomputed exactly instead.
+Heads. Inputs may carry leading axes ``(*batch, n, d)`` (heads, batches): they
+are flattened to H independent problems that share the pending-row bookkeeping,
+so a token edit is one vectorized operation over all heads.
+
+Certification. Each row carries ``drift``, a bound on the rounding error that
+incremental maintenance has accumulated in ``N`` and ``Z`` (in units of ``Z``
+times the column's value scale). Every answer is checked against a first-order
+bound built from it; when the bound exceeds ``tol`` (cancellation: a key that
+held most of a row's weight moved away; values that shrank by orders of
+magnitude; drift after many folds), the row is recomputed exactly instead.
 See ``docs/accuracy.md``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
 
 from dynattn._base import AttentionMaintainer
-from dynattn._validation import check_choice, check_scalar
+from dynattn._validation import (
+    check_choice,
+    check_index,
+    check_index_array,
+    check_rows,
+    check_scalar,
+)
 from dynattn.storage import STORAGES, choose_storage
 
 UNIT_ROUNDOFF = 2.0**-53
@@ -44,6 +58,40 @@ DEFAULT_TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5}
 DRIFT_FRACTION = 0.125
 #: Refresh block: at most this many float64 weights are materialized at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
+#: Saved-file format version (``save`` / ``load``).
+FORMAT_VERSION = 1
+
+#: Every state array: its axes (H heads, n queries, m keys, d, e, T pending slots)
+#: and dtype (None: the structure's storage dtype). n, m and T can grow.
+LAYOUT: dict[str, tuple[str, Any]] = {
+    "_Qh": ("Hnd", None),
+    "_Kh": ("Hmd", None),
+    "_Vh": ("Hme", None),
+    "_QT64": ("Hdn", np.float64),
+    "_q_norm": ("Hn", np.float64),
+    "_query_pos": ("n", np.int64),
+    "_mu": ("Hn", np.float64),
+    "_Z": ("Hn", np.float64),
+    "_drift": ("Hn", np.float64),
+    "_N": ("Hne", np.float64),
+    "_k_sq_norms": ("Hm", np.float64),
+    "_key_visible": ("m", bool),
+    "_key_pos": ("m", np.int64),
+    "_pending_rows": ("T", np.int64),
+    "_key_changed": ("T", bool),
+    "_value_changed": ("T", bool),
+    "_column_error": ("HT", np.float64),
+    "_column_max": ("HT", np.float64),
+    "_pending_new_columns": ("HTn", np.float64),
+    "_pending_old_columns": ("HTn", np.float64),
+    "_pending_new_values": ("HTe", np.float64),
+    "_pending_old_values": ("HTe", np.float64),
+}
+#: float64 working copies, separate arrays only when the storage dtype is float32.
+FLOAT64_COPIES = {"_Q64": "_Qh", "_K64": "_Kh", "_V64": "_Vh"}
+#: Fixed-size state arrays (no growable axis).
+FIXED_STATE = ("_q_col_absmax", "_value_max", "_value_max_stale", "_value_scale")
+GROWABLE = "nmT"
 
 
 def _gamma(k: int) -> float:
@@ -52,16 +100,20 @@ def _gamma(k: int) -> float:
     return ku / (1.0 - ku)
 
 
+def _threshold(m: int, tau: float) -> int:
+    return min(m, max(1, math.ceil(m**tau * (1 - 1e-12))))
+
+
 class DynamicAttention(AttentionMaintainer):
     """Softmax attention ``O = D^-1 exp(scale * Q K^T) V`` kept current under edits.
 
     Parameters
     ----------
-    Q : (n, d) array_like
-        Queries (copied).
-    K : (m, d) array_like
+    Q : (n, d) or (*batch, n, d) array_like
+        Queries (copied). Leading axes (heads, batches) are independent problems.
+    K : (m, d) or (*batch, m, d) array_like
         Keys (copied).
-    V : (m, e) array_like
+    V : (m, e) or (*batch, m, e) array_like
         Values (copied).
     tau : float in [0, 1], keyword-only
         Laziness exponent: pending key/value rows are folded when their number
@@ -77,7 +129,7 @@ class DynamicAttention(AttentionMaintainer):
     storage : {"auto", "dense", "implicit"}, keyword-only
         ``dense`` keeps the n*m weights (O(n) per entry update of K);
         ``implicit`` keeps none (O(n*d) per first touch of a key row);
-        ``auto`` is dense when ``n*m*itemsize <= memory_budget``.
+        ``auto`` is dense when ``heads*n*m*itemsize <= memory_budget``.
     memory_budget : int, keyword-only
         Bytes allowed for dense weights under ``storage="auto"`` (default 1 GiB).
     tol : float, keyword-only
@@ -87,9 +139,17 @@ class DynamicAttention(AttentionMaintainer):
         Check every answer's error bound and recompute doubtful rows exactly
         (default). ``False`` skips the checks and the drift refreshes: answers
         are then uncertified (for measuring what certification costs).
+    causal : bool, keyword-only
+        Query i attends only keys at positions <= its own (positions start as
+        ``0..n-1`` for queries and ``0..m-1`` for keys, so with ``n == m`` this is
+        the decoder mask; ``append`` gives new tokens the next position).
+    key_mask : (m,) bool array_like, keyword-only
+        Key padding mask shared by all heads: False hides a key from every query.
 
-    Runtime complexity: construction O(n*m*(d+e)); see each method.
+    Runtime complexity: construction O(H*n*m*(d+e)); see each method.
     """
+
+    _batched = True
 
     def __init__(
         self,
@@ -104,34 +164,35 @@ class DynamicAttention(AttentionMaintainer):
         memory_budget: int = 1 << 30,
         tol: float | None = None,
         certify: bool = True,
+        causal: bool = False,
+        key_mask: Any = None,
     ):
         super().__init__(Q, K, V, scale=scale, dtype=dtype)
         self._tau = check_scalar("tau", tau, low=0.0, high=1.0)
         budget = check_scalar("memory_budget", memory_budget, low=0.0)
         check_choice("storage", storage, (*STORAGES, "auto"))
-        default_tol = DEFAULT_TOL[self._dtype]
-        self._tol = default_tol if tol is None else check_scalar("tol", tol, low=0.0)
+        self._tol = DEFAULT_TOL[self._dtype] if tol is None else check_scalar("tol", tol, low=0.0)
         if self._tol <= 0:
             raise ValueError(f"tol: expected a positive number, got {tol!r}")
-        if not isinstance(certify, bool):
-            raise TypeError(f"certify: expected True or False, got {certify!r}")
-        self._certify = certify
+        for name, flag in (("certify", certify), ("causal", causal)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected True or False, got {flag!r}")
         n, m, d, e = self.n, self.m, self.d, self.e
-        self._threshold = min(m, max(1, math.ceil(m**self._tau * (1 - 1e-12))))
+        visible = np.ones(m, dtype=bool)
+        if key_mask is not None:
+            mask = np.asarray(key_mask)
+            if mask.dtype != bool or mask.shape != (m,):
+                raise ValueError(
+                    f"key_mask: expected a boolean array of shape ({m},), got "
+                    f"{mask.dtype} array of shape {mask.shape}"
+                )
+            visible = mask.copy()
+        self._certify = certify
+        self._causal = causal
+        self._H = H = int(np.prod(self.batch_shape, dtype=np.int64))
 
-        self._Q64 = self._Q.astype(np.float64)
-        self._QT64 = np.ascontiguousarray(self._Q64.T)  # (d, n): column j of Q is contiguous
-        self._K64 = self._K.astype(np.float64)
-        self._V64 = self._V.astype(np.float64)
-        self._q_norm = np.sqrt(np.einsum("ij,ij->i", self._Q64, self._Q64))
-        self._q_col_absmax = np.abs(self._Q64).max(axis=0)
-        self._q_norm_max = float(self._q_norm.max())
-        self._k_sq_norms = np.einsum("ij,ij->i", self._K64, self._K64)
-        self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
-        self._check_logit_range("K", self._k_norm_max)
-
-        self._storage_name = choose_storage(storage, n, m, self._dtype, int(budget))
-        self._storage = STORAGES[self._storage_name](n, m, self._dtype)
+        self._storage_name = choose_storage(storage, H * n, m, self._dtype, int(budget))
+        self._storage = STORAGES[self._storage_name]()
         self._unit = float(np.finfo(self._dtype).eps) / 2
         self._log_weight_limit = float(np.log(np.finfo(self._dtype).max)) / 4
         self._weight_limit = math.exp(self._log_weight_limit)
@@ -140,24 +201,35 @@ class DynamicAttention(AttentionMaintainer):
         #: absolute error of weights that underflow the dtype, summed over a row
         self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
 
-        # snapshot (float64)
-        self._mu = np.zeros(n)
-        self._N = np.zeros((n, e))
-        self._Z = np.zeros(n)
-        self._drift = np.zeros(n)
-        # pending key/value rows, one slot each
-        T = self._threshold
+        # state arrays live in growable buffers; attributes are views of them
+        self._threshold = _threshold(m, self._tau)
+        self._size = {"H": H, "n": n, "m": m, "d": d, "e": e, "T": self._threshold}
+        self._capacity = {"n": n, "m": m, "T": self._threshold}
+        given = {"Q": self._Q, "K": self._K, "V": self._V}
+        self._buffers: dict[str, tuple[Any, np.ndarray]] = {}
+        for name, (axes, kind) in self._layout().items():
+            owner = self._storage if name in self._storage.LAYOUT else self
+            shape = tuple(self._size[a] for a in axes)
+            self._buffers[name] = (owner, np.zeros(shape, dtype=kind or self._dtype))
+        self._reslice()
+        self._Qh[...] = given["Q"].reshape(H, n, d)
+        self._Kh[...] = given["K"].reshape(H, m, d)
+        self._Vh[...] = given["V"].reshape(H, m, e)
+        self._sync_float64_copies(Q=slice(None), K=slice(None), V=slice(None))
+        self._QT64[...] = self._Q64.transpose(0, 2, 1)
+        self._q_norm[...] = np.sqrt(np.einsum("hnd,hnd->hn", self._Q64, self._Q64))
+        self._q_col_absmax = np.abs(self._Q64).max(axis=1)  # (H, d), an upper bound
+        self._q_norm_max = float(self._q_norm.max())
+        self._k_sq_norms[...] = np.einsum("hmd,hmd->hm", self._K64, self._K64)
+        self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
+        self._check_logit_range("K", self._k_norm_max)
+        self._key_visible[...] = visible
+        self._all_keys_visible = bool(visible.all())
+        self._query_pos[...] = np.arange(n)
+        self._key_pos[...] = np.arange(m)
+        self._next_position = max(n, m)
         self._slot_of: dict[int, int] = {}
         self._t = 0
-        self._pending_rows = np.zeros(T, dtype=np.int64)
-        self._pending_new_columns = np.zeros((T, n))
-        self._pending_old_columns = np.zeros((T, n))
-        self._pending_new_values = np.zeros((T, e))
-        self._pending_old_values = np.zeros((T, e))
-        self._key_changed = np.zeros(T, dtype=bool)
-        self._value_changed = np.zeros(T, dtype=bool)
-        self._column_error = np.zeros(T)
-        self._column_max = np.zeros(T)
         self._stats = {
             "folds": 0,
             "rows_refreshed": 0,
@@ -167,6 +239,56 @@ class DynamicAttention(AttentionMaintainer):
             "fresh_columns": 0,
         }
         self._full_refresh()
+
+    # ------------------------------------------------------------------ buffers
+    def _layout(self) -> dict[str, tuple[str, Any]]:
+        layout = dict(LAYOUT)
+        if self._dtype != np.float64:
+            layout.update({copy: (LAYOUT[src][0], np.float64) for copy, src in FLOAT64_COPIES.items()})
+        layout.update(self._storage.LAYOUT)
+        return layout
+
+    def _reslice(self) -> None:
+        """Point every state attribute at the live part of its buffer."""
+        layout = self._layout()
+        for name, (owner, buffer) in self._buffers.items():
+            index = tuple(slice(0, self._size[a]) for a in layout[name][0])
+            setattr(owner, name, buffer[index])
+        if self._dtype == np.float64:
+            for copy, src in FLOAT64_COPIES.items():
+                setattr(self, copy, getattr(self, src))
+        H, n, m = self._H, self._size["n"], self._size["m"]
+        self.n, self.m = n, m
+        self._Q = self._Qh.reshape(*self.batch_shape, n, self.d)
+        self._K = self._Kh.reshape(*self.batch_shape, m, self.d)
+        self._V = self._Vh.reshape(*self.batch_shape, m, self.e)
+        self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
+        del H
+
+    def _resize(self, **sizes: int) -> None:
+        """Set sizes of growable axes, doubling buffers that are too small (amortized O(1))."""
+        grow = {a: max(s, 2 * self._capacity[a]) for a, s in sizes.items() if s > self._capacity[a]}
+        if grow:
+            layout = self._layout()
+            self._capacity.update(grow)
+            for name, (owner, buffer) in self._buffers.items():
+                axes = layout[name][0]
+                if not any(a in grow for a in axes):
+                    continue
+                shape = tuple(self._capacity.get(a, self._size[a]) for a in axes)
+                bigger = np.zeros(shape, dtype=buffer.dtype)
+                bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
+                self._buffers[name] = (owner, bigger)
+        self._size.update(sizes)
+        self._reslice()
+
+    def _sync_float64_copies(self, **where: Any) -> None:
+        """Refresh the float64 copies of Q/K/V at ``where`` (no-op for float64 storage)."""
+        if self._dtype == np.float64:
+            return
+        for letter, index in where.items():
+            src = getattr(self, f"_{letter}h")
+            getattr(self, f"_{letter}64")[:, index] = src[:, index]
 
     # ------------------------------------------------------------------ properties
     @property
@@ -195,6 +317,20 @@ class DynamicAttention(AttentionMaintainer):
         return self._tol
 
     @property
+    def heads(self) -> int:
+        """Number of independent problems (product of the leading axes; 1 without them)."""
+        return self._H
+
+    @property
+    def causal(self) -> bool:
+        return self._causal
+
+    @property
+    def key_mask(self) -> np.ndarray:
+        """Which keys are visible ``(m,)`` (a copy)."""
+        return self._key_visible.copy()
+
+    @property
     def stats(self) -> dict[str, int]:
         """Counters: folds, rows refreshed exactly, query fallbacks, full refreshes,
         rows rescaled (stabilizer moved), fresh column computations."""
@@ -202,21 +338,105 @@ class DynamicAttention(AttentionMaintainer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the structure's arrays (inputs, their float64 copies, state)."""
-        arrays = [v for v in vars(self).values() if isinstance(v, np.ndarray)]
-        shared = {id(self._Q64), id(self._K64), id(self._V64)} & {id(self._Q), id(self._K), id(self._V)}
-        return int(sum(a.nbytes for a in arrays if id(a) not in shared) + self._storage.nbytes)
+        """Bytes held by the state buffers (including spare capacity)."""
+        return int(sum(buffer.nbytes for _, buffer in self._buffers.values()))
 
     # ------------------------------------------------------------------ public operations
     def rebuild(self) -> None:
         """Fold all pending rows into the snapshot now.
 
-        Runtime complexity: O(n*e*t) for t pending rows (two GEMMs), plus
+        Runtime complexity: O(H*n*e*t) for t pending rows (batched GEMMs), plus
         O(m*(d+e)) per row whose error bound forces an exact refresh.
         """
         self._fold()
 
-    def error_bound(self, i: int) -> float:
+    def update_k(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
+        """Paper's UpdateK: ``K[head][i, j] += delta``.
+
+        Runtime complexity: O(n) amortized plus the fold's 2*n*e flops per
+        pending row (dense storage); O(n*d) on a row's first touch (implicit).
+        """
+        h = self._check_head(head)
+        i = check_index("i", i, self.m, axis="key rows, m")
+        j = check_index("j", j, self.d, axis="key columns, d")
+        self._apply_k(h, i, j, self._checked_sum("delta", self._Kh[h, i, j], delta, "K"))
+
+    def update_v(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
+        """Paper's UpdateV: ``V[head][i, j] += delta``.
+
+        Runtime complexity: O(1) (O(H*n) or O(H*n*d) on a row's first touch), plus the fold.
+        """
+        h = self._check_head(head)
+        i = check_index("i", i, self.m, axis="value rows, m")
+        j = check_index("j", j, self.e, axis="value columns, e")
+        self._apply_v(h, i, j, self._checked_sum("delta", self._Vh[h, i, j], delta, "V"))
+
+    def update_k_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
+        """``K[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order.
+
+        All-or-nothing: every index and delta is checked before anything changes.
+        Runtime complexity: that of ``len(rows)`` single updates, without their
+        per-call validation.
+        """
+        for h, c, j, new in self._checked_batch("K", rows, cols, deltas, heads, self.d):
+            self._apply_k(h, c, j, new)
+
+    def update_v_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
+        """``V[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order (all-or-nothing)."""
+        for h, c, j, new in self._checked_batch("V", rows, cols, deltas, heads, self.e):
+            self._apply_v(h, c, j, new)
+
+    def query(self, i: int, j: int, *, head: Any = None) -> float:
+        """Paper's Query: ``O[head][i, j]`` as a Python float.
+
+        Runtime complexity: O(t); O(m*(d+e)) when certification falls back.
+        """
+        h = self._check_head(head)
+        i = check_index("i", i, self.n, axis="query rows, n")
+        j = check_index("j", j, self.e, axis="output columns, e")
+        return float(self._answer_entry(h, i, j))
+
+    def query_row(self, i: int) -> np.ndarray:
+        """``O[..., i, :]`` for every head, a new ``(*batch, e)`` array.
+
+        Runtime complexity: O(H*t*e).
+        """
+        i = check_index("i", i, self.n, axis="query rows, n")
+        return self.query_rows([i])[..., 0, :]
+
+    def query_rows(self, rows: Any) -> np.ndarray:
+        """``O[..., rows, :]`` for every head, a new ``(*batch, len(rows), e)`` array.
+
+        Runtime complexity: O(H*len(rows)*t*e), vectorized.
+        """
+        rows = check_index_array("rows", rows, self.n, axis="query rows, n")
+        H, k = self._H, rows.size
+        heads = np.repeat(np.arange(H), k)
+        out = self._answer_rows(heads, np.tile(rows, H))
+        return out.reshape(*self.batch_shape, k, self.e).astype(self._dtype)
+
+    def query_many(self, rows: Any, cols: Any, *, heads: Any = None) -> np.ndarray:
+        """``O[heads[k]][rows[k], cols[k]]`` for every k, a new ``(len(rows),)`` array.
+
+        Runtime complexity: O(len(rows)*t), vectorized.
+        """
+        rows = check_index_array("rows", rows, self.n, axis="query rows, n")
+        cols = check_index_array("cols", cols, self.e, axis="output columns, e")
+        if rows.shape != cols.shape:
+            raise ValueError(
+                f"rows and cols: expected the same length, got {rows.shape[0]} and {cols.shape[0]}"
+            )
+        head_index = self._check_heads(heads, rows.size)
+        return self._answer_entries(head_index, rows, cols).astype(self._dtype)
+
+    def output(self) -> np.ndarray:
+        """The whole attention output ``O: (*batch, n, e)``, as a new array.
+
+        Runtime complexity: O(H*n*t*e).
+        """
+        return self.query_rows(np.arange(self.n))
+
+    def error_bound(self, i: int, *, head: Any = None) -> float:
         """Bound on ``|answer - exact| / max|V[:, j]|`` for answers about row ``i``.
 
         It is what :meth:`query` certifies: the incremental part is at most
@@ -225,136 +445,475 @@ class DynamicAttention(AttentionMaintainer):
         (logit rounding, ``m``-term sums, rounding of weights to the dtype).
         Runtime complexity: O(t + e).
         """
-        from dynattn._validation import check_index
-
+        h = self._check_head(head)
         i = check_index("i", i, self.n, axis="query rows, n")
-        row_bound = float(self._row_bounds(np.array([i]))[0][0])
-        incremental = row_bound * (float(self._column_ratio(np.arange(self.e)).max()) + 1)
+        row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
+        ratio = float(self._column_ratio(np.full(self.e, h), np.arange(self.e)).max())
+        incremental = row_bound * (ratio + 1)
         if incremental > self._tol:
             incremental = 0.0  # queries would answer from an exact recomputation
-        return incremental + self._fresh_error(i)
+        return incremental + self._fresh_error(h, i)
 
-    # ------------------------------------------------------------------ updates
-    def _apply_k(self, c: int, j: int, new_value: Any) -> None:
-        """K[c, j] = new_value. Runtime complexity: O(n) (dense; O(n*d) on a
-        first touch in implicit storage), plus an amortized fold."""
-        old = float(self._K64[c, j])
-        new = float(new_value)
-        # |K_c|^2 kept incrementally (recomputed exactly at each fold); 1e-9 covers its rounding
-        sq_norm = max(0.0, float(self._k_sq_norms[c]) - old * old + new * new)
-        row_norm = math.sqrt(sq_norm) * (1 + 1e-9)
-        self._check_logit_range("delta", row_norm)
+    # ------------------------------------------------------------------ row / token operations
+    def set_key(self, c: int, k: Any) -> None:
+        """``K[..., c, :] = k`` for every head; ``k: (*batch, d)``.
+
+        Runtime complexity: O(H*n*d) (one column of scores per head), plus the fold.
+        """
+        c = check_index("c", c, self.m, axis="key rows, m")
+        k = self._checked_row("k", k, self.d).reshape(self._H, self.d)
+        self._check_logit_range("k", float(np.sqrt(np.einsum("hd,hd->h", k, k).max())))
+        self._apply_key_row(c, k)
+        self._fold_if_full()
+
+    def set_value(self, c: int, v: Any) -> None:
+        """``V[..., c, :] = v`` for every head; ``v: (*batch, e)``.
+
+        Runtime complexity: O(H*e) (O(H*n) or O(H*n*d) on a row's first touch), plus the fold.
+        """
+        c = check_index("c", c, self.m, axis="value rows, m")
+        v = self._checked_row("v", v, self.e).reshape(self._H, self.e)
+        self._apply_value_row(c, v)
+        self._fold_if_full()
+
+    def set_query(self, i: int, q: Any) -> None:
+        """``Q[..., i, :] = q`` for every head; ``q: (*batch, d)``. Row i is recomputed exactly.
+
+        Runtime complexity: O(H*m*(d+e)).
+        """
+        i = check_index("i", i, self.n, axis="query rows, n")
+        q = self._checked_row("q", q, self.d).reshape(self._H, self.d)
+        self._check_query_range(q)
+        self._apply_query_row(i, q)
+
+    def set_token(self, i: int, q: Any = None, k: Any = None, v: Any = None) -> None:
+        """Self-attention edit of token i: any of its query, key and value rows.
+
+        All given rows are checked before anything changes. Runtime complexity:
+        O(H*n*d) for k, O(H*e) for v, O(H*m*(d+e)) for q.
+        """
+        if q is None and k is None and v is None:
+            raise ValueError("set_token: expected at least one of q, k, v; got none")
+        rows = {}
+        if k is not None or v is not None:
+            check_index("i", i, self.m, axis="key/value rows, m")
+        if q is not None:
+            check_index("i", i, self.n, axis="query rows, n")
+            rows["q"] = self._checked_row("q", q, self.d).reshape(self._H, self.d)
+            self._check_query_range(rows["q"])
+        if k is not None:
+            rows["k"] = self._checked_row("k", k, self.d).reshape(self._H, self.d)
+            self._check_logit_range("k", float(np.sqrt(np.einsum("hd,hd->h", rows["k"], rows["k"]).max())))
+        if v is not None:
+            rows["v"] = self._checked_row("v", v, self.e).reshape(self._H, self.e)
+        if "k" in rows:
+            self._apply_key_row(i, rows["k"])
+        if "v" in rows:
+            self._apply_value_row(i, rows["v"])
+        if "q" in rows:
+            self._apply_query_row(i, rows["q"])
+        self._fold_if_full()
+
+    def append(self, q: Any = None, k: Any = None, v: Any = None) -> tuple[int | None, int | None]:
+        """Add a token: a query row ``q: (*batch, d)`` and/or a key-value pair ``k, v``.
+
+        The new rows get the next position (for ``causal``). With ``causal=True``
+        a token is all three rows. Capacity grows by doubling (amortized O(1)
+        reallocation). Returns ``(query_index, key_index)`` (None for what was
+        not added). Runtime complexity: O(H*n*d) for a key (one column of
+        scores, folded later), O(H*m*(d+e)) for a query (its row, exactly).
+        """
+        if (k is None) != (v is None):
+            raise ValueError("append: expected k and v together (a key-value pair), got only one")
+        if q is None and k is None:
+            raise ValueError("append: expected q, or k and v, or all three; got none")
+        if self._causal and (q is None or k is None):
+            raise ValueError("append: a causal structure appends whole tokens; expected q, k and v")
+        q_row = None if q is None else self._checked_row("q", q, self.d).reshape(self._H, self.d)
+        if q_row is not None:
+            self._check_query_range(q_row)
+        if k is not None:
+            k_row = self._checked_row("k", k, self.d).reshape(self._H, self.d)
+            v_row = self._checked_row("v", v, self.e).reshape(self._H, self.e)
+            self._check_logit_range("k", float(np.sqrt(np.einsum("hd,hd->h", k_row, k_row).max())))
+        position = self._next_position
+        self._next_position += 1
+        key_index = None
+        if k is not None:
+            key_index = self.m
+            self._append_key(k_row, v_row, position)
+        query_index = None
+        if q_row is not None:
+            query_index = self.n
+            self._resize(n=self.n + 1)
+            self._query_pos[query_index] = position
+            self._apply_query_row(query_index, q_row)
+        self._fold_if_full()
+        return query_index, key_index
+
+    def delete_key(self, c: int) -> None:
+        """Hide key c from every query (its mask bit off); other indices do not move.
+
+        Runtime complexity: O(H*n), plus the fold.
+        """
+        self.set_key_mask(c, False)
+
+    def set_key_mask(self, c: int, visible: bool) -> None:
+        """Show or hide key c (a key padding mask update). Runtime complexity: O(H*n*d), plus the fold."""
+        c = check_index("c", c, self.m, axis="key rows, m")
+        if not isinstance(visible, (bool, np.bool_)):
+            raise TypeError(f"visible: expected True or False, got {visible!r}")
+        if bool(self._key_visible[c]) == bool(visible):
+            return
         slot = self._slot_for(c)
-        self._K[c, j] = new_value
-        self._K64[c, j] = new
-        self._k_sq_norms[c] = sq_norm
-        if row_norm > self._k_norm_max:
-            self._k_norm_max = row_norm
-        step = self._scale * (new - old)
-        growth = abs(step) * float(self._q_col_absmax[j])
-        error = float(self._column_error[slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
-        if growth > self._log_weight_limit / 2 or error > self._column_error_limit:
-            self._set_fresh_column(slot, c)
-        else:
-            column = self._pending_new_columns[slot]
-            column *= np.exp(self._QT64[j] * step)
-            self._round_to_dtype(column)
-            self._column_error[slot] = error
-            self._column_max[slot] *= math.exp(growth) * (1 + 4 * self._unit)
-            if self._column_max[slot] > self._weight_limit:
-                self._restabilize_column(slot)
+        self._key_visible[c] = visible
+        self._all_keys_visible = bool(self._key_visible.all())
+        self._set_fresh_columns(slot, c, np.arange(self._H))
         self._key_changed[slot] = True
         self._fold_if_full()
 
-    def _apply_v(self, c: int, j: int, new_value: Any) -> None:
-        """V[c, j] = new_value. Runtime complexity: O(1) (O(n) or O(n*d) on a
-        first touch), plus an amortized fold."""
-        slot = self._slot_for(c)
-        old = abs(float(self._V64[c, j]))
+    def delete_query(self, i: int) -> None:
+        """Remove query row i; rows after it move up by one.
+
+        Runtime complexity: O(H*n*(d+e+T)) (plus O(H*n*m) in dense storage) of
+        memory moves; nothing is recomputed.
+        """
+        i = check_index("i", i, self.n, axis="query rows, n")
+        if self.n == 1:
+            raise ValueError("delete_query: the structure needs at least one query row")
+        layout = self._layout()
+        for name, (owner, _buffer) in self._buffers.items():
+            axes = layout[name][0]
+            if "n" not in axes:
+                continue
+            view = np.moveaxis(getattr(owner, name), axes.index("n"), 0)
+            view[i:-1] = view[i + 1 :].copy()
+        self._resize(n=self.n - 1)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole structure to ``path`` (``.npz``), atomically.
+
+        The file is written to a temporary file in the same folder and renamed
+        over ``path``, so a crash never leaves a half-written file.
+        Runtime complexity: O(size of the state).
+        """
+        path = os.fspath(path)
+        arrays = {f"state{name}": getattr(owner, name) for name, (owner, _) in self._buffers.items()}
+        arrays.update({f"state{name}": getattr(self, name) for name in FIXED_STATE})
+        meta = {
+            "format": FORMAT_VERSION,
+            "class": type(self).__name__,
+            "batch_shape": list(self.batch_shape),
+            "sizes": self._size,
+            "dtype": self._dtype.name,
+            "storage": self._storage_name,
+            "pending": {str(c): s for c, s in self._slot_of.items()},
+            "stats": self._stats,
+        }
+        meta.update({name: getattr(self, f"_{name}") for name in self._SCALARS})
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        folder = os.path.dirname(os.path.abspath(path))
+        handle, temporary = tempfile.mkstemp(prefix=".dynattn-", suffix=".npz", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **arrays)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+
+    _SCALARS = (
+        "tau", "scale", "tol", "certify", "causal", "threshold", "t", "unit",
+        "log_weight_limit", "weight_limit", "column_error_limit", "q_norm_max",
+        "k_norm_max", "all_keys_visible", "next_position", "H",
+    )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DynamicAttention:
+        """Read a structure written by :meth:`save`; it answers exactly as the saved one."""
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"path: expected a dynattn file of format {FORMAT_VERSION}, "
+                                 f"got format {meta.get('format')!r}")
+            self = cls.__new__(cls)
+            self._dtype = np.dtype(meta["dtype"])
+            self.batch_shape = tuple(meta["batch_shape"])
+            for name in self._SCALARS:
+                setattr(self, f"_{name}", meta[name])
+            self._storage_name = meta["storage"]
+            self._storage = STORAGES[self._storage_name]()
+            self._size = dict(meta["sizes"])
+            self._capacity = {a: self._size[a] for a in GROWABLE}
+            self._slot_of = {int(c): int(s) for c, s in meta["pending"].items()}
+            self._stats = dict(meta["stats"])
+            self._dtype_max = float(np.finfo(self._dtype).max)
+            self.d, self.e = self._size["d"], self._size["e"]
+            self._buffers = {}
+            for name in self._layout():
+                owner = self._storage if name in self._storage.LAYOUT else self
+                self._buffers[name] = (owner, np.array(data[f"state{name}"]))
+            for name in FIXED_STATE:
+                setattr(self, name, np.array(data[f"state{name}"]))
+        self._reslice()
+        return self
+
+    # ------------------------------------------------------------------ updates (validated)
+    def _apply_k(self, h: int, c: int, j: int, new_value: Any) -> None:
+        """K[h, c, j] = new_value. Runtime complexity: O(n) (dense; O(H*n*d) on a
+        first touch in implicit storage), plus an amortized fold."""
+        old = float(self._K64[h, c, j])
         new = float(new_value)
-        self._V[c, j] = new_value
-        self._V64[c, j] = new
-        self._pending_new_values[slot, j] = new
-        self._value_changed[slot] = True
-        magnitude = abs(new)
-        if magnitude >= self._value_max[j]:
-            self._value_max[j] = magnitude
-            self._value_max_stale[j] = False
-        elif old >= self._value_max[j]:
-            self._value_max_stale[j] = True
-        if magnitude > self._value_scale[j]:
-            self._value_scale[j] = magnitude
+        # |K_c|^2 kept incrementally (recomputed exactly at each fold); 1e-9 covers its rounding
+        sq_norm = max(0.0, float(self._k_sq_norms[h, c]) - old * old + new * new)
+        row_norm = math.sqrt(sq_norm) * (1 + 1e-9)
+        self._check_logit_range("delta", row_norm)
+        slot = self._slot_for(c)
+        self._Kh[h, c, j] = new_value
+        self._K64[h, c, j] = new
+        self._k_sq_norms[h, c] = sq_norm
+        if row_norm > self._k_norm_max:
+            self._k_norm_max = row_norm
+        step = self._scale * (new - old)
+        growth = abs(step) * float(self._q_col_absmax[h, j])
+        error = float(self._column_error[h, slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
+        if growth > self._log_weight_limit / 2 or error > self._column_error_limit:
+            self._set_fresh_columns(slot, c, np.array([h]))
+        else:
+            column = self._pending_new_columns[h, slot]
+            column *= np.exp(self._QT64[h, j] * step)
+            self._round_to_dtype(column)
+            self._column_error[h, slot] = error
+            self._column_max[h, slot] *= math.exp(growth) * (1 + 4 * self._unit)
+            if self._column_max[h, slot] > self._weight_limit:
+                self._restabilize_column(h, slot)
+        self._key_changed[slot] = True
         self._fold_if_full()
 
+    def _apply_v(self, h: int, c: int, j: int, new_value: Any) -> None:
+        """V[h, c, j] = new_value. Runtime complexity: O(1) (O(H*n) or O(H*n*d) on a
+        first touch), plus an amortized fold."""
+        slot = self._slot_for(c)
+        old = abs(float(self._V64[h, c, j]))
+        new = float(new_value)
+        self._Vh[h, c, j] = new_value
+        self._V64[h, c, j] = new
+        self._pending_new_values[h, slot, j] = new
+        self._value_changed[slot] = True
+        magnitude = abs(new)
+        if magnitude >= self._value_max[h, j]:
+            self._value_max[h, j] = magnitude
+            self._value_max_stale[h, j] = False
+        elif old >= self._value_max[h, j]:
+            self._value_max_stale[h, j] = True
+        if magnitude > self._value_scale[h, j]:
+            self._value_scale[h, j] = magnitude
+        self._fold_if_full()
+
+    def _apply_key_row(self, c: int, k: np.ndarray) -> None:
+        """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head."""
+        slot = self._slot_for(c)
+        self._Kh[:, c] = k
+        self._sync_float64_copies(K=c)
+        self._k_sq_norms[:, c] = np.einsum("hd,hd->h", self._K64[:, c], self._K64[:, c])
+        self._k_norm_max = max(self._k_norm_max, float(np.sqrt(self._k_sq_norms[:, c].max())))
+        self._set_fresh_columns(slot, c, np.arange(self._H))
+        self._key_changed[slot] = True
+
+    def _apply_value_row(self, c: int, v: np.ndarray) -> None:
+        """V[:, c] = v (validated ``(H, e)``)."""
+        slot = self._slot_for(c)
+        old = np.abs(self._V64[:, c])
+        self._Vh[:, c] = v
+        self._sync_float64_copies(V=c)
+        self._pending_new_values[:, slot] = self._V64[:, c]
+        self._value_changed[slot] = True
+        self._note_new_values(old, np.abs(self._V64[:, c]))
+
+    def _note_new_values(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Keep ``value_max`` (exact or marked stale) and ``value_scale`` after a value row
+        changed from ``|old|`` to ``|new|`` ``(H, e)``."""
+        rises = new >= self._value_max
+        falls = ~rises & (old >= self._value_max)
+        self._value_max = np.where(rises, new, self._value_max)
+        self._value_max_stale = (self._value_max_stale & ~rises) | falls
+        np.maximum(self._value_scale, new, out=self._value_scale)
+
+    def _apply_query_row(self, i: int, q: np.ndarray) -> None:
+        """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly."""
+        self._Qh[:, i] = q
+        self._sync_float64_copies(Q=i)
+        q64 = self._Q64[:, i]
+        self._QT64[:, :, i] = q64
+        self._q_norm[:, i] = np.sqrt(np.einsum("hd,hd->h", q64, q64))
+        np.maximum(self._q_col_absmax, np.abs(q64), out=self._q_col_absmax)
+        self._q_norm_max = max(self._q_norm_max, float(self._q_norm[:, i].max()))
+        self._refresh(np.arange(self._H), np.full(self._H, i))
+
+    def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
+        """A new key-value row: a pending row whose folded column and values are zero."""
+        c = self.m
+        self._resize(m=c + 1, T=max(self._threshold, _threshold(c + 1, self._tau)))
+        self._threshold = self._size["T"]
+        self._Kh[:, c] = k
+        self._Vh[:, c] = v
+        self._sync_float64_copies(K=c, V=c)
+        self._k_sq_norms[:, c] = np.einsum("hd,hd->h", self._K64[:, c], self._K64[:, c])
+        self._k_norm_max = max(self._k_norm_max, float(np.sqrt(self._k_sq_norms[:, c].max())))
+        self._key_visible[c] = True
+        self._key_pos[c] = position
+        if self._storage.exact_snapshot:
+            self._storage.weights_t[:, c] = 0
+            self._storage.column_error[:, c] = 0
+        slot = self._open_slot(c, np.zeros((self._H, self.n)), np.zeros(self._H), np.zeros((self._H, self.e)))
+        self._pending_new_values[:, slot] = self._V64[:, c]
+        self._set_fresh_columns(slot, c, np.arange(self._H))
+        self._key_changed[slot] = self._value_changed[slot] = True
+        self._note_new_values(np.zeros((self._H, self.e)), np.abs(self._V64[:, c]))
+
+    # ------------------------------------------------------------------ validation helpers
+    def _check_head(self, head: Any) -> int:
+        if not self.batch_shape:
+            if head is None or (not isinstance(head, bool) and head == 0):
+                return 0
+            raise IndexError(f"head: this structure has no head axis; expected None, got {head!r}")
+        if head is None:
+            raise TypeError(f"head: expected an index into the leading axes {self.batch_shape}, got None")
+        if isinstance(head, tuple):
+            if len(head) != len(self.batch_shape):
+                raise IndexError(f"head: expected a {len(self.batch_shape)}-tuple, got {head!r}")
+            parts = [check_index("head", x, s, axis="leading axis") for x, s in zip(head, self.batch_shape)]
+            return int(np.ravel_multi_index(parts, self.batch_shape))
+        return check_index("head", head, self._H, axis=f"flattened leading axes {self.batch_shape}")
+
+    def _check_heads(self, heads: Any, size: int) -> np.ndarray:
+        if heads is None:
+            if self.batch_shape:
+                raise TypeError(f"heads: expected head indices for leading axes {self.batch_shape}, got None")
+            return np.zeros(size, dtype=np.int64)
+        heads = check_index_array("heads", heads, self._H, axis=f"flattened leading axes {self.batch_shape}")
+        if heads.size != size:
+            raise ValueError(f"heads: expected {size} head indices, got {heads.size}")
+        return heads
+
+    def _checked_row(self, name: str, value: Any, width: int) -> np.ndarray:
+        return check_rows(name, value, dtype=self._dtype, shape=(*self.batch_shape, width))
+
+    def _check_query_range(self, q: np.ndarray) -> None:
+        norm = float(np.sqrt(np.einsum("hd,hd->h", q.astype(np.float64), q.astype(np.float64)).max()))
+        if abs(self._scale) * norm * self._k_norm_max > 1e300:
+            raise ValueError(
+                f"q: logits scale*|q||K_c| could reach {abs(self._scale) * norm * self._k_norm_max:.3g}, "
+                "beyond float64's range; expected scaled dot products below 1e300"
+            )
+
+    def _checked_batch(self, target: str, rows: Any, cols: Any, deltas: Any, heads: Any, width: int):
+        """Validate a batch of entry updates; return ``[(h, c, j, new_value), ...]`` to apply."""
+        rows = check_index_array("rows", rows, self.m, axis="key/value rows, m")
+        cols = check_index_array("cols", cols, width, axis="columns")
+        values = np.asarray(deltas)
+        if values.shape != rows.shape or cols.shape != rows.shape:
+            raise ValueError(
+                f"rows, cols, deltas: expected equal lengths, got {rows.shape}, {cols.shape}, {values.shape}"
+            )
+        heads = self._check_heads(heads, rows.size)
+        if values.size and not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+            raise TypeError(f"deltas: expected real numbers, got dtype {values.dtype}")
+        if values.size and not np.isfinite(values.astype(np.float64)).all():
+            raise ValueError("deltas: expected finite values, got NaN or inf")
+        array = self._Kh if target == "K" else self._Vh
+        current: dict[tuple[int, int, int], Any] = {}
+        plan = []
+        for h, c, j, delta in zip(heads.tolist(), rows.tolist(), cols.tolist(), values.tolist()):
+            key = (h, c, j)
+            new = self._checked_sum("deltas", current.get(key, array[h, c, j]), delta, target)
+            current[key] = new
+            plan.append((h, c, j, new))
+        if target == "K" and plan:
+            touched = np.unique(rows)
+            trial = self._K64[:, touched].copy()
+            where = np.searchsorted(touched, rows)
+            for (h, _c, j, new), w in zip(plan, where):
+                trial[h, w, j] = float(new)
+            self._check_logit_range("deltas", float(np.sqrt(np.einsum("hrd,hrd->hr", trial, trial).max())))
+        return plan
+
     # ------------------------------------------------------------------ answers
-    def _answer_entry(self, i: int, j: int) -> float:
-        """O[i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
+    def _answer_entry(self, h: int, i: int, j: int) -> float:
+        """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
         t = self._t
-        numerator = float(self._N[i, j])
-        z = float(self._Z[i])
+        numerator = float(self._N[h, i, j])
+        z = float(self._Z[h, i])
         new_sum = old_sum = 0.0
         if t:
-            new_weights = self._pending_new_columns[:t, i]
-            old_weights = self._pending_old_columns[:t, i]
-            numerator += float(new_weights @ self._pending_new_values[:t, j]) - float(
-                old_weights @ self._pending_old_values[:t, j]
+            new_weights = self._pending_new_columns[h, :t, i]
+            old_weights = self._pending_old_columns[h, :t, i]
+            numerator += float(new_weights @ self._pending_new_values[h, :t, j]) - float(
+                old_weights @ self._pending_old_values[h, :t, j]
             )
             new_sum = float(new_weights.sum())
             old_sum = float(old_weights.sum())
         denominator = z + new_sum - old_sum
         if self._certify:
-            error = float(self._row_error(i, z + new_sum + old_sum, old_sum))
+            error = float(self._row_error(h, i, z + new_sum + old_sum, old_sum))
             relative = error / denominator if denominator > 0 else math.inf
             if not relative < 0.5 or (
-                relative / (1 - relative) * (self._column_ratio_of(j) + 1) > self._tol
+                relative / (1 - relative) * (self._column_ratio_of(h, j) + 1) > self._tol
             ):
-                return float(self._fallback(np.array([i]))[0, j])
-        return numerator / denominator
+                return float(self._fallback(np.array([h]), np.array([i]))[0, j])
+        return numerator / denominator if denominator > 0 else 0.0
 
-    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """O[rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
+    def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
         t = self._t
-        numerator = self._N[rows, cols].copy()
+        numerator = self._N[heads, rows, cols].copy()
         if t:
-            new_w = self._pending_new_columns[:t, rows]
-            old_w = self._pending_old_columns[:t, rows]
-            numerator += np.einsum("tk,tk->k", new_w, self._pending_new_values[:t, cols])
-            numerator -= np.einsum("tk,tk->k", old_w, self._pending_old_values[:t, cols])
-        row_bound, denominator = self._row_bounds(rows)
-        bound = row_bound * (self._column_ratio(cols) + 1)
+            new_w = self._pending_new_columns[heads, :t, rows]  # (k, t)
+            old_w = self._pending_old_columns[heads, :t, rows]
+            numerator += np.einsum("kt,kt->k", new_w, self._pending_new_values[heads, :t, cols])
+            numerator -= np.einsum("kt,kt->k", old_w, self._pending_old_values[heads, :t, cols])
+        row_bound, denominator = self._row_bounds(heads, rows)
+        bound = row_bound * (self._column_ratio(heads, cols) + 1)
         answer = numerator / np.where(denominator > 0, denominator, 1.0)
         doubtful = ~(bound <= self._tol)
         if doubtful.any():
-            bad_rows, where = np.unique(rows[doubtful], return_inverse=True)
-            exact = self._fallback(bad_rows)
-            answer[doubtful] = exact[where, cols[doubtful]]
+            pairs, where = np.unique(np.stack([heads[doubtful], rows[doubtful]]), axis=1, return_inverse=True)
+            exact = self._fallback(pairs[0], pairs[1])
+            answer[doubtful] = exact[where.ravel(), cols[doubtful]]
         return answer
 
-    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
-        """O[rows, :]. Runtime complexity: O(len(rows)*t*e), vectorized."""
+    def _answer_rows(self, heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """O[heads[k], rows[k], :] as ``(k, e)``. Runtime complexity: O(k*t*e), one GEMM per head."""
         t = self._t
-        numerator = self._N[rows].copy()
+        numerator = self._N[heads, rows].copy()
         if t:
-            numerator += self._pending_new_columns[:t, rows].T @ self._pending_new_values[:t]
-            numerator -= self._pending_old_columns[:t, rows].T @ self._pending_old_values[:t]
-        row_bound, denominator = self._row_bounds(rows)
+            for h in np.unique(heads).tolist():
+                (where,) = np.nonzero(heads == h)
+                part = rows[where]
+                numerator[where] += self._pending_new_columns[h, :t][:, part].T @ self._pending_new_values[h, :t]
+                numerator[where] -= self._pending_old_columns[h, :t][:, part].T @ self._pending_old_values[h, :t]
+        row_bound, denominator = self._row_bounds(heads, rows)
         answer = numerator / np.where(denominator > 0, denominator, 1.0)[:, None]
-        worst_ratio = float(self._column_ratio(np.arange(self.e)).max())
+        worst_ratio = self._head_ratios()[heads]
         doubtful = ~(row_bound * (worst_ratio + 1) <= self._tol)
         if doubtful.any():
-            answer[doubtful] = self._fallback(rows[doubtful])
+            answer[doubtful] = self._fallback(heads[doubtful], rows[doubtful])
         return answer
 
     # ------------------------------------------------------------------ error bounds
-    def _row_bounds(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``r/(1-r)`` with ``r = E_i/den_i`` (inf when not certifiable), and ``den_i``, for ``rows``.
+    def _row_bounds(self, heads: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``r/(1-r)`` with ``r = E/den`` (inf when not certifiable), and ``den``, per (head, row).
         Multiplied by ``rho_j + 1`` this bounds the error relative to max|V[:, j]|."""
         t = self._t
-        z = self._Z[rows]
-        new_sum = self._pending_new_columns[:t, rows].sum(axis=0)
-        old_sum = self._pending_old_columns[:t, rows].sum(axis=0)
+        z = self._Z[heads, rows]
+        new_sum = self._pending_new_columns[heads, :t, rows].sum(axis=1)
+        old_sum = self._pending_old_columns[heads, :t, rows].sum(axis=1)
         denominator = z + new_sum - old_sum
-        error = self._row_error(rows, z + new_sum + old_sum, old_sum)
+        error = self._row_error(heads, rows, z + new_sum + old_sum, old_sum)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(denominator > 0, error / denominator, np.inf)
             bound = np.where(relative < 0.5, relative / (1 - relative), np.inf)
@@ -362,12 +921,12 @@ class DynamicAttention(AttentionMaintainer):
             bound = np.zeros_like(bound)
         return bound, denominator
 
-    def _row_error(self, i: Any, mass: Any, old_sum: Any) -> Any:
-        """E_i (docs/accuracy.md) for row(s) ``i`` given the summed weight ``mass`` and the
+    def _row_error(self, h: Any, i: Any, mass: Any, old_sum: Any) -> Any:
+        """E (docs/accuracy.md) for (head, row) pairs given the summed weight ``mass`` and the
         pending old weights ``old_sum``; works on scalars and arrays alike."""
-        error = self._drift[i] + self._persistent_error(self._t) * mass + self._underflow_error
+        error = self._drift[h, i] + self._persistent_error(self._t) * mass + self._underflow_error
         if not self._storage.exact_snapshot:
-            error = error + self._mismatch_error(self._q_norm[i]) * old_sum
+            error = error + self._mismatch_error(self._q_norm[h, i]) * old_sum
         return error
 
     def _persistent_error(self, t: int) -> float:
@@ -383,29 +942,35 @@ class DynamicAttention(AttentionMaintainer):
         """Implicit storage: a recomputed old column against the folded one."""
         return 4 * self._unit + self._column_error_limit + 2 * self._logit_error(q_norm)
 
-    def _fresh_error(self, i: int) -> float:
-        return float(2 * (self._logit_error(self._q_norm[i]) + self._unit + _gamma(self.m + 2)))
+    def _fresh_error(self, h: int, i: int) -> float:
+        return float(2 * (self._logit_error(self._q_norm[h, i]) + self._unit + _gamma(self.m + 2)))
 
-    def _column_ratio_of(self, j: int) -> float:
+    def _column_ratio_of(self, h: int, j: int) -> float:
         """Scalar :meth:`_column_ratio` for the entry-query hot path."""
-        if self._value_max_stale[j]:
-            return float(self._column_ratio(np.array([j]))[0])
-        current = float(self._value_max[j])
-        scale = float(self._value_scale[j])
+        if self._value_max_stale[h, j]:
+            return float(self._column_ratio(np.array([h]), np.array([j]))[0])
+        current = float(self._value_max[h, j])
+        scale = float(self._value_scale[h, j])
         return scale / current if current > 0 else (math.inf if scale > 0 else 1.0)
 
-    def _column_ratio(self, cols: np.ndarray) -> np.ndarray:
-        """``value_scale[j] / max|V[:, j]|`` for ``cols``: how much bigger than today's
+    def _column_ratio(self, heads: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``value_scale / max|V[:, j]|`` per (head, column): how much bigger than today's
         values the values summed into the snapshot may have been."""
-        stale = self._value_max_stale[cols]
+        stale = self._value_max_stale[heads, cols]
         if stale.any():
-            for j in np.unique(cols[stale]):
-                self._value_max[j] = np.abs(self._V64[:, j]).max()
-                self._value_max_stale[j] = False
-        current = self._value_max[cols]
-        scale = self._value_scale[cols]
+            for h, j in set(zip(heads[stale].tolist(), cols[stale].tolist())):
+                self._value_max[h, j] = np.abs(self._V64[h, :, j]).max()
+                self._value_max_stale[h, j] = False
+        current = self._value_max[heads, cols]
+        scale = self._value_scale[heads, cols]
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(current > 0, scale / current, np.where(scale > 0, np.inf, 1.0))
+
+    def _head_ratios(self) -> np.ndarray:
+        """Worst column ratio of each head ``(H,)``."""
+        H, e = self._H, self.e
+        ratios = self._column_ratio(np.repeat(np.arange(H), e), np.tile(np.arange(e), H))
+        return ratios.reshape(H, e).max(axis=1)
 
     # ------------------------------------------------------------------ internals
     def _check_logit_range(self, name: str, k_norm: float) -> None:
@@ -420,221 +985,270 @@ class DynamicAttention(AttentionMaintainer):
         if self._dtype != np.float64:
             array[...] = array.astype(self._dtype)
 
-    def _fresh_columns(self, key_rows: np.ndarray) -> np.ndarray:
-        """Stabilized weights of ``key_rows`` against the current ``mu``: ``(len, n)``,
-        rounded to the dtype. Moves ``mu`` up first where a weight would exceed the limit."""
-        logits = (self._K64[key_rows] @ self._QT64) * self._scale
-        exponent = logits - self._mu
+    def _masked_logits(self, heads: np.ndarray, c: int) -> np.ndarray:
+        """``s * Q K_c^T`` for ``heads`` as ``(len(heads), n)``, -inf where key c is hidden."""
+        if heads.size == 1:
+            logits = (self._K64[heads[0], c] @ self._QT64[heads[0]])[None] * self._scale
+        else:
+            columns = self._QT64 if heads.size == self._H else self._QT64[heads]
+            logits = np.matmul(self._K64[heads, c][:, None, :], columns)[:, 0] * self._scale
+        if not self._key_visible[c]:
+            logits[...] = -np.inf
+        elif self._causal:
+            logits[:, self._query_pos < self._key_pos[c]] = -np.inf
+        return logits
+
+    def _set_fresh_columns(self, slot: int, c: int, heads: np.ndarray) -> None:
+        """Pending column of row c for ``heads``, from its logits against the current ``mu``;
+        moves ``mu`` up first where a weight would exceed the limit."""
+        logits = self._masked_logits(heads, c)
+        exponent = logits - self._mu[heads]
         too_big = exponent > self._log_weight_limit
         if too_big.any():
-            rows = np.flatnonzero(too_big.any(axis=0))
-            self._rescale_rows(rows, logits[:, rows].max(axis=0))
-            exponent = logits - self._mu
+            which, rows = np.nonzero(too_big)
+            self._rescale_rows(heads[which], rows, logits[which, rows])
+            exponent = logits - self._mu[heads]
         weights = np.exp(exponent)
         self._round_to_dtype(weights)
-        return weights
-
-    def _set_fresh_column(self, slot: int, c: int) -> None:
-        column = self._fresh_columns(np.array([c]))[0]
-        self._pending_new_columns[slot] = column
-        self._column_error[slot] = 0.0
-        self._column_max[slot] = float(column.max())
+        self._pending_new_columns[heads, slot] = weights
+        self._column_error[heads, slot] = 0.0
+        self._column_max[heads, slot] = weights.max(axis=1)
         self._stats["fresh_columns"] += 1
 
-    def _restabilize_column(self, slot: int) -> None:
+    def _snapshot_column(self, c: int) -> np.ndarray:
+        """Implicit storage: recompute column ``c`` of every head as folded ``(H, n)``."""
+        column = np.exp(self._masked_logits(np.arange(self._H), c) - self._mu)
+        self._round_to_dtype(column)
+        return column
+
+    def _restabilize_column(self, h: int, slot: int) -> None:
         """A multiplicatively updated column may hold weights above the limit: move those rows' mu."""
-        column = self._pending_new_columns[slot]
+        column = self._pending_new_columns[h, slot]
         rows = np.flatnonzero(column > self._weight_limit)
         if rows.size:
-            self._rescale_rows(rows, self._mu[rows] + np.log(column[rows]))
-        self._column_max[slot] = float(column.max())
+            self._rescale_rows(np.full(rows.size, h), rows, self._mu[h, rows] + np.log(column[rows]))
+        self._column_max[h, slot] = float(column.max())
 
-    def _rescale_rows(self, rows: np.ndarray, new_mu: np.ndarray) -> None:
-        """Raise the stabilizer of ``rows`` to ``new_mu``; every stored quantity of those
-        rows is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row."""
-        factors = np.exp(self._mu[rows] - new_mu)
-        self._N[rows] *= factors[:, None]
-        self._Z[rows] *= factors
-        self._drift[rows] = self._drift[rows] * factors + 4 * UNIT_ROUNDOFF * self._Z[rows]
+    def _rescale_rows(self, heads: np.ndarray, rows: np.ndarray, new_mu: np.ndarray) -> None:
+        """Raise the stabilizer of (head, row) pairs to ``new_mu``; everything stored for them
+        is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row."""
+        factors = np.exp(self._mu[heads, rows] - new_mu)
+        self._N[heads, rows] *= factors[:, None]
+        self._Z[heads, rows] *= factors
+        self._drift[heads, rows] = self._drift[heads, rows] * factors + 4 * UNIT_ROUNDOFF * self._Z[heads, rows]
         for block in (self._pending_new_columns, self._pending_old_columns):
-            part = block[:, rows] * factors
+            part = block[heads, :, rows] * factors[:, None]  # (k, T)
             self._round_to_dtype(part)
-            block[:, rows] = part
-        self._storage.rescale_rows(rows, factors)
-        self._mu[rows] = new_mu
+            block[heads, :, rows] = part
+        self._storage.rescale_rows(heads, rows, factors)
+        self._mu[heads, rows] = new_mu
         self._stats["rows_rescaled"] += int(rows.size)
 
     def _slot_for(self, c: int) -> int:
-        """The pending slot of key/value row ``c``, opening one (O(n) / O(n*d)) if needed."""
+        """The pending slot of key/value row ``c``, opening one (O(H*n) / O(H*n*d)) if needed."""
         slot = self._slot_of.get(c)
         if slot is not None:
             return slot
-        slot = self._t
         column, error = self._storage.snapshot_column(c, self._snapshot_column)
-        self._pending_old_columns[slot] = column
-        self._pending_new_columns[slot] = column
-        self._pending_old_values[slot] = self._V64[c]
-        self._pending_new_values[slot] = self._V64[c]
+        return self._open_slot(c, column, error, self._V64[:, c])
+
+    def _open_slot(self, c: int, column: np.ndarray, error: np.ndarray, values: np.ndarray) -> int:
+        slot = self._t
+        self._pending_old_columns[:, slot] = column
+        self._pending_new_columns[:, slot] = column
+        self._pending_old_values[:, slot] = values
+        self._pending_new_values[:, slot] = values
         self._pending_rows[slot] = c
         self._key_changed[slot] = False
         self._value_changed[slot] = False
-        self._column_error[slot] = error
-        self._column_max[slot] = float(column.max())
+        self._column_error[:, slot] = error
+        self._column_max[:, slot] = column.max(axis=1)
         self._slot_of[c] = slot
         self._t += 1
         return slot
-
-    def _snapshot_column(self, c: int) -> np.ndarray:
-        """Implicit storage: recompute column ``c`` as folded (no stabilizer move)."""
-        column = np.exp((self._K64[c] @ self._QT64) * self._scale - self._mu)
-        self._round_to_dtype(column)
-        return column
 
     def _fold_if_full(self) -> None:
         if self._t >= self._threshold:
             self._fold()
 
     def _fold(self) -> None:
-        """Fold pending rows into N and Z (BLAS-3), then refresh rows whose drift is too big."""
+        """Fold pending rows into N and Z (batched BLAS-3), then refresh rows whose drift is too big."""
         t = self._t
         if t == 0:
             return
         rows = self._pending_rows[:t]
-        key_rows = self._K64[rows]
-        self._k_sq_norms[rows] = np.einsum("ij,ij->i", key_rows, key_rows)
+        key_rows = self._K64[:, rows]
+        self._k_sq_norms[:, rows] = np.einsum("hrd,hrd->hr", key_rows, key_rows)
         key_changed = self._key_changed[:t]
         value_changed = self._value_changed[:t]
-        new_columns = self._pending_new_columns[:t]
-        old_columns = self._pending_old_columns[:t]
-        new_values = self._pending_new_values[:t]
-        mass = new_columns.sum(axis=0) + old_columns.sum(axis=0)
+        new_columns = self._pending_new_columns[:, :t]
+        old_columns = self._pending_old_columns[:, :t]
+        new_values = self._pending_new_values[:, :t]
+        old_sum = old_columns.sum(axis=1)
+        mass = new_columns.sum(axis=1) + old_sum
         drift = 2 * _gamma(t + 3) * mass
         if not self._storage.exact_snapshot:
-            drift += self._mismatch_error(self._q_norm) * old_columns.sum(axis=0)
+            drift += self._mismatch_error(self._q_norm) * old_sum
         if key_changed.any():
-            delta = new_columns[key_changed] - old_columns[key_changed]
-            self._N += delta.T @ new_values[key_changed]
-            self._Z += delta.sum(axis=0)
+            delta = new_columns[:, key_changed] - old_columns[:, key_changed]
+            self._add_transposed_products(delta, new_values[:, key_changed])
+            self._Z += delta.sum(axis=1)
             self._storage.commit_columns(
-                rows[key_changed], new_columns[key_changed], self._column_error[:t][key_changed]
+                rows[key_changed], new_columns[:, key_changed], self._column_error[:, :t][:, key_changed]
             )
         values_moved = bool(value_changed.any())
         if values_moved:
-            value_delta = new_values[value_changed] - self._pending_old_values[:t][value_changed]
-            self._N += old_columns[value_changed].T @ value_delta
+            value_delta = new_values[:, value_changed] - self._pending_old_values[:, :t][:, value_changed]
+            self._add_transposed_products(old_columns[:, value_changed], value_delta)
         self._drift += drift + 2 * UNIT_ROUNDOFF * np.abs(self._Z)
         self._slot_of.clear()
         self._t = 0
         self._stats["folds"] += 1
         if values_moved:
-            self._value_max = np.abs(self._V64).max(axis=0)
+            self._value_max = np.abs(self._V64).max(axis=1)
             self._value_max_stale[:] = False
             if np.any(self._value_scale > 2 * self._value_max):
                 self._full_refresh()
                 return
-        doubtful = np.flatnonzero(~(self._drift <= DRIFT_FRACTION * self._tol * self._Z))
-        if doubtful.size and self._certify:
-            self._refresh_rows(doubtful)
+        if self._certify:
+            heads, doubtful = np.nonzero(~(self._drift <= DRIFT_FRACTION * self._tol * self._Z))
+            if doubtful.size:
+                self._refresh(heads, doubtful)
+
+    def _add_transposed_products(self, columns: np.ndarray, values: np.ndarray) -> None:
+        """``N[h] += columns[h]^T @ values[h]`` for every head: one BLAS-3 GEMM per head
+        (numpy's stacked matmul does not call BLAS for a transposed operand)."""
+        for h in range(self._H):
+            self._N[h] += columns[h].T @ values[h]
 
     def _full_refresh(self) -> None:
         """Recompute every row exactly and reset the value scales (init, or values shrank)."""
-        self._value_max = np.abs(self._V64).max(axis=0)
-        self._value_max_stale = np.zeros(self.e, dtype=bool)
+        self._value_max = np.abs(self._V64).max(axis=1)
+        self._value_max_stale = np.zeros((self._H, self.e), dtype=bool)
         self._value_scale = self._value_max.copy()
-        self._k_sq_norms = np.einsum("ij,ij->i", self._K64, self._K64)
+        self._k_sq_norms[...] = np.einsum("hmd,hmd->hm", self._K64, self._K64)
         self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
-        self._refresh_rows(np.arange(self.n))
+        H, n = self._H, self.n
+        self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
         self._stats["full_refreshes"] += 1
 
-    def _fallback(self, rows: np.ndarray) -> np.ndarray:
+    def _fallback(self, heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
         self._stats["query_fallbacks"] += int(rows.size)
-        return self._refresh_rows(rows)
+        return self._refresh(heads, rows)
 
-    def _refresh_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Recompute rows exactly from Q, K, V; return their current outputs ``(len, e)``.
+    def _refresh(self, heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Recompute (head, row) pairs exactly from Q, K, V; return their outputs ``(k, e)``.
 
         The snapshot of each row is rebuilt so that the pending terms cancel
         (old and new weight columns both set to today's weights; values as
-        folded). Runtime complexity: O(len(rows)*m*(d+e)).
+        folded). Runtime complexity: O(m*(d+e)) per row.
         """
         t = self._t
         pending_rows = self._pending_rows[:t]
         value_changed = self._value_changed[:t]
         value_rows = pending_rows[value_changed]
-        value_delta = self._pending_new_values[:t][value_changed] - self._pending_old_values[:t][value_changed]
         out = np.empty((rows.size, self.e))
         block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
-        for start in range(0, rows.size, block):
-            part = rows[start : start + block]
-            logits = (self._Q64[part] @ self._K64.T) * self._scale
-            mu = logits.max(axis=1)
-            weights = np.exp(logits - mu[:, None])
-            self._round_to_dtype(weights)
-            z = weights.sum(axis=1)
-            full = weights @ self._V64
-            out[start : start + part.size] = full / z[:, None]
-            if value_rows.size:
-                full -= weights[:, value_rows] @ value_delta
-            self._mu[part] = mu
-            self._Z[part] = z
-            self._N[part] = full
-            self._drift[part] = 4 * UNIT_ROUNDOFF * z
-            if t:
-                current = weights[:, pending_rows].T
-                self._pending_new_columns[:t, part] = current
-                self._pending_old_columns[:t, part] = current
-                np.maximum(self._column_max[:t], current.max(axis=1), out=self._column_max[:t])
-            self._storage.set_rows(part, weights)
+        for h in np.unique(heads).tolist():
+            (positions,) = np.nonzero(heads == h)
+            value_delta = (
+                self._pending_new_values[h, :t][value_changed] - self._pending_old_values[h, :t][value_changed]
+            )
+            for start in range(0, positions.size, block):
+                where = positions[start : start + block]
+                part = rows[where]
+                logits = (self._Q64[h, part] @ self._K64[h].T) * self._scale
+                visible = self._visibility(part)
+                if visible is not None:
+                    logits = np.where(visible, logits, -np.inf)
+                mu = logits.max(axis=1)
+                mu = np.where(np.isfinite(mu), mu, 0.0)
+                weights = np.exp(logits - mu[:, None])
+                self._round_to_dtype(weights)
+                z = weights.sum(axis=1)
+                full = weights @ self._V64[h]
+                out[where] = full / np.where(z > 0, z, 1.0)[:, None]
+                if value_rows.size:
+                    full -= weights[:, value_rows] @ value_delta
+                self._mu[h, part] = mu
+                self._Z[h, part] = z
+                self._N[h, part] = full
+                self._drift[h, part] = 4 * UNIT_ROUNDOFF * z
+                if t:
+                    current = weights[:, pending_rows].T
+                    self._pending_new_columns[h, :t][:, part] = current
+                    self._pending_old_columns[h, :t][:, part] = current
+                    np.maximum(self._column_max[h, :t], current.max(axis=1), out=self._column_max[h, :t])
+                self._storage.set_rows(h, part, weights)
         self._stats["rows_refreshed"] += int(rows.size)
         return out
 
+    def _visibility(self, rows: np.ndarray) -> np.ndarray | None:
+        """Which keys each query row in ``rows`` sees, ``(len(rows), m)``; None if all of them."""
+        if self._all_keys_visible and not self._causal:
+            return None
+        visible = np.broadcast_to(self._key_visible, (rows.size, self.m))
+        if self._causal:
+            visible = visible & (self._key_pos[None, :] <= self._query_pos[rows][:, None])
+        return visible
+
     # ------------------------------------------------------------------ invariants
     def _check(self, *, deep: bool = True) -> None:
-        """Assert every invariant (for tests; O(n*m*d) when ``deep``)."""
-        t, T, n = self._t, self._threshold, self.n
+        """Assert every invariant (for tests; O(H*n*m*d) when ``deep``)."""
+        t, T, n, m = self._t, self._threshold, self.n, self.m
         assert 0 <= t < T or (T == 1 and t == 0), (t, T)
+        assert self._size["T"] == T and self._size["n"] == n and self._size["m"] == m
         assert len(self._slot_of) == t
         for c, slot in self._slot_of.items():
             assert self._pending_rows[slot] == c
-        assert np.array_equal(self._K64, self._K.astype(np.float64))
-        assert np.array_equal(self._V64, self._V.astype(np.float64))
-        assert np.array_equal(self._QT64, self._Q64.T)
+        assert np.array_equal(self._K64, self._Kh.astype(np.float64))
+        assert np.array_equal(self._V64, self._Vh.astype(np.float64))
+        assert np.array_equal(self._Q64, self._Qh.astype(np.float64))
+        assert np.array_equal(self._QT64, self._Q64.transpose(0, 2, 1))
+        assert np.shares_memory(self._Q, self._Qh) and self._Q.shape == (*self.batch_shape, n, self.d)
         for name in ("_mu", "_N", "_Z", "_drift"):
             assert np.all(np.isfinite(getattr(self, name))), name
         assert np.all(self._drift >= 0)
-        new, old = self._pending_new_columns[:t], self._pending_old_columns[:t]
+        assert self._all_keys_visible == bool(self._key_visible.all())
+        new, old = self._pending_new_columns[:, :t], self._pending_old_columns[:, :t]
         for block in (new, old):
             assert np.all(block >= 0) and np.all(block <= self._weight_limit * (1 + 1e-12))
             assert np.array_equal(block, block.astype(self._dtype).astype(np.float64))
-        assert np.all(self._column_max[:t] >= new.max(axis=1, initial=0) * (1 - 1e-12))
-        assert np.all(self._column_error[:t] <= self._column_error_limit)
-        assert np.array_equal(self._pending_new_values[:t], self._V64[self._pending_rows[:t]])
-        true_max = np.abs(self._V64).max(axis=0)
+        assert np.all(self._column_max[:, :t] >= new.max(axis=2, initial=0) * (1 - 1e-12))
+        assert np.all(self._column_error[:, :t] <= self._column_error_limit)
+        assert np.array_equal(self._pending_new_values[:, :t], self._V64[:, self._pending_rows[:t]])
+        true_max = np.abs(self._V64).max(axis=1)
         fresh = ~self._value_max_stale
         assert np.array_equal(self._value_max[fresh], true_max[fresh])
         assert np.all(self._value_max >= true_max)
         assert np.all(self._value_scale >= true_max)
-        k_norms = np.sqrt(np.einsum("ij,ij->i", self._K64, self._K64))
+        k_norms = np.sqrt(np.einsum("hmd,hmd->hm", self._K64, self._K64))
         assert self._k_norm_max >= k_norms.max() * (1 - 1e-12)
+        q_norms = np.sqrt(np.einsum("hnd,hnd->hn", self._Q64, self._Q64))
+        assert np.allclose(self._q_norm, q_norms, rtol=1e-12, atol=0)
+        assert np.all(self._q_col_absmax >= np.abs(self._Q64).max(axis=1))
         if self._storage.exact_snapshot:
             stored = self._storage.weights_t
-            assert np.array_equal(old, stored[self._pending_rows[:t]].astype(np.float64))
+            assert np.array_equal(old, stored[:, self._pending_rows[:t]].astype(np.float64))
             assert np.all(stored >= 0) and np.all(stored <= self._weight_limit * (1 + 1e-12))
         if not deep:
             return
         # pending (and, for dense storage, all stored) weights agree with a fresh computation
-        fresh_weights = np.exp((self._Q64 @ self._K64.T) * self._scale - self._mu[:, None])
-        slack = 2 * self._logit_error(self._q_norm)[:, None] + 4 * self._unit
+        logits = np.matmul(self._Q64, self._K64.transpose(0, 2, 1)) * self._scale
+        visible = self._visibility(np.arange(n))
+        if visible is not None:
+            logits = np.where(visible[None], logits, -np.inf)
+        fresh_weights = np.exp(logits - self._mu[:, :, None])  # (H, n, m)
+        slack = 2 * self._logit_error(self._q_norm)[:, :, None] + 4 * self._unit
         floor = float(np.finfo(self._dtype).tiny)
         if t:
-            expected = fresh_weights[:, self._pending_rows[:t]].T
-            allowed = (self._column_error[:t, None] + slack.T) * np.maximum(expected, new)
+            expected = fresh_weights[:, :, self._pending_rows[:t]].transpose(0, 2, 1)
+            allowed = (self._column_error[:, :t, None] + slack.transpose(0, 2, 1)) * np.maximum(expected, new)
             assert np.all(np.abs(new - expected) <= allowed * 1.01 + floor)
         if self._storage.exact_snapshot:
-            stored = self._storage.weights_t.T.astype(np.float64)
-            stable = np.ones(self.m, dtype=bool)
+            stored = self._storage.weights_t.transpose(0, 2, 1).astype(np.float64)
+            stable = np.ones(m, dtype=bool)
             stable[self._pending_rows[:t]] = False
-            allowed = (self._storage.column_error[None, :] + slack) * np.maximum(fresh_weights, stored)
+            allowed = (self._storage.column_error[:, None, :] + slack) * np.maximum(fresh_weights, stored)
             diff = np.abs(stored - fresh_weights)
-            assert np.all(diff[:, stable] <= allowed[:, stable] * 1.01 + floor)
-        assert n == self._Z.shape[0]
+            assert np.all(diff[:, :, stable] <= allowed[:, :, stable] * 1.01 + floor)
