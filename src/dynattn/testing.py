@@ -62,14 +62,19 @@ def reference_attention(
     return np.asarray(out, dtype=np.float64)
 
 
-def naive_attention(Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64) -> np.ndarray:
+def naive_attention(
+    Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64, mask: Any = None
+) -> np.ndarray:
     """A from-scratch recomputation done entirely in ``dtype`` (the error yardstick)."""
     dt = np.dtype(dtype)
     q, k, v = (np.asarray(x, dtype=dt) for x in (Q, K, V))
     logits = (q @ k.T) * dt.type(scale)
-    logits -= logits.max(axis=1, keepdims=True)
-    weights = np.exp(logits)
-    return (weights @ v) / weights.sum(axis=1, keepdims=True)
+    if mask is not None:
+        logits = np.where(np.asarray(mask, dtype=bool), logits, -np.inf)
+    row_max = logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0))
+    sums = weights.sum(axis=1, keepdims=True)
+    return (weights @ v) / np.where(sums > 0, sums, 1)
 
 
 def value_scale(V: Any) -> np.ndarray:
@@ -80,13 +85,13 @@ def value_scale(V: Any) -> np.ndarray:
 
 def allowed_error(
     Q: Any, K: Any, V: Any, *, scale: float, dtype: Any, reference: np.ndarray | None = None,
-    factor: float = 4.0,
+    factor: float = 4.0, mask: Any = None,
 ) -> np.ndarray:
     """Per-entry error allowance ``factor * err_naive + target * max|V[:, j]|``, shape ``(n, e)``."""
     dt = np.dtype(dtype)
-    ref = reference_attention(Q, K, V, scale=scale) if reference is None else reference
+    ref = reference_attention(Q, K, V, scale=scale, mask=mask) if reference is None else reference
     with np.errstate(over="ignore", invalid="ignore"):
-        naive = naive_attention(Q, K, V, scale=scale, dtype=dt).astype(np.float64)
+        naive = naive_attention(Q, K, V, scale=scale, dtype=dt, mask=mask).astype(np.float64)
     naive_err = np.abs(naive - ref)
     naive_err = np.where(np.isfinite(naive_err), naive_err, 0.0)
     return factor * naive_err + TARGET[dt] * value_scale(V)[None, :]
@@ -94,16 +99,19 @@ def allowed_error(
 
 def assert_attention_close(
     actual: Any, Q: Any, K: Any, V: Any, *, scale: float, dtype: Any, rows: Any = None,
-    cols: Any = None, factor: float = 4.0, context: str = "",
+    cols: Any = None, factor: float = 4.0, context: str = "", mask: Any = None,
 ) -> float:
     """Assert that ``actual`` matches the reference within :func:`allowed_error`.
 
     ``actual`` is the full ``(n, e)`` output, or with ``rows`` / ``cols`` the
     entries ``O[rows[k], cols[k]]`` (``cols=None`` with ``rows``: whole rows).
-    Returns the worst error relative to ``max|V[:, j]|`` for reporting.
+    ``mask: (n, m)`` bool, optional, is applied to both the reference and the
+    naive recomputation. Returns the worst error relative to ``max|V[:, j]|``.
     """
-    ref = reference_attention(Q, K, V, scale=scale)
-    allowance = allowed_error(Q, K, V, scale=scale, dtype=dtype, reference=ref, factor=factor)
+    ref = reference_attention(Q, K, V, scale=scale, mask=mask)
+    allowance = allowed_error(
+        Q, K, V, scale=scale, dtype=dtype, reference=ref, factor=factor, mask=mask
+    )
     got = np.asarray(actual, dtype=np.float64)
     if rows is not None and cols is not None:
         ref, allowance = ref[rows, cols], allowance[rows, cols]
