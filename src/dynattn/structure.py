@@ -402,7 +402,7 @@ class DynamicAttention(AttentionMaintainer):
         Runtime complexity: O(H*t*e).
         """
         i = check_index("i", i, self.n, axis="query rows, n")
-        return self.query_rows([i])[..., 0, :]
+        return self._rows_all_heads(np.array([i]))[..., 0, :]
 
     def query_rows(self, rows: Any) -> np.ndarray:
         """``O[..., rows, :]`` for every head, a new ``(*batch, len(rows), e)`` array.
@@ -410,10 +410,11 @@ class DynamicAttention(AttentionMaintainer):
         Runtime complexity: O(H*len(rows)*t*e), vectorized.
         """
         rows = check_index_array("rows", rows, self.n, axis="query rows, n")
-        H, k = self._H, rows.size
-        heads = np.repeat(np.arange(H), k)
-        out = self._answer_rows(heads, np.tile(rows, H))
-        return out.reshape(*self.batch_shape, k, self.e).astype(self._dtype)
+        return self._rows_all_heads(rows)
+
+    def _rows_all_heads(self, rows: np.ndarray) -> np.ndarray:
+        out = self._answer_rows(rows)
+        return out.reshape(*self.batch_shape, rows.size, self.e).astype(self._dtype)
 
     def query_many(self, rows: Any, cols: Any, *, heads: Any = None) -> np.ndarray:
         """``O[heads[k]][rows[k], cols[k]]`` for every k, a new ``(len(rows),)`` array.
@@ -434,7 +435,7 @@ class DynamicAttention(AttentionMaintainer):
 
         Runtime complexity: O(H*n*t*e).
         """
-        return self.query_rows(np.arange(self.n))
+        return self._rows_all_heads(np.arange(self.n))
 
     def error_bound(self, i: int, *, head: Any = None) -> float:
         """Bound on ``|answer - exact| / max|V[:, j]|`` for answers about row ``i``.
@@ -886,22 +887,30 @@ class DynamicAttention(AttentionMaintainer):
             answer[doubtful] = exact[where.ravel(), cols[doubtful]]
         return answer
 
-    def _answer_rows(self, heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """O[heads[k], rows[k], :] as ``(k, e)``. Runtime complexity: O(k*t*e), one GEMM per head."""
-        t = self._t
-        numerator = self._N[heads, rows].copy()
+    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
+        """O[:, rows, :] for every head, ``(H, k, e)``. Runtime complexity: O(H*k*t*e):
+        one einsum for few rows, one BLAS-3 GEMM per head for many."""
+        t, H, k = self._t, self._H, rows.size
+        numerator = self._N[:, rows]
         if t:
-            for h in np.unique(heads).tolist():
-                (where,) = np.nonzero(heads == h)
-                part = rows[where]
-                numerator[where] += self._pending_new_columns[h, :t][:, part].T @ self._pending_new_values[h, :t]
-                numerator[where] -= self._pending_old_columns[h, :t][:, part].T @ self._pending_old_values[h, :t]
-        row_bound, denominator = self._row_bounds(heads, rows)
-        answer = numerator / np.where(denominator > 0, denominator, 1.0)[:, None]
-        worst_ratio = self._head_ratios()[heads]
-        doubtful = ~(row_bound * (worst_ratio + 1) <= self._tol)
+            new_w = self._pending_new_columns[:, :t][:, :, rows]  # (H, t, k)
+            old_w = self._pending_old_columns[:, :t][:, :, rows]
+            new_v, old_v = self._pending_new_values[:, :t], self._pending_old_values[:, :t]
+            if H * k * t * self.e < 1 << 20:
+                numerator = numerator + np.einsum("htk,hte->hke", new_w, new_v)
+                numerator -= np.einsum("htk,hte->hke", old_w, old_v)
+            else:
+                numerator = numerator.copy()
+                for h in range(H):
+                    numerator[h] += new_w[h].T @ new_v[h]
+                    numerator[h] -= old_w[h].T @ old_v[h]
+        heads = np.repeat(np.arange(H), k)
+        row_bound, denominator = self._row_bounds(heads, np.tile(rows, H))
+        answer = numerator / np.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
+        doubtful = ~(row_bound.reshape(H, k) * (self._head_ratios()[:, None] + 1) <= self._tol)
         if doubtful.any():
-            answer[doubtful] = self._fallback(heads[doubtful], rows[doubtful])
+            bad_heads, bad_rows = np.nonzero(doubtful)
+            answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
         return answer
 
     # ------------------------------------------------------------------ error bounds
@@ -968,9 +977,13 @@ class DynamicAttention(AttentionMaintainer):
 
     def _head_ratios(self) -> np.ndarray:
         """Worst column ratio of each head ``(H,)``."""
-        H, e = self._H, self.e
-        ratios = self._column_ratio(np.repeat(np.arange(H), e), np.tile(np.arange(e), H))
-        return ratios.reshape(H, e).max(axis=1)
+        if self._value_max_stale.any():
+            heads, cols = np.nonzero(self._value_max_stale)
+            self._column_ratio(heads, cols)  # recomputes the stale maxima
+        current, scale = self._value_max, self._value_scale
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios = np.where(current > 0, scale / current, np.where(scale > 0, np.inf, 1.0))
+        return ratios.max(axis=1)
 
     # ------------------------------------------------------------------ internals
     def _check_logit_range(self, name: str, k_norm: float) -> None:
