@@ -40,33 +40,36 @@ class DenseStorage:
     #: a column taken out is exactly the column that was folded in
     exact_snapshot = True
     #: arrays the structure allocates on this object: name -> (axes, dtype or None for the
-    #: structure's dtype). ``column_error`` bounds each stored column's relative error.
-    LAYOUT = {"weights_t": ("Hmn", None), "column_error": ("Hm", np.float64)}
+    #: structure's dtype, on the backend's device?). ``column_error`` bounds each stored
+    #: column's relative error (host bookkeeping).
+    LAYOUT = {"weights_t": ("Hmn", None, True), "column_error": ("Hm", np.float64, False)}
 
-    weights_t: np.ndarray
+    weights_t: Any
     column_error: np.ndarray
+
+    def __init__(self, xp: Any):
+        self.xp = xp
 
     def snapshot_column(
         self, c: int, compute: Callable[[int], np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray]:
         """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, and
         each head's relative error bound ``(H,)``."""
-        return self.weights_t[:, c].astype(np.float64), self.column_error[:, c].copy()
+        return self.xp.astype(self.weights_t[:, c], np.float64), self.column_error[:, c].copy()
 
     def commit_columns(self, key_rows: np.ndarray, columns: np.ndarray, errors: np.ndarray) -> None:
         """Store new snapshot columns ``columns: (H, t, n)`` of ``key_rows: (t,)`` at a fold."""
-        self.weights_t[:, key_rows] = columns
+        self.weights_t[:, key_rows] = self.xp.astype(columns, self.weights_t.dtype)
         self.column_error[:, key_rows] = errors
 
     def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: np.ndarray) -> None:
         """Multiply weight rows ``(heads[k], rows[k])`` by ``factors[k]``."""
-        block = self.weights_t[heads, :, rows]  # (k, m)
-        block *= factors[:, None]
-        self.weights_t[heads, :, rows] = block
+        block = self.weights_t[heads, :, rows] * factors[:, None]  # (k, m), float64
+        self.weights_t[heads, :, rows] = self.xp.astype(block, self.weights_t.dtype)
 
     def set_rows(self, head: int, rows: np.ndarray, weights: np.ndarray) -> None:
         """Overwrite weight rows ``rows`` of ``head`` with ``weights: (len(rows), m)``."""
-        self.weights_t[head][:, rows] = weights.T
+        self.weights_t[head][:, rows] = self.xp.astype(self.xp.swap_last(weights), self.weights_t.dtype)
 
 
 class ImplicitStorage:
@@ -77,7 +80,10 @@ class ImplicitStorage:
 
     name = "implicit"
     exact_snapshot = False
-    LAYOUT: dict[str, tuple[str, Any]] = {}
+    LAYOUT: dict[str, tuple[str, Any, bool]] = {}
+
+    def __init__(self, xp: Any):
+        self.xp = xp
 
     def snapshot_column(
         self, c: int, compute: Callable[[int], np.ndarray]

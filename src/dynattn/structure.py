@@ -33,6 +33,7 @@ See ``docs/accuracy.md``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -49,6 +50,7 @@ from dynattn._validation import (
     check_rows,
     check_scalar,
 )
+from dynattn.backends import NumpyBackend, resolve_backend
 from dynattn.storage import STORAGES, choose_storage
 
 UNIT_ROUNDOFF = 2.0**-53
@@ -61,37 +63,40 @@ REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Saved-file format version (``save`` / ``load``).
 FORMAT_VERSION = 1
 
-#: Every state array: its axes (H heads, n queries, m keys, d, e, T pending slots)
-#: and dtype (None: the structure's storage dtype). n, m and T can grow.
-LAYOUT: dict[str, tuple[str, Any]] = {
-    "_Qh": ("Hnd", None),
-    "_Kh": ("Hmd", None),
-    "_Vh": ("Hme", None),
-    "_QT64": ("Hdn", np.float64),
-    "_q_norm": ("Hn", np.float64),
-    "_query_pos": ("n", np.int64),
-    "_mu": ("Hn", np.float64),
-    "_Z": ("Hn", np.float64),
-    "_drift": ("Hn", np.float64),
-    "_N": ("Hne", np.float64),
-    "_k_sq_norms": ("Hm", np.float64),
-    "_key_visible": ("m", bool),
-    "_key_pos": ("m", np.int64),
-    "_pending_rows": ("T", np.int64),
-    "_key_changed": ("T", bool),
-    "_value_changed": ("T", bool),
-    "_column_error": ("HT", np.float64),
-    "_column_max": ("HT", np.float64),
-    "_pending_new_columns": ("HTn", np.float64),
-    "_pending_old_columns": ("HTn", np.float64),
-    "_pending_new_values": ("HTe", np.float64),
-    "_pending_old_values": ("HTe", np.float64),
+#: Every state array: its axes (H heads, n queries, m keys, d, e, T pending slots),
+#: dtype (None: the structure's storage dtype) and whether it lives on the backend's
+#: device (True) or in host numpy (bookkeeping). n, m and T can grow.
+LAYOUT: dict[str, tuple[str, Any, bool]] = {
+    "_Qh": ("Hnd", None, True),
+    "_Kh": ("Hmd", None, True),
+    "_Vh": ("Hme", None, True),
+    "_QT64": ("Hdn", np.float64, True),
+    "_q_norm": ("Hn", np.float64, True),
+    "_mu": ("Hn", np.float64, True),
+    "_Z": ("Hn", np.float64, True),
+    "_drift": ("Hn", np.float64, True),
+    "_N": ("Hne", np.float64, True),
+    "_pending_new_columns": ("HTn", np.float64, True),
+    "_pending_old_columns": ("HTn", np.float64, True),
+    "_pending_new_values": ("HTe", np.float64, True),
+    "_pending_old_values": ("HTe", np.float64, True),
+    "_query_pos": ("n", np.int64, False),
+    "_k_sq_norms": ("Hm", np.float64, False),
+    "_key_visible": ("m", bool, False),
+    "_key_pos": ("m", np.int64, False),
+    "_pending_rows": ("T", np.int64, False),
+    "_key_changed": ("T", bool, False),
+    "_value_changed": ("T", bool, False),
+    "_column_error": ("HT", np.float64, False),
+    "_column_max": ("HT", np.float64, False),
 }
 #: float64 working copies, separate arrays only when the storage dtype is float32.
 FLOAT64_COPIES = {"_Q64": "_Qh", "_K64": "_Kh", "_V64": "_Vh"}
-#: Fixed-size state arrays (no growable axis).
+#: Fixed-size host arrays (no growable axis).
 FIXED_STATE = ("_q_col_absmax", "_value_max", "_value_max_stale", "_value_scale")
 GROWABLE = "nmT"
+#: host-side operations (bookkeeping arrays are always numpy)
+HOST = NumpyBackend()
 
 
 def _gamma(k: int) -> float:
@@ -159,15 +164,22 @@ class DynamicAttention(AttentionMaintainer):
         *,
         tau: float = 0.5,
         scale: float = 1.0,
-        dtype: Any = np.float64,
+        dtype: Any = None,
         storage: str = "auto",
         memory_budget: int = 1 << 30,
         tol: float | None = None,
         certify: bool = True,
         causal: bool = False,
         key_mask: Any = None,
+        backend: str = "auto",
+        device: Any = None,
     ):
+        self._xp = xp = resolve_backend(backend, Q, K, V, device=device)
+        dtype, self._output_dtype = xp.dtypes_for(dtype, Q)
+        Q, K, V = (xp.to_numpy(x) for x in (Q, K, V))
         super().__init__(Q, K, V, scale=scale, dtype=dtype)
+        if self._output_dtype is None:
+            self._output_dtype = xp.storage_dtype(self._dtype)
         self._tau = check_scalar("tau", tau, low=0.0, high=1.0)
         budget = check_scalar("memory_budget", memory_budget, low=0.0)
         check_choice("storage", storage, (*STORAGES, "auto"))
@@ -192,7 +204,7 @@ class DynamicAttention(AttentionMaintainer):
         self._H = H = int(np.prod(self.batch_shape, dtype=np.int64))
 
         self._storage_name = choose_storage(storage, H * n, m, self._dtype, int(budget))
-        self._storage = STORAGES[self._storage_name]()
+        self._storage = STORAGES[self._storage_name](xp)
         self._unit = float(np.finfo(self._dtype).eps) / 2
         self._log_weight_limit = float(np.log(np.finfo(self._dtype).max)) / 4
         self._weight_limit = math.exp(self._log_weight_limit)
@@ -206,21 +218,25 @@ class DynamicAttention(AttentionMaintainer):
         self._size = {"H": H, "n": n, "m": m, "d": d, "e": e, "T": self._threshold}
         self._capacity = {"n": n, "m": m, "T": self._threshold}
         given = {"Q": self._Q, "K": self._K, "V": self._V}
-        self._buffers: dict[str, tuple[Any, np.ndarray]] = {}
-        for name, (axes, kind) in self._layout().items():
+        self._buffers: dict[str, tuple[Any, Any]] = {}
+        for name, (axes, kind, on_device) in self._layout().items():
             owner = self._storage if name in self._storage.LAYOUT else self
             shape = tuple(self._size[a] for a in axes)
-            self._buffers[name] = (owner, np.zeros(shape, dtype=kind or self._dtype))
+            zeros = xp.zeros if on_device else np.zeros
+            self._buffers[name] = (owner, zeros(shape, kind or self._dtype))
         self._reslice()
-        self._Qh[...] = given["Q"].reshape(H, n, d)
-        self._Kh[...] = given["K"].reshape(H, m, d)
-        self._Vh[...] = given["V"].reshape(H, m, e)
+        host = {k: v.reshape(H, *v.shape[-2:]) for k, v in given.items()}
+        self._Qh[...] = xp.asarray(host["Q"])
+        self._Kh[...] = xp.asarray(host["K"])
+        self._Vh[...] = xp.asarray(host["V"])
         self._sync_float64_copies(Q=slice(None), K=slice(None), V=slice(None))
-        self._QT64[...] = self._Q64.transpose(0, 2, 1)
-        self._q_norm[...] = np.sqrt(np.einsum("hnd,hnd->hn", self._Q64, self._Q64))
-        self._q_col_absmax = np.abs(self._Q64).max(axis=1)  # (H, d), an upper bound
-        self._q_norm_max = float(self._q_norm.max())
-        self._k_sq_norms[...] = np.einsum("hmd,hmd->hm", self._K64, self._K64)
+        self._QT64[...] = xp.swap_last(self._Q64)
+        q64, k64 = host["Q"].astype(np.float64), host["K"].astype(np.float64)
+        q_norm = np.sqrt(np.einsum("hnd,hnd->hn", q64, q64))
+        self._q_norm[...] = xp.asarray(q_norm)
+        self._q_col_absmax = np.abs(q64).max(axis=1)  # (H, d), an upper bound
+        self._q_norm_max = float(q_norm.max())
+        self._k_sq_norms[...] = np.einsum("hmd,hmd->hm", k64, k64)
         self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
         self._check_logit_range("K", self._k_norm_max)
         self._key_visible[...] = visible
@@ -241,10 +257,12 @@ class DynamicAttention(AttentionMaintainer):
         self._full_refresh()
 
     # ------------------------------------------------------------------ buffers
-    def _layout(self) -> dict[str, tuple[str, Any]]:
+    def _layout(self) -> dict[str, tuple[str, Any, bool]]:
         layout = dict(LAYOUT)
         if self._dtype != np.float64:
-            layout.update({copy: (LAYOUT[src][0], np.float64) for copy, src in FLOAT64_COPIES.items()})
+            layout.update(
+                {copy: (LAYOUT[src][0], np.float64, True) for copy, src in FLOAT64_COPIES.items()}
+            )
         layout.update(self._storage.LAYOUT)
         return layout
 
@@ -272,11 +290,11 @@ class DynamicAttention(AttentionMaintainer):
             layout = self._layout()
             self._capacity.update(grow)
             for name, (owner, buffer) in self._buffers.items():
-                axes = layout[name][0]
+                axes, _, on_device = layout[name]
                 if not any(a in grow for a in axes):
                     continue
                 shape = tuple(self._capacity.get(a, self._size[a]) for a in axes)
-                bigger = np.zeros(shape, dtype=buffer.dtype)
+                bigger = (self._xp.zeros if on_device else np.zeros)(shape, buffer.dtype)
                 bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
                 self._buffers[name] = (owner, bigger)
         self._size.update(sizes)
@@ -295,6 +313,26 @@ class DynamicAttention(AttentionMaintainer):
     def tau(self) -> float:
         """Laziness exponent."""
         return self._tau
+
+    @property
+    def Q(self) -> Any:
+        """Current queries ``(*batch, n, d)``: a read-only view (numpy) or a copy (torch)."""
+        return self._xp.public(self._Q)
+
+    @property
+    def K(self) -> Any:
+        """Current keys ``(*batch, m, d)``: a read-only view (numpy) or a copy (torch)."""
+        return self._xp.public(self._K)
+
+    @property
+    def V(self) -> Any:
+        """Current values ``(*batch, m, e)``: a read-only view (numpy) or a copy (torch)."""
+        return self._xp.public(self._V)
+
+    @property
+    def backend(self) -> str:
+        """Array backend in use (``"numpy"`` or ``"torch"``)."""
+        return self._xp.name
 
     @property
     def threshold(self) -> int:
@@ -339,7 +377,7 @@ class DynamicAttention(AttentionMaintainer):
     @property
     def nbytes(self) -> int:
         """Bytes held by the state buffers (including spare capacity)."""
-        return int(sum(buffer.nbytes for _, buffer in self._buffers.values()))
+        return int(sum(self._xp.nbytes(buffer) for _, buffer in self._buffers.values()))
 
     # ------------------------------------------------------------------ public operations
     def rebuild(self) -> None:
@@ -414,7 +452,7 @@ class DynamicAttention(AttentionMaintainer):
 
     def _rows_all_heads(self, rows: np.ndarray) -> np.ndarray:
         out = self._answer_rows(rows)
-        return out.reshape(*self.batch_shape, rows.size, self.e).astype(self._dtype)
+        return self._xp.astype(out.reshape(*self.batch_shape, rows.size, self.e), self._output_dtype)
 
     def query_many(self, rows: Any, cols: Any, *, heads: Any = None) -> np.ndarray:
         """``O[heads[k]][rows[k], cols[k]]`` for every k, a new ``(len(rows),)`` array.
@@ -428,7 +466,7 @@ class DynamicAttention(AttentionMaintainer):
                 f"rows and cols: expected the same length, got {rows.shape[0]} and {cols.shape[0]}"
             )
         head_index = self._check_heads(heads, rows.size)
-        return self._answer_entries(head_index, rows, cols).astype(self._dtype)
+        return self._xp.astype(self._answer_entries(head_index, rows, cols), self._output_dtype)
 
     def output(self) -> np.ndarray:
         """The whole attention output ``O: (*batch, n, e)``, as a new array.
@@ -584,11 +622,12 @@ class DynamicAttention(AttentionMaintainer):
             raise ValueError("delete_query: the structure needs at least one query row")
         layout = self._layout()
         for name, (owner, _buffer) in self._buffers.items():
-            axes = layout[name][0]
+            axes, _, on_device = layout[name]
             if "n" not in axes:
                 continue
-            view = np.moveaxis(getattr(owner, name), axes.index("n"), 0)
-            view[i:-1] = view[i + 1 :].copy()
+            ops = self._xp if on_device else HOST
+            view = ops.move_to_front(getattr(owner, name), axes.index("n"))
+            view[i:-1] = ops.copy(view[i + 1 :])
         self._resize(n=self.n - 1)
 
     # ------------------------------------------------------------------ persistence
@@ -600,7 +639,10 @@ class DynamicAttention(AttentionMaintainer):
         Runtime complexity: O(size of the state).
         """
         path = os.fspath(path)
-        arrays = {f"state{name}": getattr(owner, name) for name, (owner, _) in self._buffers.items()}
+        arrays = {
+            f"state{name}": self._xp.to_numpy(getattr(owner, name))
+            for name, (owner, _) in self._buffers.items()
+        }
         arrays.update({f"state{name}": getattr(self, name) for name in FIXED_STATE})
         meta = {
             "format": FORMAT_VERSION,
@@ -634,20 +676,26 @@ class DynamicAttention(AttentionMaintainer):
     )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> DynamicAttention:
-        """Read a structure written by :meth:`save`; it answers exactly as the saved one."""
+    def load(
+        cls, path: str | os.PathLike[str], *, backend: str = "numpy", device: Any = None
+    ) -> DynamicAttention:
+        """Read a structure written by :meth:`save` onto ``backend`` (and ``device``);
+        it answers exactly as the saved one."""
+        xp = resolve_backend(backend, device=device)
         with np.load(os.fspath(path), allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             if meta.get("format") != FORMAT_VERSION:
                 raise ValueError(f"path: expected a dynattn file of format {FORMAT_VERSION}, "
                                  f"got format {meta.get('format')!r}")
             self = cls.__new__(cls)
+            self._xp = xp
             self._dtype = np.dtype(meta["dtype"])
+            self._output_dtype = xp.storage_dtype(self._dtype)
             self.batch_shape = tuple(meta["batch_shape"])
             for name in self._SCALARS:
                 setattr(self, f"_{name}", meta[name])
             self._storage_name = meta["storage"]
-            self._storage = STORAGES[self._storage_name]()
+            self._storage = STORAGES[self._storage_name](xp)
             self._size = dict(meta["sizes"])
             self._capacity = {a: self._size[a] for a in GROWABLE}
             self._slot_of = {int(c): int(s) for c, s in meta["pending"].items()}
@@ -655,9 +703,10 @@ class DynamicAttention(AttentionMaintainer):
             self._dtype_max = float(np.finfo(self._dtype).max)
             self.d, self.e = self._size["d"], self._size["e"]
             self._buffers = {}
-            for name in self._layout():
+            for name, (_, _, on_device) in self._layout().items():
                 owner = self._storage if name in self._storage.LAYOUT else self
-                self._buffers[name] = (owner, np.array(data[f"state{name}"]))
+                array = np.array(data[f"state{name}"])
+                self._buffers[name] = (owner, xp.asarray(array) if on_device else array)
             for name in FIXED_STATE:
                 setattr(self, name, np.array(data[f"state{name}"]))
         self._reslice()
@@ -674,7 +723,7 @@ class DynamicAttention(AttentionMaintainer):
         row_norm = math.sqrt(sq_norm) * (1 + 1e-9)
         self._check_logit_range("delta", row_norm)
         slot = self._slot_for(c)
-        self._Kh[h, c, j] = new_value
+        self._Kh[h, c, j] = new
         self._K64[h, c, j] = new
         self._k_sq_norms[h, c] = sq_norm
         if row_norm > self._k_norm_max:
@@ -686,7 +735,7 @@ class DynamicAttention(AttentionMaintainer):
             self._set_fresh_columns(slot, c, np.array([h]))
         else:
             column = self._pending_new_columns[h, slot]
-            column *= np.exp(self._QT64[h, j] * step)
+            column *= self._xp.exp(self._QT64[h, j] * step)
             self._round_to_dtype(column)
             self._column_error[h, slot] = error
             self._column_max[h, slot] *= math.exp(growth) * (1 + 4 * self._unit)
@@ -701,7 +750,7 @@ class DynamicAttention(AttentionMaintainer):
         slot = self._slot_for(c)
         old = abs(float(self._V64[h, c, j]))
         new = float(new_value)
-        self._Vh[h, c, j] = new_value
+        self._Vh[h, c, j] = new
         self._V64[h, c, j] = new
         self._pending_new_values[h, slot, j] = new
         self._value_changed[slot] = True
@@ -718,22 +767,27 @@ class DynamicAttention(AttentionMaintainer):
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
         """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head."""
         slot = self._slot_for(c)
-        self._Kh[:, c] = k
+        self._Kh[:, c] = self._xp.asarray(k)
         self._sync_float64_copies(K=c)
-        self._k_sq_norms[:, c] = np.einsum("hd,hd->h", self._K64[:, c], self._K64[:, c])
-        self._k_norm_max = max(self._k_norm_max, float(np.sqrt(self._k_sq_norms[:, c].max())))
+        self._note_key_row(c, k)
         self._set_fresh_columns(slot, c, np.arange(self._H))
         self._key_changed[slot] = True
 
     def _apply_value_row(self, c: int, v: np.ndarray) -> None:
         """V[:, c] = v (validated ``(H, e)``)."""
         slot = self._slot_for(c)
-        old = np.abs(self._V64[:, c])
-        self._Vh[:, c] = v
+        old = np.abs(self._xp.to_numpy(self._V64[:, c]))
+        self._Vh[:, c] = self._xp.asarray(v)
         self._sync_float64_copies(V=c)
         self._pending_new_values[:, slot] = self._V64[:, c]
         self._value_changed[slot] = True
-        self._note_new_values(old, np.abs(self._V64[:, c]))
+        self._note_new_values(old, np.abs(v.astype(np.float64)))
+
+    def _note_key_row(self, c: int, k: np.ndarray) -> None:
+        """Host bookkeeping after key row c became ``k: (H, d)``: squared norms and their max."""
+        k64 = k.astype(np.float64)
+        self._k_sq_norms[:, c] = np.einsum("hd,hd->h", k64, k64)
+        self._k_norm_max = max(self._k_norm_max, float(np.sqrt(self._k_sq_norms[:, c].max())))
 
     def _note_new_values(self, old: np.ndarray, new: np.ndarray) -> None:
         """Keep ``value_max`` (exact or marked stale) and ``value_scale`` after a value row
@@ -746,13 +800,15 @@ class DynamicAttention(AttentionMaintainer):
 
     def _apply_query_row(self, i: int, q: np.ndarray) -> None:
         """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly."""
-        self._Qh[:, i] = q
+        xp = self._xp
+        self._Qh[:, i] = xp.asarray(q)
         self._sync_float64_copies(Q=i)
-        q64 = self._Q64[:, i]
-        self._QT64[:, :, i] = q64
-        self._q_norm[:, i] = np.sqrt(np.einsum("hd,hd->h", q64, q64))
+        self._QT64[:, :, i] = self._Q64[:, i]
+        q64 = q.astype(np.float64)
+        q_norm = np.sqrt(np.einsum("hd,hd->h", q64, q64))
+        self._q_norm[:, i] = xp.asarray(q_norm)
         np.maximum(self._q_col_absmax, np.abs(q64), out=self._q_col_absmax)
-        self._q_norm_max = max(self._q_norm_max, float(self._q_norm[:, i].max()))
+        self._q_norm_max = max(self._q_norm_max, float(q_norm.max()))
         self._refresh(np.arange(self._H), np.full(self._H, i))
 
     def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
@@ -760,21 +816,24 @@ class DynamicAttention(AttentionMaintainer):
         c = self.m
         self._resize(m=c + 1, T=max(self._threshold, _threshold(c + 1, self._tau)))
         self._threshold = self._size["T"]
-        self._Kh[:, c] = k
-        self._Vh[:, c] = v
+        xp = self._xp
+        self._Kh[:, c] = xp.asarray(k)
+        self._Vh[:, c] = xp.asarray(v)
         self._sync_float64_copies(K=c, V=c)
-        self._k_sq_norms[:, c] = np.einsum("hd,hd->h", self._K64[:, c], self._K64[:, c])
-        self._k_norm_max = max(self._k_norm_max, float(np.sqrt(self._k_sq_norms[:, c].max())))
+        self._note_key_row(c, k)
         self._key_visible[c] = True
         self._key_pos[c] = position
         if self._storage.exact_snapshot:
             self._storage.weights_t[:, c] = 0
             self._storage.column_error[:, c] = 0
-        slot = self._open_slot(c, np.zeros((self._H, self.n)), np.zeros(self._H), np.zeros((self._H, self.e)))
+        H = self._H
+        slot = self._open_slot(
+            c, xp.zeros((H, self.n), np.float64), np.zeros(H), xp.zeros((H, self.e), np.float64)
+        )
         self._pending_new_values[:, slot] = self._V64[:, c]
         self._set_fresh_columns(slot, c, np.arange(self._H))
         self._key_changed[slot] = self._value_changed[slot] = True
-        self._note_new_values(np.zeros((self._H, self.e)), np.abs(self._V64[:, c]))
+        self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
 
     # ------------------------------------------------------------------ validation helpers
     def _check_head(self, head: Any) -> int:
@@ -802,7 +861,10 @@ class DynamicAttention(AttentionMaintainer):
         return heads
 
     def _checked_row(self, name: str, value: Any, width: int) -> np.ndarray:
-        return check_rows(name, value, dtype=self._dtype, shape=(*self.batch_shape, width))
+        """A validated host copy of a row argument (one row per head)."""
+        return check_rows(
+            name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width)
+        )
 
     def _check_query_range(self, q: np.ndarray) -> None:
         norm = float(np.sqrt(np.einsum("hd,hd->h", q.astype(np.float64), q.astype(np.float64)).max()))
@@ -836,7 +898,7 @@ class DynamicAttention(AttentionMaintainer):
             plan.append((h, c, j, new))
         if target == "K" and plan:
             touched = np.unique(rows)
-            trial = self._K64[:, touched].copy()
+            trial = self._xp.to_numpy(self._K64[:, touched]).copy()
             where = np.searchsorted(touched, rows)
             for (h, _c, j, new), w in zip(plan, where):
                 trial[h, w, j] = float(new)
@@ -871,20 +933,21 @@ class DynamicAttention(AttentionMaintainer):
     def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
         t = self._t
-        numerator = self._N[heads, rows, cols].copy()
+        xp = self._xp
+        numerator = xp.copy(self._N[heads, rows, cols])
         if t:
             new_w = self._pending_new_columns[heads, :t, rows]  # (k, t)
             old_w = self._pending_old_columns[heads, :t, rows]
-            numerator += np.einsum("kt,kt->k", new_w, self._pending_new_values[heads, :t, cols])
-            numerator -= np.einsum("kt,kt->k", old_w, self._pending_old_values[heads, :t, cols])
+            numerator += xp.einsum("kt,kt->k", new_w, self._pending_new_values[heads, :t, cols])
+            numerator -= xp.einsum("kt,kt->k", old_w, self._pending_old_values[heads, :t, cols])
         row_bound, denominator = self._row_bounds(heads, rows)
-        bound = row_bound * (self._column_ratio(heads, cols) + 1)
-        answer = numerator / np.where(denominator > 0, denominator, 1.0)
+        bound = xp.to_numpy(row_bound) * (self._column_ratio(heads, cols) + 1)
+        answer = numerator / xp.where(denominator > 0, denominator, 1.0)
         doubtful = ~(bound <= self._tol)
         if doubtful.any():
             pairs, where = np.unique(np.stack([heads[doubtful], rows[doubtful]]), axis=1, return_inverse=True)
             exact = self._fallback(pairs[0], pairs[1])
-            answer[doubtful] = exact[where.ravel(), cols[doubtful]]
+            answer[xp.index(np.flatnonzero(doubtful))] = exact[where.ravel(), cols[doubtful]]
         return answer
 
     def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -897,17 +960,18 @@ class DynamicAttention(AttentionMaintainer):
             old_w = self._pending_old_columns[:, :t][:, :, rows]
             new_v, old_v = self._pending_new_values[:, :t], self._pending_old_values[:, :t]
             if H * k * t * self.e < 1 << 20:
-                numerator = numerator + np.einsum("htk,hte->hke", new_w, new_v)
-                numerator -= np.einsum("htk,hte->hke", old_w, old_v)
+                numerator = numerator + self._xp.einsum("htk,hte->hke", new_w, new_v)
+                numerator -= self._xp.einsum("htk,hte->hke", old_w, old_v)
             else:
-                numerator = numerator.copy()
+                numerator = self._xp.copy(numerator)
                 for h in range(H):
                     numerator[h] += new_w[h].T @ new_v[h]
                     numerator[h] -= old_w[h].T @ old_v[h]
         heads = np.repeat(np.arange(H), k)
         row_bound, denominator = self._row_bounds(heads, np.tile(rows, H))
-        answer = numerator / np.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
-        doubtful = ~(row_bound.reshape(H, k) * (self._head_ratios()[:, None] + 1) <= self._tol)
+        answer = numerator / self._xp.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
+        row_bound = self._xp.to_numpy(row_bound).reshape(H, k)
+        doubtful = ~(row_bound * (self._head_ratios()[:, None] + 1) <= self._tol)
         if doubtful.any():
             bad_heads, bad_rows = np.nonzero(doubtful)
             answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
@@ -917,17 +981,17 @@ class DynamicAttention(AttentionMaintainer):
     def _row_bounds(self, heads: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``r/(1-r)`` with ``r = E/den`` (inf when not certifiable), and ``den``, per (head, row).
         Multiplied by ``rho_j + 1`` this bounds the error relative to max|V[:, j]|."""
-        t = self._t
+        t, xp = self._t, self._xp
         z = self._Z[heads, rows]
-        new_sum = self._pending_new_columns[heads, :t, rows].sum(axis=1)
-        old_sum = self._pending_old_columns[heads, :t, rows].sum(axis=1)
+        new_sum = xp.sum(self._pending_new_columns[heads, :t, rows], 1)
+        old_sum = xp.sum(self._pending_old_columns[heads, :t, rows], 1)
         denominator = z + new_sum - old_sum
         error = self._row_error(heads, rows, z + new_sum + old_sum, old_sum)
         with np.errstate(divide="ignore", invalid="ignore"):
-            relative = np.where(denominator > 0, error / denominator, np.inf)
-            bound = np.where(relative < 0.5, relative / (1 - relative), np.inf)
+            relative = xp.where(denominator > 0, error / denominator, math.inf)
+            bound = xp.where(relative < 0.5, relative / (1 - relative), math.inf)
         if not self._certify:
-            bound = np.zeros_like(bound)
+            bound = bound * 0
         return bound, denominator
 
     def _row_error(self, h: Any, i: Any, mass: Any, old_sum: Any) -> Any:
@@ -968,7 +1032,7 @@ class DynamicAttention(AttentionMaintainer):
         stale = self._value_max_stale[heads, cols]
         if stale.any():
             for h, j in set(zip(heads[stale].tolist(), cols[stale].tolist())):
-                self._value_max[h, j] = np.abs(self._V64[h, :, j]).max()
+                self._value_max[h, j] = float(self._xp.amax(self._xp.abs(self._V64[h, :, j]), 0))
                 self._value_max_stale[h, j] = False
         current = self._value_max[heads, cols]
         scale = self._value_scale[heads, cols]
@@ -994,9 +1058,9 @@ class DynamicAttention(AttentionMaintainer):
                 "expected inputs whose scaled dot products stay below 1e300"
             )
 
-    def _round_to_dtype(self, array: np.ndarray) -> None:
+    def _round_to_dtype(self, array: Any) -> None:
         if self._dtype != np.float64:
-            array[...] = array.astype(self._dtype)
+            array[...] = self._xp.astype(self._xp.astype(array, self._dtype), np.float64)
 
     def _masked_logits(self, heads: np.ndarray, c: int) -> np.ndarray:
         """``s * Q K_c^T`` for ``heads`` as ``(len(heads), n)``, -inf where key c is hidden."""
@@ -1004,7 +1068,7 @@ class DynamicAttention(AttentionMaintainer):
             logits = (self._K64[heads[0], c] @ self._QT64[heads[0]])[None] * self._scale
         else:
             columns = self._QT64 if heads.size == self._H else self._QT64[heads]
-            logits = np.matmul(self._K64[heads, c][:, None, :], columns)[:, 0] * self._scale
+            logits = (self._K64[heads, c][:, None, :] @ columns)[:, 0] * self._scale
         if not self._key_visible[c]:
             logits[...] = -np.inf
         elif self._causal:
@@ -1014,38 +1078,40 @@ class DynamicAttention(AttentionMaintainer):
     def _set_fresh_columns(self, slot: int, c: int, heads: np.ndarray) -> None:
         """Pending column of row c for ``heads``, from its logits against the current ``mu``;
         moves ``mu`` up first where a weight would exceed the limit."""
+        xp = self._xp
         logits = self._masked_logits(heads, c)
         exponent = logits - self._mu[heads]
         too_big = exponent > self._log_weight_limit
-        if too_big.any():
-            which, rows = np.nonzero(too_big)
+        if bool(too_big.any()):
+            which, rows = xp.nonzero(too_big)
             self._rescale_rows(heads[which], rows, logits[which, rows])
             exponent = logits - self._mu[heads]
-        weights = np.exp(exponent)
+        weights = xp.exp(exponent)
         self._round_to_dtype(weights)
         self._pending_new_columns[heads, slot] = weights
         self._column_error[heads, slot] = 0.0
-        self._column_max[heads, slot] = weights.max(axis=1)
+        self._column_max[heads, slot] = xp.to_numpy(xp.amax(weights, 1))
         self._stats["fresh_columns"] += 1
 
     def _snapshot_column(self, c: int) -> np.ndarray:
         """Implicit storage: recompute column ``c`` of every head as folded ``(H, n)``."""
-        column = np.exp(self._masked_logits(np.arange(self._H), c) - self._mu)
+        column = self._xp.exp(self._masked_logits(np.arange(self._H), c) - self._mu)
         self._round_to_dtype(column)
         return column
 
     def _restabilize_column(self, h: int, slot: int) -> None:
         """A multiplicatively updated column may hold weights above the limit: move those rows' mu."""
+        xp = self._xp
         column = self._pending_new_columns[h, slot]
-        rows = np.flatnonzero(column > self._weight_limit)
+        (rows,) = xp.nonzero(column > self._weight_limit)
         if rows.size:
-            self._rescale_rows(np.full(rows.size, h), rows, self._mu[h, rows] + np.log(column[rows]))
-        self._column_max[h, slot] = float(column.max())
+            self._rescale_rows(np.full(rows.size, h), rows, self._mu[h, rows] + xp.log(column[rows]))
+        self._column_max[h, slot] = float(xp.amax(column, 0))
 
     def _rescale_rows(self, heads: np.ndarray, rows: np.ndarray, new_mu: np.ndarray) -> None:
         """Raise the stabilizer of (head, row) pairs to ``new_mu``; everything stored for them
         is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row."""
-        factors = np.exp(self._mu[heads, rows] - new_mu)
+        factors = self._xp.exp(self._mu[heads, rows] - new_mu)
         self._N[heads, rows] *= factors[:, None]
         self._Z[heads, rows] *= factors
         self._drift[heads, rows] = self._drift[heads, rows] * factors + 4 * UNIT_ROUNDOFF * self._Z[heads, rows]
@@ -1075,7 +1141,7 @@ class DynamicAttention(AttentionMaintainer):
         self._key_changed[slot] = False
         self._value_changed[slot] = False
         self._column_error[:, slot] = error
-        self._column_max[:, slot] = column.max(axis=1)
+        self._column_max[:, slot] = self._xp.to_numpy(self._xp.amax(column, 1))
         self._slot_of[c] = slot
         self._t += 1
         return slot
@@ -1086,26 +1152,26 @@ class DynamicAttention(AttentionMaintainer):
 
     def _fold(self) -> None:
         """Fold pending rows into N and Z (batched BLAS-3), then refresh rows whose drift is too big."""
-        t = self._t
+        t, xp = self._t, self._xp
         if t == 0:
             return
         rows = self._pending_rows[:t]
         key_rows = self._K64[:, rows]
-        self._k_sq_norms[:, rows] = np.einsum("hrd,hrd->hr", key_rows, key_rows)
+        self._k_sq_norms[:, rows] = xp.to_numpy(xp.einsum("hrd,hrd->hr", key_rows, key_rows))
         key_changed = self._key_changed[:t]
         value_changed = self._value_changed[:t]
         new_columns = self._pending_new_columns[:, :t]
         old_columns = self._pending_old_columns[:, :t]
         new_values = self._pending_new_values[:, :t]
-        old_sum = old_columns.sum(axis=1)
-        mass = new_columns.sum(axis=1) + old_sum
+        old_sum = xp.sum(old_columns, 1)
+        mass = xp.sum(new_columns, 1) + old_sum
         drift = 2 * _gamma(t + 3) * mass
         if not self._storage.exact_snapshot:
             drift += self._mismatch_error(self._q_norm) * old_sum
         if key_changed.any():
             delta = new_columns[:, key_changed] - old_columns[:, key_changed]
             self._add_transposed_products(delta, new_values[:, key_changed])
-            self._Z += delta.sum(axis=1)
+            self._Z += xp.sum(delta, 1)
             self._storage.commit_columns(
                 rows[key_changed], new_columns[:, key_changed], self._column_error[:, :t][:, key_changed]
             )
@@ -1113,22 +1179,22 @@ class DynamicAttention(AttentionMaintainer):
         if values_moved:
             value_delta = new_values[:, value_changed] - self._pending_old_values[:, :t][:, value_changed]
             self._add_transposed_products(old_columns[:, value_changed], value_delta)
-        self._drift += drift + 2 * UNIT_ROUNDOFF * np.abs(self._Z)
+        self._drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(self._Z)
         self._slot_of.clear()
         self._t = 0
         self._stats["folds"] += 1
         if values_moved:
-            self._value_max = np.abs(self._V64).max(axis=1)
+            self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
             self._value_max_stale[:] = False
             if np.any(self._value_scale > 2 * self._value_max):
                 self._full_refresh()
                 return
         if self._certify:
-            heads, doubtful = np.nonzero(~(self._drift <= DRIFT_FRACTION * self._tol * self._Z))
+            heads, doubtful = xp.nonzero(~(self._drift <= DRIFT_FRACTION * self._tol * self._Z))
             if doubtful.size:
                 self._refresh(heads, doubtful)
 
-    def _add_transposed_products(self, columns: np.ndarray, values: np.ndarray) -> None:
+    def _add_transposed_products(self, columns: Any, values: Any) -> None:
         """``N[h] += columns[h]^T @ values[h]`` for every head: one BLAS-3 GEMM per head
         (numpy's stacked matmul does not call BLAS for a transposed operand)."""
         for h in range(self._H):
@@ -1136,10 +1202,11 @@ class DynamicAttention(AttentionMaintainer):
 
     def _full_refresh(self) -> None:
         """Recompute every row exactly and reset the value scales (init, or values shrank)."""
-        self._value_max = np.abs(self._V64).max(axis=1)
+        xp = self._xp
+        self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
         self._value_max_stale = np.zeros((self._H, self.e), dtype=bool)
         self._value_scale = self._value_max.copy()
-        self._k_sq_norms[...] = np.einsum("hmd,hmd->hm", self._K64, self._K64)
+        self._k_sq_norms[...] = xp.to_numpy(xp.einsum("hmd,hmd->hm", self._K64, self._K64))
         self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
         H, n = self._H, self.n
         self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
@@ -1156,11 +1223,11 @@ class DynamicAttention(AttentionMaintainer):
         (old and new weight columns both set to today's weights; values as
         folded). Runtime complexity: O(m*(d+e)) per row.
         """
-        t = self._t
+        t, xp = self._t, self._xp
         pending_rows = self._pending_rows[:t]
         value_changed = self._value_changed[:t]
         value_rows = pending_rows[value_changed]
-        out = np.empty((rows.size, self.e))
+        out = xp.zeros((rows.size, self.e), np.float64)
         block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
         for h in np.unique(heads).tolist():
             (positions,) = np.nonzero(heads == h)
@@ -1170,17 +1237,17 @@ class DynamicAttention(AttentionMaintainer):
             for start in range(0, positions.size, block):
                 where = positions[start : start + block]
                 part = rows[where]
-                logits = (self._Q64[h, part] @ self._K64[h].T) * self._scale
+                logits = (self._Q64[h, part] @ xp.swap_last(self._K64[h])) * self._scale
                 visible = self._visibility(part)
                 if visible is not None:
-                    logits = np.where(visible, logits, -np.inf)
-                mu = logits.max(axis=1)
-                mu = np.where(np.isfinite(mu), mu, 0.0)
-                weights = np.exp(logits - mu[:, None])
+                    logits = xp.where(visible, logits, -math.inf)
+                mu = xp.amax(logits, 1)
+                mu = xp.where(xp.isfinite(mu), mu, 0.0)
+                weights = xp.exp(logits - mu[:, None])
                 self._round_to_dtype(weights)
-                z = weights.sum(axis=1)
+                z = xp.sum(weights, 1)
                 full = weights @ self._V64[h]
-                out[where] = full / np.where(z > 0, z, 1.0)[:, None]
+                out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None]
                 if value_rows.size:
                     full -= weights[:, value_rows] @ value_delta
                 self._mu[h, part] = mu
@@ -1191,7 +1258,9 @@ class DynamicAttention(AttentionMaintainer):
                     current = weights[:, pending_rows].T
                     self._pending_new_columns[h, :t][:, part] = current
                     self._pending_old_columns[h, :t][:, part] = current
-                    np.maximum(self._column_max[h, :t], current.max(axis=1), out=self._column_max[h, :t])
+                    np.maximum(
+                        self._column_max[h, :t], xp.to_numpy(xp.amax(current, 1)), out=self._column_max[h, :t]
+                    )
                 self._storage.set_rows(h, part, weights)
         self._stats["rows_refreshed"] += int(rows.size)
         return out
@@ -1206,8 +1275,25 @@ class DynamicAttention(AttentionMaintainer):
         return visible
 
     # ------------------------------------------------------------------ invariants
+    def _on_backend(self, xp: Any) -> DynamicAttention:
+        """A shallow twin whose device arrays are copies on backend ``xp`` (host arrays shared)."""
+        twin = copy.copy(self)
+        twin._xp = xp
+        twin._storage = copy.copy(self._storage)
+        twin._storage.xp = xp
+        layout = self._layout()
+        twin._buffers = {}
+        for name, (owner, buffer) in self._buffers.items():
+            moved = xp.asarray(self._xp.to_numpy(buffer)) if layout[name][2] else buffer
+            twin._buffers[name] = (twin._storage if owner is self._storage else twin, moved)
+        twin._reslice()
+        return twin
+
     def _check(self, *, deep: bool = True) -> None:
         """Assert every invariant (for tests; O(H*n*m*d) when ``deep``)."""
+        if self._xp.name != "numpy":
+            self._on_backend(HOST)._check(deep=deep)
+            return
         t, T, n, m = self._t, self._threshold, self.n, self.m
         assert 0 <= t < T or (T == 1 and t == 0), (t, T)
         assert self._size["T"] == T and self._size["n"] == n and self._size["m"] == m
