@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many updates per Recompute sample (default 2)",
     )
     bench.add_argument(
+        "--burn-in",
+        type=float,
+        help="untimed updates per key row before timing (default 16; --quick 4)",
+    )
+    bench.add_argument(
         "--update-kind",
         default="k",
         choices=["k", "v", "kv"],
@@ -197,14 +202,23 @@ def _bench_config(args: argparse.Namespace) -> Any:
         warmup=args.warmup if args.warmup is not None else (0 if args.quick else 1),
         sample_s=args.sample_s if args.sample_s is not None else (0.03 if args.quick else 0.15),
         recompute_updates=args.recompute_updates if not args.quick else 1,
+        burn_in=args.burn_in if args.burn_in is not None else (4.0 if args.quick else 16.0),
+        burn_in_s=1.0 if args.quick else 6.0,
         update_kind=args.update_kind,
         head_dim=args.head_dim,
         seed=args.seed,
         memory_budget=args.memory_budget,
     )
-    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.sample_s <= 0 or cfg.recompute_updates < 1:
+    if (
+        cfg.repeats < 1
+        or cfg.warmup < 0
+        or cfg.sample_s <= 0
+        or cfg.recompute_updates < 1
+        or cfg.burn_in < 0
+    ):
         raise ValueError(
-            "--repeats and --recompute-updates must be >= 1, --warmup >= 0, --sample-s > 0"
+            "--repeats and --recompute-updates must be >= 1, --warmup and --burn-in >= 0, "
+            "--sample-s > 0"
         )
     if cfg.regime == "paper" and max(cfg.sizes) > 8192:
         raise ValueError(
