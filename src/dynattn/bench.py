@@ -772,14 +772,14 @@ class DemoConfig:
     """Settings of ``dynattn demo`` (see :func:`run_demo`)."""
 
     size: int = 1024
-    updates: int = 2048
+    updates: int = 4096
     queries_per_update: float = 1.0
-    tau: float = 1.0
+    tau: float = 0.75
     storage: str = "auto"
     dtype: str = "float64"
     rounds: int = 8
     recompute_updates: int = 32
-    eager_updates: int = 512
+    eager_updates: int = 1024
     seed: int = 0
     delta_std: float = 0.1
 

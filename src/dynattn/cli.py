@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--size", type=int, default=1024, help="n = m = d = e (default 1024)")
     demo.add_argument(
-        "--updates", type=int, default=2048, help="updates in the workload (default 2048)"
+        "--updates", type=int, default=4096, help="updates in the workload (default 4096)"
     )
     demo.add_argument("--queries-per-update", type=float, default=1.0, help="default 1")
-    demo.add_argument("--tau", type=float, default=1.0, help="DynamicAttention tau (default 1.0)")
+    demo.add_argument("--tau", type=float, default=0.75, help="DynamicAttention tau (default 0.75)")
     demo.add_argument("--storage", default="auto", choices=["auto", "dense", "implicit"])
     demo.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     demo.add_argument(
@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--eager-updates",
         type=int,
-        default=512,
-        help="Eager runs only this prefix of the updates (default 512)",
+        default=1024,
+        help="Eager runs only this prefix of the updates (default 1024)",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", metavar="PATH", help="also write the result as JSON")
