@@ -16,13 +16,21 @@ settings.load_profile("default")
 
 def state_of(obj):
     """A deep copy of every attribute of ``obj`` (arrays, dicts, counters, storage) for equality checks."""
-    state = {k: v for k, v in vars(obj).items() if k not in ("_buffers", "_storage")}
+    skip = ("_buffers", "_storage", "_xp")
+    state = {k: _host(v) for k, v in vars(obj).items() if k not in skip}
     state = copy.deepcopy(state)
     if hasattr(obj, "_buffers"):
-        state["_buffers"] = {name: buffer.copy() for name, (_, buffer) in obj._buffers.items()}
+        state["_buffers"] = {name: _host(buffer).copy() for name, (_, buffer) in obj._buffers.items()}
     if hasattr(obj, "_storage"):
-        state["_storage"] = copy.deepcopy(vars(obj._storage))
+        state["_storage"] = {k: _host(v).copy() for k, v in vars(obj._storage).items() if k != "xp"}
     return state
+
+
+def _host(value):
+    """numpy copy of a torch tensor (state comparisons), anything else unchanged."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        return value.detach().cpu().numpy().copy()
+    return value
 
 
 def assert_same_state(before, after):
@@ -48,3 +56,27 @@ def _assert_equal(a, b, where):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def _available_backends():
+    names = ["numpy"]
+    try:
+        import torch  # noqa: F401
+
+        names.append("torch")
+    except ImportError:
+        pass
+    return names
+
+
+BACKEND_NAMES = _available_backends()
+
+
+@pytest.fixture(autouse=True, params=BACKEND_NAMES)
+def backend(request):
+    """Every test runs once per installed backend (numpy always; torch when installed):
+    structures built without ``backend=`` use this one."""
+    from dynattn.backends import use_backend
+
+    with use_backend(request.param):
+        yield request.param

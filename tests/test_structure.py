@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dynattn import DynamicAttention
 from dynattn.baselines import BASELINES
-from dynattn.testing import assert_attention_close, random_problem
+from dynattn.testing import as_numpy, assert_attention_close, random_problem
 
 DTYPES = [np.float64, np.float32]
 STORAGES = ["dense", "implicit"]
@@ -56,10 +56,10 @@ def test_random_sequences_match_reference(shape, tau, dtype, storage):
     att = DynamicAttention(Q, K, V, tau=tau, dtype=dtype, storage=storage)
     assert att.threshold == min(m, max(1, int(np.ceil(m**tau - 1e-9))))
     Q, K, V = run_workload(att, Q, K, V, steps=60, seed=m)
-    assert_attention_close(att.output(), Q, K, V, scale=1.0, dtype=dtype)
+    assert_attention_close(as_numpy(att.output()), Q, K, V, scale=1.0, dtype=dtype)
     rows = np.arange(n)
     assert_attention_close(
-        np.stack([att.query_row(i) for i in rows]), Q, K, V, scale=1.0, dtype=dtype
+        np.stack([as_numpy(att.query_row(i)) for i in rows]), Q, K, V, scale=1.0, dtype=dtype
     )
 
 
@@ -69,10 +69,10 @@ def test_baselines_match_reference(name, dtype):
     Q, K, V = random_problem(23, 31, 4, 6, seed=3)
     impl = BASELINES[name](Q, K, V, tau=0.5, dtype=dtype, storage="dense")
     Q, K, V = run_workload(impl, Q, K, V, steps=40, seed=5)
-    assert_attention_close(impl.output(), Q, K, V, scale=1.0, dtype=dtype)
+    assert_attention_close(as_numpy(impl.output()), Q, K, V, scale=1.0, dtype=dtype)
     rows, cols = np.array([0, 5, 22, 5]), np.array([1, 0, 5, 5])
     assert_attention_close(
-        impl.query_many(rows, cols), Q, K, V, scale=1.0, dtype=dtype, rows=rows, cols=cols
+        as_numpy(impl.query_many(rows, cols)), Q, K, V, scale=1.0, dtype=dtype, rows=rows, cols=cols
     )
 
 
@@ -84,12 +84,12 @@ def test_state_after_updates_equals_fresh_structure(storage, dtype):
     att = DynamicAttention(Q, K, V, tau=0.5, dtype=dtype, storage=storage)
     Q, K, V = run_workload(att, Q, K, V, steps=150, seed=2, check=False)
     fresh = DynamicAttention(att.Q, att.K, att.V, tau=0.5, dtype=dtype, storage=storage)
-    assert np.array_equal(att.K, K) and np.array_equal(att.V, V)
+    assert np.array_equal(as_numpy(att.K), as_numpy(K)) and np.array_equal(as_numpy(att.V), as_numpy(V))
     tolerance = 1e-12 if dtype == np.float64 else 1e-6
-    np.testing.assert_allclose(att.output(), fresh.output(), rtol=0, atol=tolerance)
+    np.testing.assert_allclose(as_numpy(att.output()), as_numpy(fresh.output()), rtol=0, atol=tolerance)
     att.rebuild()
     assert att.pending == 0
-    np.testing.assert_allclose(att.output(), fresh.output(), rtol=0, atol=tolerance)
+    np.testing.assert_allclose(as_numpy(att.output()), as_numpy(fresh.output()), rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -98,7 +98,7 @@ def test_scale_and_mixed_shapes(storage):
     scale = 1 / np.sqrt(8)
     att = DynamicAttention(Q, K, V, tau=0.5, scale=scale, storage=storage)
     Q, K, V = run_workload(att, Q, K, V, steps=50, seed=1, scale=scale)
-    assert_attention_close(att.output(), Q, K, V, scale=scale, dtype=np.float64)
+    assert_attention_close(as_numpy(att.output()), Q, K, V, scale=scale, dtype=np.float64)
 
 
 def test_pending_and_threshold_bookkeeping():
@@ -118,7 +118,7 @@ def test_pending_and_threshold_bookkeeping():
     assert att.pending == 0 and att.stats["folds"] == 2
 
 
-def test_inputs_copied_views_read_only_and_user_arrays_untouched():
+def test_inputs_copied_views_read_only_and_user_arrays_untouched(backend):
     Q, K, V = random_problem(6, 7, 3, 2, seed=1)
     originals = [x.copy() for x in (Q, K, V)]
     att = DynamicAttention(Q, K, V, tau=0.5)
@@ -126,13 +126,18 @@ def test_inputs_copied_views_read_only_and_user_arrays_untouched():
     att.update_v(2, 1, -0.3)
     for given_array, original in zip((Q, K, V), originals):
         assert np.array_equal(given_array, original)
-    for view in (att.Q, att.K, att.V):
-        with pytest.raises(ValueError):
-            view[0, 0] = 1.0
+    for name in "QKV":
+        view = getattr(att, name)
+        if backend == "numpy":
+            with pytest.raises(ValueError):
+                view[0, 0] = 1.0
+        else:  # tensors have no read-only flag: the accessor returns a copy
+            view[0, 0] = 1e6
+            assert getattr(att, name)[0, 0] != 1e6
     assert att.K[1, 2] == K[1, 2] + 0.3
-    out = att.output()
+    out = as_numpy(att.output())
     out[:] = 0  # the returned array is the caller's
-    assert np.any(att.output() != 0)
+    assert np.any(as_numpy(att.output()) != 0)
 
 
 def test_query_methods_agree():
@@ -141,12 +146,12 @@ def test_query_methods_agree():
     for c in range(10):
         att.update_k(c, c % 4, 0.2)
         att.update_v(c + 5, c % 5, -0.2)
-    full = att.output()
+    full = as_numpy(att.output())
     rows = np.repeat(np.arange(19), 5)
     cols = np.tile(np.arange(5), 19)
-    np.testing.assert_allclose(att.query_many(rows, cols), full[rows, cols], rtol=0, atol=1e-13)
+    np.testing.assert_allclose(as_numpy(att.query_many(rows, cols)), full[rows, cols], rtol=0, atol=1e-13)
     for i in range(19):
-        np.testing.assert_allclose(att.query_row(i), full[i], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(as_numpy(att.query_row(i)), full[i], rtol=0, atol=1e-13)
         for j in range(5):
             assert abs(att.query(i, j) - full[i, j]) <= 1e-13
 
@@ -201,12 +206,12 @@ def test_hypothesis_action_sequences(actions, tau, storage, dtype, shape):
             )
         elif kind == "row":
             assert_attention_close(
-                att.query_row(a % n)[None], Q, K, V, scale=1.0, dtype=dt, rows=np.array([a % n])
+                as_numpy(att.query_row(a % n))[None], Q, K, V, scale=1.0, dtype=dt, rows=np.array([a % n])
             )
         else:
             rows, cols = np.array([a % n, b % n]), np.array([b % e, a % e])
             assert_attention_close(
-                att.query_many(rows, cols), Q, K, V, scale=1.0, dtype=dt, rows=rows, cols=cols
+                as_numpy(att.query_many(rows, cols)), Q, K, V, scale=1.0, dtype=dt, rows=rows, cols=cols
             )
         att._check()
-    assert_attention_close(att.output(), Q, K, V, scale=1.0, dtype=dt)
+    assert_attention_close(as_numpy(att.output()), Q, K, V, scale=1.0, dtype=dt)

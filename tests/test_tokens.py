@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dynattn import DynamicAttention
-from dynattn.testing import assert_attention_close
+from dynattn.testing import as_numpy, assert_attention_close
 
 STORAGES = ["dense", "implicit"]
 DTYPES = [np.float64, np.float32]
@@ -44,7 +44,7 @@ class Model:
         return batch, list(zip(*flat))
 
     def check(self, att, context=""):
-        out = att.output()
+        out = as_numpy(att.output())
         batch, heads = self.heads()
         flat_out = out.reshape(-1, *out.shape[-2:])
         worst = 0.0
@@ -99,7 +99,7 @@ def test_row_edits_match_reference(storage, dtype, tau):
         att._check()
         model.check(att, context=f"step {step}: ")
         i, j = int(rng.integers(n)), int(rng.integers(e))
-        assert abs(att.query(i, j) - att.output()[i, j]) <= 1e-12 * (1 + abs(att.output()[i, j]))
+        assert abs(att.query(i, j) - as_numpy(att.output())[i, j]) <= 1e-12 * (1 + abs(as_numpy(att.output())[i, j]))
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -123,11 +123,11 @@ def test_transformer_layer_token_edit_equals_from_scratch(storage, dtype, heads,
         model.check(att, context=f"token {token}: ")
         fresh = DynamicAttention(att.Q, att.K, att.V, scale=scale, dtype=dtype, causal=causal)
         tolerance = 1e-12 if dtype == np.float64 else 1e-6
-        np.testing.assert_allclose(att.output(), fresh.output(), rtol=0, atol=tolerance)
+        np.testing.assert_allclose(as_numpy(att.output()), as_numpy(fresh.output()), rtol=0, atol=tolerance)
         # entry queries per head agree with the rows
         for head in range(int(np.prod(heads))):
             index = np.unravel_index(head, heads)
-            row = att.query_row(token)[index]
+            row = as_numpy(att.query_row(token))[index]
             assert abs(att.query(token, 2, head=head) - row[2]) <= tolerance
             assert abs(att.query(token, 2, head=tuple(int(x) for x in index)) - row[2]) <= tolerance
 
@@ -208,7 +208,7 @@ def test_all_keys_masked_gives_zero_rows():
     Q, K, V = problem((), 3, 2, 2, 2, seed=1)
     att = DynamicAttention(Q, K, V, key_mask=np.array([True, False]))
     att.delete_key(0)
-    np.testing.assert_array_equal(att.output(), 0.0)
+    np.testing.assert_array_equal(as_numpy(att.output()), 0.0)
     assert att.query(1, 1) == 0.0
 
 
@@ -228,15 +228,15 @@ def test_batched_updates_equal_single_updates(storage):
         single.update_k(int(c), int(jk), float(x), head=int(h))
     for h, c, jv, x in zip(heads, rows, vcols, deltas):
         single.update_v(int(c), int(jv), float(-x), head=int(h))
-    np.testing.assert_array_equal(many.K, single.K)
-    np.testing.assert_array_equal(many.V, single.V)
-    np.testing.assert_allclose(many.output(), single.output(), rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(as_numpy(many.K), as_numpy(single.K))
+    np.testing.assert_array_equal(as_numpy(many.V), as_numpy(single.V))
+    np.testing.assert_allclose(as_numpy(many.output()), as_numpy(single.output()), rtol=0, atol=1e-13)
     query_rows = rng.integers(9, size=25)
     query_cols = rng.integers(4, size=25)
     query_heads = rng.integers(2, size=25)
-    expected = single.output()[query_heads, query_rows, query_cols]
+    expected = as_numpy(single.output())[query_heads, query_rows, query_cols]
     np.testing.assert_allclose(
-        many.query_many(query_rows, query_cols, heads=query_heads), expected, rtol=0, atol=1e-13
+        as_numpy(many.query_many(query_rows, query_cols, heads=query_heads)), expected, rtol=0, atol=1e-13
     )
 
 
@@ -319,14 +319,14 @@ def test_save_and_load_round_trip(tmp_path, storage, dtype):
     assert [p.name for p in tmp_path.iterdir()] == ["state.npz"]  # no temporary left behind
     loaded = DynamicAttention.load(path)
     loaded._check()
-    np.testing.assert_array_equal(loaded.output(), att.output())
+    np.testing.assert_array_equal(as_numpy(loaded.output()), as_numpy(att.output()))
     assert loaded.pending == att.pending and loaded.threshold == att.threshold
     assert loaded.stats == att.stats and loaded.storage == att.storage
     for structure in (att, loaded):  # the same future
         structure.update_k(1, 1, -0.4, head=1)
         structure.set_token(2, q=np.ones((2, 3)), v=np.zeros((2, 4)))
         structure.append(q=np.ones((2, 3)), k=np.ones((2, 3)), v=np.ones((2, 4)))
-    np.testing.assert_array_equal(loaded.output(), att.output())
+    np.testing.assert_array_equal(as_numpy(loaded.output()), as_numpy(att.output()))
     assert loaded.query(3, 1, head=0) == att.query(3, 1, head=0)
 
 

@@ -199,7 +199,7 @@ class TorchBackend:
     def where(self, condition: Any, a: Any, b: Any) -> Any:
         torch = self.torch
         if isinstance(condition, np.ndarray):
-            condition = torch.from_numpy(condition).to(self.device)
+            condition = torch.from_numpy(np.array(condition, dtype=bool)).to(self.device)
         reference = a if isinstance(a, torch.Tensor) else b
         a = a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=reference.dtype, device=self.device)
         b = b if isinstance(b, torch.Tensor) else torch.as_tensor(b, dtype=reference.dtype, device=self.device)
@@ -242,14 +242,36 @@ BACKENDS: dict[str, type[NumpyBackend] | type[TorchBackend]] = {
 }
 
 
+#: Backend used when ``backend=None`` is passed (``"auto"``: the inputs' array type).
+_default = {"name": "auto"}
+
+
+class use_backend:
+    """Context manager (and setter) for the default backend: ``with use_backend("torch"): ...``."""
+
+    def __init__(self, name: str):
+        resolve_backend(name)  # validate now
+        self._previous = _default["name"]
+        _default["name"] = name
+
+    def __enter__(self) -> use_backend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _default["name"] = self._previous
+
+
 def is_torch_tensor(value: Any) -> bool:
     """True for a torch tensor, without importing torch when it is not loaded."""
     module = type(value).__module__
     return module.startswith("torch") and type(value).__name__ in ("Tensor", "Parameter")
 
 
-def resolve_backend(name: str, *arrays: Any, device: Any = None) -> NumpyBackend | TorchBackend:
-    """The backend called ``name``; ``"auto"`` picks torch when any input is a torch tensor."""
+def resolve_backend(name: str | None, *arrays: Any, device: Any = None) -> NumpyBackend | TorchBackend:
+    """The backend called ``name``; ``"auto"`` picks torch when any input is a torch tensor;
+    ``None`` is the default set by :class:`use_backend` (``"auto"`` unless changed)."""
+    if name is None:
+        name = _default["name"]
     if not isinstance(name, str) or (name not in BACKENDS and name != "auto"):
         valid = ", ".join(repr(k) for k in (*BACKENDS, "auto"))
         raise ValueError(f"backend: expected one of {valid}, got {name!r}")

@@ -126,8 +126,10 @@ class DynamicAttention(AttentionMaintainer):
         (the ``Eager`` baseline); 1 lets up to m rows wait.
     scale : float, keyword-only
         Softmax scale (1.0 as in the paper; transformers use ``1/sqrt(d)``).
-    dtype : float64 (default) or float32, keyword-only
-        Storage dtype of Q, K, V and of the stored weights. Logits, sums and
+    dtype : float64 or float32, keyword-only
+        Storage dtype of Q, K, V and of the stored weights (default float64 for
+        numpy inputs; a torch tensor's own dtype, float16/bfloat16 stored as
+        float32 and answered in their dtype). Logits, sums and
         the snapshot are always accumulated in float64, so float32 saves the
         memory of the weights and is never less accurate than float64 rounding
         of float32 data.
@@ -150,6 +152,12 @@ class DynamicAttention(AttentionMaintainer):
         the decoder mask; ``append`` gives new tokens the next position).
     key_mask : (m,) bool array_like, keyword-only
         Key padding mask shared by all heads: False hides a key from every query.
+    backend : {"auto", "numpy", "torch"} or None, keyword-only
+        Where the state lives and the arithmetic runs. ``"auto"`` follows the
+        inputs (torch tensors in, torch tensors out, on their device); None uses
+        the default set by :class:`dynattn.backends.use_backend` ("auto").
+    device : optional, keyword-only
+        Device for the torch backend (default: the inputs' device, else CPU).
 
     Runtime complexity: construction O(H*n*m*(d+e)); see each method.
     """
@@ -171,7 +179,7 @@ class DynamicAttention(AttentionMaintainer):
         certify: bool = True,
         causal: bool = False,
         key_mask: Any = None,
-        backend: str = "auto",
+        backend: str | None = None,
         device: Any = None,
     ):
         self._xp = xp = resolve_backend(backend, Q, K, V, device=device)
@@ -677,7 +685,7 @@ class DynamicAttention(AttentionMaintainer):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str], *, backend: str = "numpy", device: Any = None
+        cls, path: str | os.PathLike[str], *, backend: str | None = None, device: Any = None
     ) -> DynamicAttention:
         """Read a structure written by :meth:`save` onto ``backend`` (and ``device``);
         it answers exactly as the saved one."""

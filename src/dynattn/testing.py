@@ -108,6 +108,7 @@ def assert_attention_close(
     ``mask: (n, m)`` bool, optional, is applied to both the reference and the
     naive recomputation. Returns the worst error relative to ``max|V[:, j]|``.
     """
+    Q, K, V, actual = (as_numpy(x) for x in (Q, K, V, actual))
     ref = reference_attention(Q, K, V, scale=scale, mask=mask)
     allowance = allowed_error(
         Q, K, V, scale=scale, dtype=dtype, reference=ref, factor=factor, mask=mask
@@ -140,3 +141,13 @@ def random_problem(
     k = rng.standard_normal((m, d)) * np.sqrt(logit_scale / np.sqrt(d))
     v = rng.standard_normal((m, e))
     return tuple(x.astype(dtype) for x in (q, k, v))  # type: ignore[return-value]
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A host numpy copy of an answer (numpy array, torch tensor on any device, or scalar)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.float16", "torch.bfloat16"):
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
