@@ -23,7 +23,7 @@ Exit status 0 when the best tau passes all four, 1 otherwise.
 
 Usage::
 
-    python benchmarks/bench_core.py [--size 1024] [--taus 0.5,0.75,1.0] [--repeats 5]
+    python benchmarks/bench_core.py [--size 1024] [--taus 0.5,0.75,0.875,1.0] [--repeats 5]
                                     [--storage auto] [--json PATH]
 """
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="n = m = d = e (default 1024)")
     parser.add_argument(
-        "--taus", default="0.5,0.75,1.0", help="comma-separated (default 0.5,0.75,1.0)"
+        "--taus", default="0.5,0.75,0.875,1.0", help="comma-separated (default 0.5,0.75,0.875,1.0)"
     )
     parser.add_argument(
         "--repeats", type=int, default=5, help="timed interleaved rounds (default 5)"
