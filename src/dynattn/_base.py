@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dynattn.backends import resolve_backend
 from dynattn._validation import (
     check_dtype,
     check_index,
@@ -23,13 +24,6 @@ from dynattn._validation import (
     check_matrix,
     check_scalar,
 )
-
-
-def read_only(array: np.ndarray) -> np.ndarray:
-    """Return a view of ``array`` that cannot be written through."""
-    view = array.view()
-    view.flags.writeable = False
-    return view
 
 
 class AttentionMaintainer:
@@ -47,14 +41,37 @@ class AttentionMaintainer:
         Softmax scale ``s`` in ``exp(s * Q K^T)``; 1.0 is the paper's,
         ``1/sqrt(d)`` the transformer's.
     dtype : float32 or float64, keyword-only
-        Storage dtype of the inputs and of the maintained state.
+        Storage dtype of the inputs and of the maintained state (default:
+        float64, or a torch tensor's own dtype).
+    backend : {"auto", "numpy", "torch"} or None, keyword-only
+        Array backend (:mod:`dynattn.backends`); ``"auto"`` follows the inputs.
+    device : optional, keyword-only
+        Device for the torch backend.
+
+    After ``__init__`` the validated inputs ``_Q, _K, _V`` are host numpy
+    arrays; subclasses move what they keep onto ``self._xp``.
     """
 
     #: whether Q, K, V may carry leading head/batch axes ``(*batch, rows, cols)``
     _batched = False
 
-    def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64):
+    def __init__(
+        self,
+        Q: Any,
+        K: Any,
+        V: Any,
+        *,
+        scale: float = 1.0,
+        dtype: Any = None,
+        backend: str | None = None,
+        device: Any = None,
+    ):
+        self._xp = xp = resolve_backend(backend, Q, K, V, device=device)
+        dtype, output_dtype = xp.dtypes_for(dtype, Q)
+        Q, K, V = (xp.to_numpy(x) for x in (Q, K, V))
         self._dtype = check_dtype(dtype)
+        #: dtype of the arrays handed back (the storage dtype, or a torch half dtype)
+        self._output_dtype = output_dtype if output_dtype is not None else xp.storage_dtype(self._dtype)
         self._Q = check_matrix("Q", Q, dtype=self._dtype, batch=None if self._batched else ())
         batch = self._Q.shape[:-2]
         n, d = self._Q.shape[-2:]
@@ -74,19 +91,24 @@ class AttentionMaintainer:
 
     # ------------------------------------------------------------------ accessors
     @property
-    def Q(self) -> np.ndarray:
-        """Current queries ``(n, d)``, a read-only view."""
-        return read_only(self._Q)
+    def Q(self) -> Any:
+        """Current queries ``(..., n, d)``: a read-only view (numpy) or a copy (torch)."""
+        return self._xp.public(self._Q)
 
     @property
-    def K(self) -> np.ndarray:
-        """Current keys ``(m, d)``, a read-only view."""
-        return read_only(self._K)
+    def K(self) -> Any:
+        """Current keys ``(..., m, d)``: a read-only view (numpy) or a copy (torch)."""
+        return self._xp.public(self._K)
 
     @property
-    def V(self) -> np.ndarray:
-        """Current values ``(m, e)``, a read-only view."""
-        return read_only(self._V)
+    def V(self) -> Any:
+        """Current values ``(..., m, e)``: a read-only view (numpy) or a copy (torch)."""
+        return self._xp.public(self._V)
+
+    @property
+    def backend(self) -> str:
+        """Array backend in use (``"numpy"`` or ``"torch"``)."""
+        return self._xp.name
 
     @property
     def dtype(self) -> np.dtype:
@@ -103,14 +125,14 @@ class AttentionMaintainer:
         """Paper's UpdateK: ``K[i, j] += delta``."""
         i = check_index("i", i, self.m, axis="key rows, m")
         j = check_index("j", j, self.d, axis="key columns, d")
-        new = self._checked_sum("delta", self._K[i, j], delta, "K")
+        new = self._checked_sum("delta", float(self._K[i, j]), delta, "K")
         self._apply_k(i, j, new)
 
     def update_v(self, i: int, j: int, delta: float) -> None:
         """Paper's UpdateV: ``V[i, j] += delta``."""
         i = check_index("i", i, self.m, axis="value rows, m")
         j = check_index("j", j, self.e, axis="value columns, e")
-        new = self._checked_sum("delta", self._V[i, j], delta, "V")
+        new = self._checked_sum("delta", float(self._V[i, j]), delta, "V")
         self._apply_v(i, j, new)
 
     def query(self, i: int, j: int) -> float:
@@ -119,10 +141,10 @@ class AttentionMaintainer:
         j = check_index("j", j, self.e, axis="output columns, e")
         return float(self._answer_entry(i, j))
 
-    def query_row(self, i: int) -> np.ndarray:
+    def query_row(self, i: int) -> Any:
         """``O[i, :]`` as a new ``(e,)`` array of the structure's dtype."""
         i = check_index("i", i, self.n, axis="query rows, n")
-        return self._answer_rows(np.array([i]))[0].astype(self._dtype)
+        return self._xp.astype(self._answer_rows(np.array([i]))[0], self._output_dtype)
 
     def query_many(self, rows: Any, cols: Any) -> np.ndarray:
         """``O[rows[k], cols[k]]`` for every k, as a new ``(len(rows),)`` array."""
@@ -132,11 +154,11 @@ class AttentionMaintainer:
             raise ValueError(
                 f"rows and cols: expected the same length, got {rows.shape[0]} and {cols.shape[0]}"
             )
-        return self._answer_entries(rows, cols).astype(self._dtype)
+        return self._xp.astype(self._answer_entries(rows, cols), self._output_dtype)
 
     def output(self) -> np.ndarray:
         """The whole attention output ``O: (n, e)``, as a new array."""
-        return self._answer_rows(np.arange(self.n)).astype(self._dtype)
+        return self._xp.astype(self._answer_rows(np.arange(self.n)), self._output_dtype)
 
     # ------------------------------------------------------------------ hooks
     def _apply_k(self, i: int, j: int, new_value: Any) -> None:

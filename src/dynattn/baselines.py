@@ -24,78 +24,81 @@ from dynattn._base import AttentionMaintainer
 from dynattn.structure import DynamicAttention
 
 
-def _softmax_rows(logits: np.ndarray) -> np.ndarray:
-    """Row-wise stable softmax in the dtype of ``logits`` (a new array)."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    weights = np.exp(shifted)
-    weights /= weights.sum(axis=1, keepdims=True)
-    return weights
+def _softmax_rows(xp: Any, logits: Any) -> Any:
+    """Row-wise stable softmax in the dtype of ``logits`` (a new array), on backend ``xp``."""
+    weights = xp.exp(logits - xp.amax(logits, 1)[:, None])
+    return weights / xp.sum(weights, 1)[:, None]
 
 
-class Recompute(AttentionMaintainer):
+class _BackendInputs(AttentionMaintainer):
+    """Keeps Q, K, V as arrays of the chosen backend (numpy or torch)."""
+
+    def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = None,
+                 backend: str | None = None, device: Any = None, **ignored: Any):
+        super().__init__(Q, K, V, scale=scale, dtype=dtype, backend=backend, device=device)
+        xp = self._xp
+        self._Q, self._K, self._V = (xp.asarray(x) for x in (self._Q, self._K, self._V))
+        self._typed_scale = float(self._dtype.type(self._scale))
+
+    def _logits(self, rows: Any) -> Any:
+        return (self._Q[rows] @ self._xp.swap_last(self._K)) * self._typed_scale
+
+
+class Recompute(_BackendInputs):
     """Apply each change, then recompute the whole output from scratch.
 
     Runtime complexity: update O(n*m*(d+e)) (two GEMMs), query O(1).
     """
 
-    def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64,
-                 **ignored: Any):
-        super().__init__(Q, K, V, scale=scale, dtype=dtype)
+    def __init__(self, Q: Any, K: Any, V: Any, **options: Any):
+        super().__init__(Q, K, V, **options)
         self._recompute()
 
     def _recompute(self) -> None:
-        weights = _softmax_rows((self._Q @ self._K.T) * self._dtype.type(self._scale))
-        self._O = weights @ self._V
+        self._O = _softmax_rows(self._xp, self._logits(slice(None))) @ self._V
 
     def _apply_k(self, i: int, j: int, new_value: Any) -> None:
-        self._K[i, j] = new_value
+        self._K[i, j] = float(new_value)
         self._recompute()
 
     def _apply_v(self, i: int, j: int, new_value: Any) -> None:
-        self._V[i, j] = new_value
+        self._V[i, j] = float(new_value)
         self._recompute()
 
-    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        return self._O[rows, cols].astype(np.float64)
+    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> Any:
+        return self._O[rows, cols]
 
     def _answer_entry(self, i: int, j: int) -> float:
         return float(self._O[i, j])
 
-    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
-        return self._O[rows].astype(np.float64)
+    def _answer_rows(self, rows: np.ndarray) -> Any:
+        return self._O[rows]
 
 
-class OnDemand(AttentionMaintainer):
+class OnDemand(_BackendInputs):
     """Store Q, K, V only; compute the needed output rows at query time.
 
     Runtime complexity: update O(1), query O(m*(d+e)) per row asked for.
     """
 
-    def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = np.float64,
-                 **ignored: Any):
-        super().__init__(Q, K, V, scale=scale, dtype=dtype)
-
     def _apply_k(self, i: int, j: int, new_value: Any) -> None:
-        self._K[i, j] = new_value
+        self._K[i, j] = float(new_value)
 
     def _apply_v(self, i: int, j: int, new_value: Any) -> None:
-        self._V[i, j] = new_value
-
-    def _weights(self, rows: np.ndarray) -> np.ndarray:
-        return _softmax_rows((self._Q[rows] @ self._K.T) * self._dtype.type(self._scale))
+        self._V[i, j] = float(new_value)
 
     def _answer_entry(self, i: int, j: int) -> float:
-        logits = (self._K @ self._Q[i]) * self._dtype.type(self._scale)
-        weights = np.exp(logits - logits.max())
-        return float(weights @ self._V[:, j] / weights.sum())
+        logits = (self._K @ self._Q[i]) * self._typed_scale
+        weights = self._xp.exp(logits - self._xp.amax(logits, 0))
+        return float(weights @ self._V[:, j]) / float(self._xp.sum(weights, 0))
 
-    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> Any:
         unique, inverse = np.unique(rows, return_inverse=True)
-        weights = self._weights(unique)
-        return np.einsum("km,mk->k", weights[inverse], self._V[:, cols]).astype(np.float64)
+        weights = _softmax_rows(self._xp, self._logits(unique))
+        return self._xp.einsum("km,mk->k", weights[inverse], self._V[:, cols])
 
-    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
-        return (self._weights(rows) @ self._V).astype(np.float64)
+    def _answer_rows(self, rows: np.ndarray) -> Any:
+        return _softmax_rows(self._xp, self._logits(rows)) @ self._V
 
 
 class Eager(DynamicAttention):

@@ -182,12 +182,8 @@ class DynamicAttention(AttentionMaintainer):
         backend: str | None = None,
         device: Any = None,
     ):
-        self._xp = xp = resolve_backend(backend, Q, K, V, device=device)
-        dtype, self._output_dtype = xp.dtypes_for(dtype, Q)
-        Q, K, V = (xp.to_numpy(x) for x in (Q, K, V))
-        super().__init__(Q, K, V, scale=scale, dtype=dtype)
-        if self._output_dtype is None:
-            self._output_dtype = xp.storage_dtype(self._dtype)
+        super().__init__(Q, K, V, scale=scale, dtype=dtype, backend=backend, device=device)
+        xp = self._xp
         self._tau = check_scalar("tau", tau, low=0.0, high=1.0)
         budget = check_scalar("memory_budget", memory_budget, low=0.0)
         check_choice("storage", storage, (*STORAGES, "auto"))
@@ -321,26 +317,6 @@ class DynamicAttention(AttentionMaintainer):
     def tau(self) -> float:
         """Laziness exponent."""
         return self._tau
-
-    @property
-    def Q(self) -> Any:
-        """Current queries ``(*batch, n, d)``: a read-only view (numpy) or a copy (torch)."""
-        return self._xp.public(self._Q)
-
-    @property
-    def K(self) -> Any:
-        """Current keys ``(*batch, m, d)``: a read-only view (numpy) or a copy (torch)."""
-        return self._xp.public(self._K)
-
-    @property
-    def V(self) -> Any:
-        """Current values ``(*batch, m, e)``: a read-only view (numpy) or a copy (torch)."""
-        return self._xp.public(self._V)
-
-    @property
-    def backend(self) -> str:
-        """Array backend in use (``"numpy"`` or ``"torch"``)."""
-        return self._xp.name
 
     @property
     def threshold(self) -> int:
