@@ -60,6 +60,8 @@ DEFAULT_TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5}
 DRIFT_FRACTION = 0.125
 #: Refresh block: at most this many float64 weights are materialized at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
+#: Pending slots allocated up front; more are added by doubling, up to the threshold.
+INITIAL_SLOTS = 64
 #: Saved-file format version (``save`` / ``load``).
 FORMAT_VERSION = 1
 
@@ -219,8 +221,10 @@ class DynamicAttention(AttentionMaintainer):
 
         # state arrays live in growable buffers; attributes are views of them
         self._threshold = _threshold(m, self._tau)
-        self._size = {"H": H, "n": n, "m": m, "d": d, "e": e, "T": self._threshold}
-        self._capacity = {"n": n, "m": m, "T": self._threshold}
+        # pending slots are allocated as they fill (capacity doubles up to the threshold)
+        slots = min(self._threshold, INITIAL_SLOTS)
+        self._size = {"H": H, "n": n, "m": m, "d": d, "e": e, "T": slots}
+        self._capacity = {"n": n, "m": m, "T": slots}
         given = {"Q": self._Q, "K": self._K, "V": self._V}
         self._buffers: dict[str, tuple[Any, Any]] = {}
         for name, (axes, kind, on_device) in self._layout().items():
@@ -798,8 +802,8 @@ class DynamicAttention(AttentionMaintainer):
     def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
         """A new key-value row: a pending row whose folded column and values are zero."""
         c = self.m
-        self._resize(m=c + 1, T=max(self._threshold, _threshold(c + 1, self._tau)))
-        self._threshold = self._size["T"]
+        self._resize(m=c + 1)
+        self._threshold = max(self._threshold, _threshold(c + 1, self._tau))
         xp = self._xp
         self._Kh[:, c] = xp.asarray(k)
         self._Vh[:, c] = xp.asarray(v)
@@ -1115,8 +1119,10 @@ class DynamicAttention(AttentionMaintainer):
         column, error = self._storage.snapshot_column(c, self._snapshot_column)
         return self._open_slot(c, column, error, self._V64[:, c])
 
-    def _open_slot(self, c: int, column: np.ndarray, error: np.ndarray, values: np.ndarray) -> int:
+    def _open_slot(self, c: int, column: Any, error: np.ndarray, values: Any) -> int:
         slot = self._t
+        if slot == self._size["T"]:
+            self._resize(T=min(self._threshold, 2 * slot))
         self._pending_old_columns[:, slot] = column
         self._pending_new_columns[:, slot] = column
         self._pending_old_values[:, slot] = values
@@ -1280,7 +1286,7 @@ class DynamicAttention(AttentionMaintainer):
             return
         t, T, n, m = self._t, self._threshold, self.n, self.m
         assert 0 <= t < T or (T == 1 and t == 0), (t, T)
-        assert self._size["T"] == T and self._size["n"] == n and self._size["m"] == m
+        assert t <= self._size["T"] <= T and self._size["n"] == n and self._size["m"] == m
         assert len(self._slot_of) == t
         for c, slot in self._slot_of.items():
             assert self._pending_rows[slot] == c
