@@ -83,6 +83,7 @@ LAYOUT: dict[str, tuple[str, Any, bool]] = {
     "_pending_new_values": ("HTe", np.float64, True),
     "_pending_old_values": ("HTe", np.float64, True),
     "_query_pos": ("n", np.int64, False),
+    "_exact_slots": ("Hn", np.int64, False),
     "_k_sq_norms": ("Hm", np.float64, False),
     "_key_visible": ("m", bool, False),
     "_key_pos": ("m", np.int64, False),
@@ -910,7 +911,11 @@ class DynamicAttention(AttentionMaintainer):
             old_sum = float(old_weights.sum())
         denominator = z + new_sum - old_sum
         if self._certify:
-            error = float(self._row_error(h, i, z + new_sum + old_sum, old_sum))
+            recomputed = old_sum
+            exact = int(self._exact_slots[h, i])
+            if exact and not self._storage.exact_snapshot:
+                recomputed = float(self._pending_old_columns[h, exact:t, i].sum())
+            error = float(self._row_error(h, i, z + new_sum + old_sum, recomputed))
             relative = error / denominator if denominator > 0 else math.inf
             if not relative < 0.5 or (
                 relative / (1 - relative) * (self._column_ratio_of(h, j) + 1) > self._tol
@@ -972,9 +977,14 @@ class DynamicAttention(AttentionMaintainer):
         t, xp = self._t, self._xp
         z = self._Z[heads, rows]
         new_sum = xp.sum(self._pending_new_columns[heads, :t, rows], 1)
-        old_sum = xp.sum(self._pending_old_columns[heads, :t, rows], 1)
+        old_weights = self._pending_old_columns[heads, :t, rows]  # (k, t)
+        old_sum = xp.sum(old_weights, 1)
         denominator = z + new_sum - old_sum
-        error = self._row_error(heads, rows, z + new_sum + old_sum, old_sum)
+        recomputed = old_sum
+        if not self._storage.exact_snapshot:
+            mask = np.arange(t)[None, :] >= self._exact_slots[heads, rows][:, None]
+            recomputed = xp.sum(old_weights * xp.asarray(mask, np.float64), 1)
+        error = self._row_error(heads, rows, z + new_sum + old_sum, recomputed)
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = xp.where(denominator > 0, error / denominator, math.inf)
             bound = xp.where(relative < 0.5, relative / (1 - relative), math.inf)
@@ -982,12 +992,14 @@ class DynamicAttention(AttentionMaintainer):
             bound = bound * 0
         return bound, denominator
 
-    def _row_error(self, h: Any, i: Any, mass: Any, old_sum: Any) -> Any:
+    def _row_error(self, h: Any, i: Any, mass: Any, recomputed: Any) -> Any:
         """E (docs/accuracy.md) for (head, row) pairs given the summed weight ``mass`` and the
-        pending old weights ``old_sum``; works on scalars and arrays alike."""
+        pending old weights that were recomputed rather than taken from storage
+        (``recomputed``: implicit storage, slots opened since the row was last exact);
+        works on scalars and arrays alike."""
         error = self._drift[h, i] + self._persistent_error(self._t) * mass + self._underflow_error
         if not self._storage.exact_snapshot:
-            error = error + self._mismatch_error(self._q_norm[h, i]) * old_sum
+            error = error + self._mismatch_error(self._q_norm[h, i]) * recomputed
         return error
 
     def _persistent_error(self, t: int) -> float:
@@ -1157,7 +1169,9 @@ class DynamicAttention(AttentionMaintainer):
         mass = xp.sum(new_columns, 1) + old_sum
         drift = 2 * _gamma(t + 3) * mass
         if not self._storage.exact_snapshot:
-            drift += self._mismatch_error(self._q_norm) * old_sum
+            mask = np.arange(t)[None, :, None] >= self._exact_slots[:, None, :]  # (H, t, n)
+            recomputed = xp.sum(old_columns * xp.asarray(mask, np.float64), 1)
+            drift += self._mismatch_error(self._q_norm) * recomputed
         if key_changed.any():
             delta = new_columns[:, key_changed] - old_columns[:, key_changed]
             self._add_transposed_products(delta, new_values[:, key_changed])
@@ -1172,6 +1186,7 @@ class DynamicAttention(AttentionMaintainer):
         self._drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(self._Z)
         self._slot_of.clear()
         self._t = 0
+        self._exact_slots[...] = 0
         self._stats["folds"] += 1
         if values_moved:
             self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
@@ -1244,6 +1259,7 @@ class DynamicAttention(AttentionMaintainer):
                 self._Z[h, part] = z
                 self._N[h, part] = full
                 self._drift[h, part] = 4 * UNIT_ROUNDOFF * z
+                self._exact_slots[h, part] = t
                 if t:
                     current = weights[:, pending_rows].T
                     self._pending_new_columns[h, :t][:, part] = current
