@@ -127,10 +127,11 @@ def main(argv=None):
     for name, make in WORKLOADS.items():
         Q, K, V, ops = make(n, np.random.default_rng(1))
         queries = sum(kind == "q" for kind, *_ in ops)
+        problem = (Q, K, V, ops)
         timings = interleaved(
             {
-                "on": lambda: replay(Q, K, V, ops, tau=args.tau, certify=True)[0],
-                "off": lambda: replay(Q, K, V, ops, tau=args.tau, certify=False)[0],
+                "on": lambda p=problem: replay(*p, tau=args.tau, certify=True)[0],
+                "off": lambda p=problem: replay(*p, tau=args.tau, certify=False)[0],
             },
             repeats=repeats,
             warmup=1,
@@ -156,8 +157,16 @@ def main(argv=None):
     print(
         format_table(
             [
-                "workload", "updates", "queries", "fallback", "refresh/fold", "full refr.",
-                "per op", "on/off", "worst err", "uncertified err",
+                "workload",
+                "updates",
+                "queries",
+                "fallback",
+                "refresh/fold",
+                "full refr.",
+                "per op",
+                "on/off",
+                "worst err",
+                "uncertified err",
             ],
             rows,
         )

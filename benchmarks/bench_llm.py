@@ -42,8 +42,11 @@ class Workload:
         self.scale = 1 / np.sqrt(d)
         self.Q, self.K, self.V = (rng.standard_normal((heads, n, d)).astype(dtype) for _ in range(3))
         self.edits = [
-            (int(rng.integers(n)), rng.standard_normal((heads, d)).astype(dtype),
-             rng.standard_normal((heads, d)).astype(dtype))
+            (
+                int(rng.integers(n)),
+                rng.standard_normal((heads, d)).astype(dtype),
+                rng.standard_normal((heads, d)).astype(dtype),
+            )
             for _ in range(4096)
         ]
         self.queries = rng.integers(n, size=(4096, rows))
@@ -70,6 +73,7 @@ def make_contenders(work, tau, edits_fast, edits_slow, use_torch):
                 for i in rows:
                     structure.query_row(int(i))
             return (time.perf_counter() - start) / count
+
         return sample
 
     state = {"K": K.copy(), "V": V.copy()}
@@ -137,10 +141,14 @@ def main(argv=None):
     except ImportError:
         use_torch = False
     info = machine_info()
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']}, "
-          f"torch {'yes' if use_torch else 'not installed (no sdpa column)'}")
-    print(f"{args.heads} heads, d = e = {args.d}, tau = {args.tau}, {args.rows} full-row "
-          f"queries per token edit; time per edit (median of {args.repeats} interleaved repeats)\n")
+    print(
+        f"machine: {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']}, "
+        f"torch {'yes' if use_torch else 'not installed (no sdpa column)'}"
+    )
+    print(
+        f"{args.heads} heads, d = e = {args.d}, tau = {args.tau}, {args.rows} full-row "
+        f"queries per token edit; time per edit (median of {args.repeats} interleaved repeats)\n"
+    )
     rows = []
     for dtype in args.dtypes:
         for n in args.sizes:
@@ -152,18 +160,44 @@ def main(argv=None):
             row = [f"{dtype} n={n}", att.storage, fmt_seconds(ours)]
             for name in ("eager", "ondemand", "recompute", "sdpa"):
                 if name in timings:
-                    row.append(f"{fmt_seconds(timings[name].median)} ({fmt_ratio(timings[name].median / ours)})")
+                    row.append(
+                        f"{fmt_seconds(timings[name].median)} ({fmt_ratio(timings[name].median / ours)})"
+                    )
                 else:
                     row.append("-")
             row.append(f"{att.stats['query_fallbacks']}")
             rows.append(row)
-            print(format_table(
-                ["case", "storage", "dynattn", "eager (ratio)", "ondemand (ratio)",
-                 "recompute (ratio)", "sdpa (ratio)", "fallbacks"], rows[-1:]))
+            print(
+                format_table(
+                    [
+                        "case",
+                        "storage",
+                        "dynattn",
+                        "eager (ratio)",
+                        "ondemand (ratio)",
+                        "recompute (ratio)",
+                        "sdpa (ratio)",
+                        "fallbacks",
+                    ],
+                    rows[-1:],
+                )
+            )
     print()
-    print(format_table(
-        ["case", "storage", "dynattn", "eager (ratio)", "ondemand (ratio)", "recompute (ratio)",
-         "sdpa (ratio)", "fallbacks"], rows))
+    print(
+        format_table(
+            [
+                "case",
+                "storage",
+                "dynattn",
+                "eager (ratio)",
+                "ondemand (ratio)",
+                "recompute (ratio)",
+                "sdpa (ratio)",
+                "fallbacks",
+            ],
+            rows,
+        )
+    )
     print("\nratio = contender's time per edit / dynattn's time per edit (higher: dynattn faster)")
 
 

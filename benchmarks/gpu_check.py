@@ -63,15 +63,24 @@ def correctness(torch, device, quick):
                 att.update_k(c, j, 0.3, head=h)
                 K[h, c, j] += 0.3
                 if step % 10 == 0:
-                    k, v = torch.randn(4, d, generator=g).to(device, dtype), torch.randn(4, d, generator=g).to(device, dtype)
+                    k, v = (
+                        torch.randn(4, d, generator=g).to(device, dtype),
+                        torch.randn(4, d, generator=g).to(device, dtype),
+                    )
                     att.set_token(c, k=k, v=v)
                     K[:, c], V[:, c] = k, v
             reference = torch.nn.functional.scaled_dot_product_attention(
                 Q.double(), K.double(), V.double(), scale=d**-0.5
             )
             err = (att.output().double() - reference).abs().amax(dim=-2) / V.double().abs().amax(dim=-2)
-            rows.append({"dtype": str(dtype), "storage": storage, "worst_error": float(err.max()),
-                         "target": 1e-4 if dtype == torch.float32 else 1e-10})
+            rows.append(
+                {
+                    "dtype": str(dtype),
+                    "storage": storage,
+                    "worst_error": float(err.max()),
+                    "target": 1e-4 if dtype == torch.float32 else 1e-10,
+                }
+            )
     return rows
 
 
@@ -84,36 +93,50 @@ def llm_speed(torch, device, head_dim, n, repeats, quick):
     Q, K, V = (torch.randn(heads, n, head_dim, generator=g).to(device, dtype) for _ in range(3))
     scale = head_dim**-0.5
     att = DynamicAttention(Q, K, V, tau=0.5, scale=scale)
-    edits = [(int(c), torch.randn(heads, head_dim, generator=g).to(device, dtype),
-              torch.randn(heads, head_dim, generator=g).to(device, dtype))
-             for c in torch.randint(n, (4 * att.threshold,), generator=g)]
+    edits = [
+        (
+            int(c),
+            torch.randn(heads, head_dim, generator=g).to(device, dtype),
+            torch.randn(heads, head_dim, generator=g).to(device, dtype),
+        )
+        for c in torch.randint(n, (4 * att.threshold,), generator=g)
+    ]
     queries = torch.randint(n, (len(edits), 4), generator=g).tolist()
 
     def ours():
-        for (c, k, v), rows in zip(edits, queries):
+        for (c, k, v), rows in zip(edits, queries, strict=True):
             att.set_token(c, k=k, v=v)
             att.query_rows(rows)
 
     K2, V2 = K.clone(), V.clone()
 
     def sdpa():
-        for (c, k, v), rows in zip(edits[:8], queries[:8]):
+        for (c, k, v), rows in zip(edits[:8], queries[:8], strict=True):
             K2[:, c], V2[:, c] = k, v
             out = torch.nn.functional.scaled_dot_product_attention(Q, K2, V2, scale=scale)
             out[:, rows].clone()
 
     def ondemand():
-        for (c, k, v), rows in zip(edits[:64], queries[:64]):
+        for (c, k, v), rows in zip(edits[:64], queries[:64], strict=True):
             K2[:, c], V2[:, c] = k, v
             torch.nn.functional.scaled_dot_product_attention(Q[:, rows], K2, V2, scale=scale)
 
     ours_s = timed(torch, device, ours, repeats) / len(edits)
     sdpa_s = timed(torch, device, sdpa, repeats) / 8
     ondemand_s = timed(torch, device, ondemand, repeats) / 64
-    return {"regime": "llm", "n": n, "d": head_dim, "heads": heads, "storage": att.storage,
-            "edit_plus_4_rows_s": ours_s, "sdpa_recompute_s": sdpa_s, "ondemand_rows_s": ondemand_s,
-            "ratio_sdpa": sdpa_s / ours_s, "ratio_ondemand": ondemand_s / ours_s,
-            "query_fallbacks": att.stats["query_fallbacks"]}
+    return {
+        "regime": "llm",
+        "n": n,
+        "d": head_dim,
+        "heads": heads,
+        "storage": att.storage,
+        "edit_plus_4_rows_s": ours_s,
+        "sdpa_recompute_s": sdpa_s,
+        "ondemand_rows_s": ondemand_s,
+        "ratio_sdpa": sdpa_s / ours_s,
+        "ratio_ondemand": ondemand_s / ours_s,
+        "query_fallbacks": att.stats["query_fallbacks"],
+    }
 
 
 def paper_speed(torch, device, n, repeats, rate):
@@ -126,9 +149,15 @@ def paper_speed(torch, device, n, repeats, rate):
     att = DynamicAttention(Q, K, V, tau=1.0, storage="dense")
     eager = Eager(Q, K, V, storage="dense")
     T = att.threshold
-    updates = [(int(i), int(j), float(x)) for i, j, x in zip(
-        torch.randint(n, (2 * T,), generator=g), torch.randint(n, (2 * T,), generator=g),
-        torch.randn(2 * T, generator=g) * 0.1)]
+    updates = [
+        (int(i), int(j), float(x))
+        for i, j, x in zip(
+            torch.randint(n, (2 * T,), generator=g),
+            torch.randint(n, (2 * T,), generator=g),
+            torch.randn(2 * T, generator=g) * 0.1,
+            strict=False,
+        )
+    ]
 
     def ours():
         for i, j, x in updates:
@@ -157,10 +186,19 @@ def paper_speed(torch, device, n, repeats, rate):
 
     recompute_s = timed(torch, device, recompute, repeats)
     fold_flops = 2 * n * n * T
-    return {"regime": "paper", "n": n, "tau": 1.0, "update_s": update_s, "eager_s": eager_s,
-            "recompute_s": recompute_s, "query_s": query_s,
-            "ratio_eager": eager_s / update_s, "ratio_recompute": recompute_s / update_s,
-            "fold_tflops": fold_flops / fold_s / 1e12, "fold_fraction_of_gemm": fold_flops / fold_s / rate}
+    return {
+        "regime": "paper",
+        "n": n,
+        "tau": 1.0,
+        "update_s": update_s,
+        "eager_s": eager_s,
+        "recompute_s": recompute_s,
+        "query_s": query_s,
+        "ratio_eager": eager_s / update_s,
+        "ratio_recompute": recompute_s / update_s,
+        "fold_tflops": fold_flops / fold_s / 1e12,
+        "fold_fraction_of_gemm": fold_flops / fold_s / rate,
+    }
 
 
 def main(argv=None):
@@ -177,25 +215,36 @@ def main(argv=None):
         raise SystemExit("no CUDA device: run with --device cpu --quick for a smoke run")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rate32 = gemm_rate(torch, device, torch.float32, 1024 if args.quick else 8192)
-    result = {"device": name, "torch": torch.__version__, "gemm_tflops_fp32": rate32 / 1e12,
-              "correctness": correctness(torch, device, args.quick)}
+    result = {
+        "device": name,
+        "torch": torch.__version__,
+        "gemm_tflops_fp32": rate32 / 1e12,
+        "correctness": correctness(torch, device, args.quick),
+    }
     print(f"device: {name}, fp32 GEMM {rate32 / 1e12:.2f} TFLOP/s")
     for row in result["correctness"]:
         status = "ok" if row["worst_error"] <= row["target"] else "FAIL"
-        print(f"  correctness {row['dtype']:14} {row['storage']:8} worst {row['worst_error']:.2e} "
-              f"(target {row['target']:.0e}) {status}")
+        print(
+            f"  correctness {row['dtype']:14} {row['storage']:8} worst {row['worst_error']:.2e} "
+            f"(target {row['target']:.0e}) {status}"
+        )
     sizes = [(2048, (64,))] if args.quick else [(16384, (64, 128))]
-    result["llm"] = [llm_speed(torch, device, hd, n, args.repeats, args.quick)
-                     for n, dims in sizes for hd in dims]
+    result["llm"] = [
+        llm_speed(torch, device, hd, n, args.repeats, args.quick) for n, dims in sizes for hd in dims
+    ]
     for row in result["llm"]:
-        print(f"  llm n={row['n']} d={row['d']}: edit+4 rows {row['edit_plus_4_rows_s'] * 1e3:.3f} ms, "
-              f"SDPA recompute {row['ratio_sdpa']:.1f}x slower, on-demand rows {row['ratio_ondemand']:.1f}x")
+        print(
+            f"  llm n={row['n']} d={row['d']}: edit+4 rows {row['edit_plus_4_rows_s'] * 1e3:.3f} ms, "
+            f"SDPA recompute {row['ratio_sdpa']:.1f}x slower, on-demand rows {row['ratio_ondemand']:.1f}x"
+        )
     paper_n = 512 if args.quick else 4096
     result["paper"] = paper_speed(torch, device, paper_n, args.repeats, rate32)
     p = result["paper"]
-    print(f"  paper n={paper_n}: update {p['update_s'] * 1e6:.1f} us (eager {p['ratio_eager']:.1f}x, "
-          f"recompute {p['ratio_recompute']:.0f}x slower), query {p['query_s'] * 1e6:.1f} us, "
-          f"fold {p['fold_tflops']:.2f} TFLOP/s = {p['fold_fraction_of_gemm']:.0%} of GEMM")
+    print(
+        f"  paper n={paper_n}: update {p['update_s'] * 1e6:.1f} us (eager {p['ratio_eager']:.1f}x, "
+        f"recompute {p['ratio_recompute']:.0f}x slower), query {p['query_s'] * 1e6:.1f} us, "
+        f"fold {p['fold_tflops']:.2f} TFLOP/s = {p['fold_fraction_of_gemm']:.0%} of GEMM"
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -11,7 +11,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dynattn import DynamicAttention
-from dynattn.testing import as_numpy, TARGET, assert_attention_close, reference_attention, value_scale
+from dynattn.testing import (
+    TARGET,
+    as_numpy,
+    assert_attention_close,
+    reference_attention,
+    value_scale,
+)
 
 STORAGES = ["dense", "implicit"]
 DTYPES = [np.float64, np.float32]
@@ -33,14 +39,14 @@ def check_all_answers(att, Q, K, V, *, scale=1.0, precise=False):
     reference = reference_attention(Q, K, V, scale=scale, precise=precise)
     n, e = reference.shape
     rows, cols = np.divmod(np.arange(n * e), e)
-    answers = np.array([att.query(int(i), int(j)) for i, j in zip(rows, cols)])
+    answers = np.array([att.query(int(i), int(j)) for i, j in zip(rows, cols, strict=True)])
     worst = assert_attention_close(answers, Q, K, V, scale=scale, dtype=dt, rows=rows, cols=cols)
     assert_attention_close(as_numpy(att.output()), Q, K, V, scale=scale, dtype=dt)
     # the target itself, against the exact reference (the naive error is only slack on top)
     err = np.abs(answers - reference[rows, cols]) / value_scale(V)[cols]
-    naive_slack = 4 * np.abs(
-        _naive(Q, K, V, scale, dt)[rows, cols] - reference[rows, cols]
-    ) / value_scale(V)[cols]
+    naive_slack = (
+        4 * np.abs(_naive(Q, K, V, scale, dt)[rows, cols] - reference[rows, cols]) / value_scale(V)[cols]
+    )
     assert np.all(err <= TARGET[np.dtype(dt)] + naive_slack)
     return worst
 

@@ -52,7 +52,9 @@ def devices():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("storage", ["dense", "implicit"])
 def test_torch_tensors_in_tensors_out(device, dtype, storage):
-    Q, K, V = (torch.from_numpy(x).to(device=device, dtype=dtype) for x in random_problem(9, 11, 4, 3, seed=1))
+    Q, K, V = (
+        torch.from_numpy(x).to(device=device, dtype=dtype) for x in random_problem(9, 11, 4, 3, seed=1)
+    )
     Q_before = Q.clone()
     att = DynamicAttention(Q, K, V, tau=0.5, scale=0.5, storage=storage)
     assert att.backend == "torch"

@@ -40,8 +40,15 @@ def run_workload(att, Q, K, V, *, steps, seed, scale=1.0, check=True, k_step=0.5
         answer = att.query(i, jj)
         assert isinstance(answer, float)
         assert_attention_close(
-            np.array([answer]), Q, K, V, scale=scale, dtype=dt, rows=np.array([i]),
-            cols=np.array([jj]), context=f"step {step}: ",
+            np.array([answer]),
+            Q,
+            K,
+            V,
+            scale=scale,
+            dtype=dt,
+            rows=np.array([i]),
+            cols=np.array([jj]),
+            context=f"step {step}: ",
         )
     return Q, K, V
 
@@ -124,7 +131,7 @@ def test_inputs_copied_views_read_only_and_user_arrays_untouched(backend):
     att = DynamicAttention(Q, K, V, tau=0.5)
     att.update_k(1, 2, 0.3)
     att.update_v(2, 1, -0.3)
-    for given_array, original in zip((Q, K, V), originals):
+    for given_array, original in zip((Q, K, V), originals, strict=True):
         assert np.array_equal(given_array, original)
     for name in "QKV":
         view = getattr(att, name)
@@ -201,17 +208,36 @@ def test_hypothesis_action_sequences(actions, tau, storage, dtype, shape):
         elif kind == "query":
             i, j = a % n, b % e
             assert_attention_close(
-                np.array([att.query(i, j)]), Q, K, V, scale=1.0, dtype=dt, rows=np.array([i]),
+                np.array([att.query(i, j)]),
+                Q,
+                K,
+                V,
+                scale=1.0,
+                dtype=dt,
+                rows=np.array([i]),
                 cols=np.array([j]),
             )
         elif kind == "row":
             assert_attention_close(
-                as_numpy(att.query_row(a % n))[None], Q, K, V, scale=1.0, dtype=dt, rows=np.array([a % n])
+                as_numpy(att.query_row(a % n))[None],
+                Q,
+                K,
+                V,
+                scale=1.0,
+                dtype=dt,
+                rows=np.array([a % n]),
             )
         else:
             rows, cols = np.array([a % n, b % n]), np.array([b % e, a % e])
             assert_attention_close(
-                as_numpy(att.query_many(rows, cols)), Q, K, V, scale=1.0, dtype=dt, rows=rows, cols=cols
+                as_numpy(att.query_many(rows, cols)),
+                Q,
+                K,
+                V,
+                scale=1.0,
+                dtype=dt,
+                rows=rows,
+                cols=cols,
             )
         att._check()
     assert_attention_close(as_numpy(att.output()), Q, K, V, scale=1.0, dtype=dt)

@@ -9,10 +9,10 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, state_of
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import assert_same_state, state_of
 from dynattn import DynamicAttention
 from dynattn.testing import as_numpy, assert_attention_close
 
@@ -41,7 +41,7 @@ class Model:
     def heads(self):
         batch = self.Q.shape[:-2]
         flat = [x.reshape(-1, *x.shape[-2:]) for x in (self.Q, self.K, self.V)]
-        return batch, list(zip(*flat))
+        return batch, list(zip(*flat, strict=True))
 
     def check(self, att, context=""):
         out = as_numpy(att.output())
@@ -49,10 +49,19 @@ class Model:
         flat_out = out.reshape(-1, *out.shape[-2:])
         worst = 0.0
         for h, (q, k, v) in enumerate(heads):
-            worst = max(worst, assert_attention_close(
-                flat_out[h], q, k, v, scale=self.scale, dtype=self.dtype, context=context,
-                mask=self.mask(),
-            ))
+            worst = max(
+                worst,
+                assert_attention_close(
+                    flat_out[h],
+                    q,
+                    k,
+                    v,
+                    scale=self.scale,
+                    dtype=self.dtype,
+                    context=context,
+                    mask=self.mask(),
+                ),
+            )
         assert out.shape == (*batch, self.Q.shape[-2], self.V.shape[-1])
         return worst
 
@@ -99,7 +108,9 @@ def test_row_edits_match_reference(storage, dtype, tau):
         att._check()
         model.check(att, context=f"step {step}: ")
         i, j = int(rng.integers(n)), int(rng.integers(e))
-        assert abs(att.query(i, j) - as_numpy(att.output())[i, j]) <= 1e-12 * (1 + abs(as_numpy(att.output())[i, j]))
+        assert abs(att.query(i, j) - as_numpy(att.output())[i, j]) <= 1e-12 * (
+            1 + abs(as_numpy(att.output())[i, j])
+        )
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -218,15 +229,19 @@ def test_batched_updates_equal_single_updates(storage):
     rng = np.random.default_rng(11)
     size = 40
     heads = rng.integers(2, size=size)
-    rows, kcols, vcols = rng.integers(12, size=size), rng.integers(3, size=size), rng.integers(4, size=size)
+    rows, kcols, vcols = (
+        rng.integers(12, size=size),
+        rng.integers(3, size=size),
+        rng.integers(4, size=size),
+    )
     deltas = rng.normal(0, 0.5, size=size)
     many = DynamicAttention(Q, K, V, tau=0.5, storage=storage)
     single = DynamicAttention(Q, K, V, tau=0.5, storage=storage)
     many.update_k_many(rows, kcols, deltas, heads=heads)
     many.update_v_many(rows, vcols, -deltas, heads=heads)
-    for h, c, jk, jv, x in zip(heads, rows, kcols, vcols, deltas):
+    for h, c, jk, x in zip(heads, rows, kcols, deltas, strict=True):
         single.update_k(int(c), int(jk), float(x), head=int(h))
-    for h, c, jv, x in zip(heads, rows, vcols, deltas):
+    for h, c, jv, x in zip(heads, rows, vcols, deltas, strict=True):
         single.update_v(int(c), int(jv), float(-x), head=int(h))
     np.testing.assert_array_equal(as_numpy(many.K), as_numpy(single.K))
     np.testing.assert_array_equal(as_numpy(many.V), as_numpy(single.V))
@@ -236,7 +251,10 @@ def test_batched_updates_equal_single_updates(storage):
     query_heads = rng.integers(2, size=25)
     expected = as_numpy(single.output())[query_heads, query_rows, query_cols]
     np.testing.assert_allclose(
-        as_numpy(many.query_many(query_rows, query_cols, heads=query_heads)), expected, rtol=0, atol=1e-13
+        as_numpy(many.query_many(query_rows, query_cols, heads=query_heads)),
+        expected,
+        rtol=0,
+        atol=1e-13,
     )
 
 
@@ -249,7 +267,12 @@ BAD_TOKEN_CALLS = [
     ("set_query", (7, np.ones(3)), IndexError, "i=7"),
     ("set_query", (0, ["a", "b", "c"]), TypeError, "q: expected a real numeric"),
     ("set_token", (0,), ValueError, "expected at least one of q, k, v"),
-    ("set_token", (0, np.ones(3), np.ones(3), np.array([1.0, np.nan])), ValueError, "v: expected finite"),
+    (
+        "set_token",
+        (0, np.ones(3), np.ones(3), np.array([1.0, np.nan])),
+        ValueError,
+        "v: expected finite",
+    ),
     ("set_token", (9, None, np.ones(3)), IndexError, "i=9"),
     ("set_token", (7, np.ones(3)), IndexError, "i=7"),
     ("append", (None, np.ones(3)), ValueError, "expected k and v together"),
@@ -358,8 +381,20 @@ def test_load_rejects_other_files(tmp_path):
 @given(
     actions=st.lists(
         st.tuples(
-            st.sampled_from(["key", "value", "query", "token", "append", "delete_key", "show_key",
-                             "delete_query", "entry_k", "rebuild"]),
+            st.sampled_from(
+                [
+                    "key",
+                    "value",
+                    "query",
+                    "token",
+                    "append",
+                    "delete_key",
+                    "show_key",
+                    "delete_query",
+                    "entry_k",
+                    "rebuild",
+                ]
+            ),
             st.integers(0, 1000),
             st.integers(0, 2**31 - 1),
         ),

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import assert_same_state, state_of
 
+from conftest import assert_same_state, state_of
 from dynattn import DynamicAttention
 from dynattn.baselines import BASELINES
 from dynattn.testing import as_numpy, random_problem
@@ -73,7 +73,11 @@ GOOD = random_problem(4, 5, 3, 2)
         ({"K": np.ones((5, 4))}, ValueError, "K: expected 3 columns"),
         ({"V": np.ones((4, 2))}, ValueError, "V: expected 5 rows"),
         ({"Q": np.ones((0, 3))}, ValueError, "Q: expected a non-empty"),
-        ({"key_mask": np.ones(4, dtype=bool)}, ValueError, r"key_mask: expected a boolean array of shape \(5,\)"),
+        (
+            {"key_mask": np.ones(4, dtype=bool)},
+            ValueError,
+            r"key_mask: expected a boolean array of shape \(5,\)",
+        ),
         ({"key_mask": np.ones(5)}, ValueError, "key_mask: expected a boolean"),
         ({"causal": 1}, TypeError, "causal: expected True or False"),
         ({"Q": np.full((4, 3), np.nan)}, ValueError, "Q: expected finite values"),
@@ -89,11 +93,15 @@ GOOD = random_problem(4, 5, 3, 2)
         ({"dtype": np.int32}, TypeError, "dtype"),
         ({"storage": "sparse"}, ValueError, "storage: expected one of 'dense', 'implicit', 'auto'"),
         ({"tol": 0.0}, ValueError, "tol: expected a positive"),
-        ({"V": np.full((5, 2), 1e39)}, ValueError, "overflows float32", ),
+        (
+            {"V": np.full((5, 2), 1e39)},
+            ValueError,
+            "overflows float32",
+        ),
     ],
 )
 def test_constructor_rejects_bad_input(kwargs, error, message):
-    args = dict(zip("QKV", GOOD))
+    args = dict(zip("QKV", GOOD, strict=True))
     options = {k: v for k, v in kwargs.items() if k not in "QKV"}
     args.update({k: v for k, v in kwargs.items() if k in "QKV"})
     if "overflows" in message:

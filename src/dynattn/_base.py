@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from dynattn.backends import resolve_backend
 from dynattn._validation import (
     check_dtype,
     check_index,
@@ -24,6 +23,7 @@ from dynattn._validation import (
     check_matrix,
     check_scalar,
 )
+from dynattn.backends import resolve_backend
 
 
 class AttentionMaintainer:
@@ -79,9 +79,7 @@ class AttentionMaintainer:
             "K", K, dtype=self._dtype, cols=d, col_name="columns (d, as Q has)", batch=batch
         )
         m = self._K.shape[-2]
-        self._V = check_matrix(
-            "V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)", batch=batch
-        )
+        self._V = check_matrix("V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)", batch=batch)
         #: leading head/batch axes (``()`` for a single head)
         self.batch_shape: tuple[int, ...] = batch
         self._scale = check_scalar("scale", scale)

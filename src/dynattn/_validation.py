@@ -22,9 +22,7 @@ def check_dtype(dtype: Any) -> np.dtype:
     try:
         resolved = np.dtype(dtype)
     except TypeError as exc:
-        raise TypeError(
-            f"dtype: expected float32 or float64, got {dtype!r} which is not a dtype"
-        ) from exc
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype!r} which is not a dtype") from exc
     if resolved not in SUPPORTED_DTYPES:
         raise TypeError(
             f"dtype: expected float32 or float64, got {resolved}; "
@@ -55,9 +53,7 @@ def check_matrix(
     """
     array = _as_real_array(name, value)
     if batch == () and array.ndim != 2:
-        raise ValueError(
-            f"{name}: expected a 2-D array, got {array.ndim}-D with shape {array.shape}"
-        )
+        raise ValueError(f"{name}: expected a 2-D array, got {array.ndim}-D with shape {array.shape}")
     if array.ndim < 2:
         raise ValueError(
             f"{name}: expected an array of 2 or more dimensions (..., rows, columns), "
@@ -120,9 +116,7 @@ def check_index_array(name: str, value: Any, size: int, *, axis: str) -> np.ndar
         bad = (array < 0) | (array >= size)
         if bad.any():
             first = int(array[np.argmax(bad)])
-            raise IndexError(
-                f"{name} contains {first}, out of range: expected 0 <= {name} < {size} ({axis})"
-            )
+            raise IndexError(f"{name} contains {first}, out of range: expected 0 <= {name} < {size} ({axis})")
     return array
 
 
@@ -157,9 +151,7 @@ def _as_real_array(name: str, value: Any) -> np.ndarray:
     if array.dtype == bool or not (
         np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     ):
-        raise TypeError(
-            f"{name}: expected a real numeric array (integer or float), got dtype {array.dtype}"
-        )
+        raise TypeError(f"{name}: expected a real numeric array (integer or float), got dtype {array.dtype}")
     return array
 
 

@@ -166,9 +166,7 @@ class TorchBackend:
                 return np.float32, wanted
             if wanted in (torch.float32, torch.float64):
                 return str(wanted).removeprefix("torch."), None
-            raise TypeError(
-                f"dtype: expected float32 or float64 (or float16/bfloat16 inputs), got {wanted}"
-            )
+            raise TypeError(f"dtype: expected float32 or float64 (or float16/bfloat16 inputs), got {wanted}")
         return wanted, None
 
     def public(self, array: Any) -> Any:
@@ -201,8 +199,16 @@ class TorchBackend:
         if isinstance(condition, np.ndarray):
             condition = torch.from_numpy(np.array(condition, dtype=bool)).to(self.device)
         reference = a if isinstance(a, torch.Tensor) else b
-        a = a if isinstance(a, torch.Tensor) else torch.as_tensor(a, dtype=reference.dtype, device=self.device)
-        b = b if isinstance(b, torch.Tensor) else torch.as_tensor(b, dtype=reference.dtype, device=self.device)
+        a = (
+            a
+            if isinstance(a, torch.Tensor)
+            else torch.as_tensor(a, dtype=reference.dtype, device=self.device)
+        )
+        b = (
+            b
+            if isinstance(b, torch.Tensor)
+            else torch.as_tensor(b, dtype=reference.dtype, device=self.device)
+        )
         return torch.where(condition, a, b)
 
     def maximum_(self, target: Any, other: Any) -> None:

@@ -33,8 +33,18 @@ def _softmax_rows(xp: Any, logits: Any) -> Any:
 class _BackendInputs(AttentionMaintainer):
     """Keeps Q, K, V as arrays of the chosen backend (numpy or torch)."""
 
-    def __init__(self, Q: Any, K: Any, V: Any, *, scale: float = 1.0, dtype: Any = None,
-                 backend: str | None = None, device: Any = None, **ignored: Any):
+    def __init__(
+        self,
+        Q: Any,
+        K: Any,
+        V: Any,
+        *,
+        scale: float = 1.0,
+        dtype: Any = None,
+        backend: str | None = None,
+        device: Any = None,
+        **ignored: Any,
+    ):
         super().__init__(Q, K, V, scale=scale, dtype=dtype, backend=backend, device=device)
         xp = self._xp
         self._Q, self._K, self._V = (xp.asarray(x) for x in (self._Q, self._K, self._V))

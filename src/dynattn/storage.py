@@ -50,9 +50,7 @@ class DenseStorage:
     def __init__(self, xp: Any):
         self.xp = xp
 
-    def snapshot_column(
-        self, c: int, compute: Callable[[int], np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot_column(self, c: int, compute: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, and
         each head's relative error bound ``(H,)``."""
         return self.xp.astype(self.weights_t[:, c], np.float64), self.column_error[:, c].copy()
@@ -85,9 +83,7 @@ class ImplicitStorage:
     def __init__(self, xp: Any):
         self.xp = xp
 
-    def snapshot_column(
-        self, c: int, compute: Callable[[int], np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def snapshot_column(self, c: int, compute: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         column = compute(c)
         return column, np.zeros(column.shape[0])
 

@@ -269,9 +269,7 @@ class DynamicAttention(AttentionMaintainer):
     def _layout(self) -> dict[str, tuple[str, Any, bool]]:
         layout = dict(LAYOUT)
         if self._dtype != np.float64:
-            layout.update(
-                {copy: (LAYOUT[src][0], np.float64, True) for copy, src in FLOAT64_COPIES.items()}
-            )
+            layout.update({copy: (LAYOUT[src][0], np.float64, True) for copy, src in FLOAT64_COPIES.items()})
         layout.update(self._storage.LAYOUT)
         return layout
 
@@ -659,9 +657,22 @@ class DynamicAttention(AttentionMaintainer):
             raise
 
     _SCALARS = (
-        "tau", "scale", "tol", "certify", "causal", "threshold", "t", "unit",
-        "log_weight_limit", "weight_limit", "column_error_limit", "q_norm_max",
-        "k_norm_max", "all_keys_visible", "next_position", "H",
+        "tau",
+        "scale",
+        "tol",
+        "certify",
+        "causal",
+        "threshold",
+        "t",
+        "unit",
+        "log_weight_limit",
+        "weight_limit",
+        "column_error_limit",
+        "q_norm_max",
+        "k_norm_max",
+        "all_keys_visible",
+        "next_position",
+        "H",
     )
 
     @classmethod
@@ -674,8 +685,10 @@ class DynamicAttention(AttentionMaintainer):
         with np.load(os.fspath(path), allow_pickle=False) as data:
             meta = json.loads(bytes(data["meta"]).decode())
             if meta.get("format") != FORMAT_VERSION:
-                raise ValueError(f"path: expected a dynattn file of format {FORMAT_VERSION}, "
-                                 f"got format {meta.get('format')!r}")
+                raise ValueError(
+                    f"path: expected a dynattn file of format {FORMAT_VERSION}, "
+                    f"got format {meta.get('format')!r}"
+                )
             self = cls.__new__(cls)
             self._xp = xp
             self._dtype = np.dtype(meta["dtype"])
@@ -835,7 +848,10 @@ class DynamicAttention(AttentionMaintainer):
         if isinstance(head, tuple):
             if len(head) != len(self.batch_shape):
                 raise IndexError(f"head: expected a {len(self.batch_shape)}-tuple, got {head!r}")
-            parts = [check_index("head", x, s, axis="leading axis") for x, s in zip(head, self.batch_shape)]
+            parts = [
+                check_index("head", x, s, axis="leading axis")
+                for x, s in zip(head, self.batch_shape, strict=True)
+            ]
             return int(np.ravel_multi_index(parts, self.batch_shape))
         return check_index("head", head, self._H, axis=f"flattened leading axes {self.batch_shape}")
 
@@ -851,9 +867,7 @@ class DynamicAttention(AttentionMaintainer):
 
     def _checked_row(self, name: str, value: Any, width: int) -> np.ndarray:
         """A validated host copy of a row argument (one row per head)."""
-        return check_rows(
-            name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width)
-        )
+        return check_rows(name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width))
 
     def _check_query_range(self, q: np.ndarray) -> None:
         norm = float(np.sqrt(np.einsum("hd,hd->h", q.astype(np.float64), q.astype(np.float64)).max()))
@@ -873,14 +887,16 @@ class DynamicAttention(AttentionMaintainer):
                 f"rows, cols, deltas: expected equal lengths, got {rows.shape}, {cols.shape}, {values.shape}"
             )
         heads = self._check_heads(heads, rows.size)
-        if values.size and not (np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)):
+        if values.size and not (
+            np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
+        ):
             raise TypeError(f"deltas: expected real numbers, got dtype {values.dtype}")
         if values.size and not np.isfinite(values.astype(np.float64)).all():
             raise ValueError("deltas: expected finite values, got NaN or inf")
         array = self._Kh if target == "K" else self._Vh
         current: dict[tuple[int, int, int], Any] = {}
         plan = []
-        for h, c, j, delta in zip(heads.tolist(), rows.tolist(), cols.tolist(), values.tolist()):
+        for h, c, j, delta in zip(heads.tolist(), rows.tolist(), cols.tolist(), values.tolist(), strict=True):
             key = (h, c, j)
             new = self._checked_sum("deltas", current.get(key, array[h, c, j]), delta, target)
             current[key] = new
@@ -889,7 +905,7 @@ class DynamicAttention(AttentionMaintainer):
             touched = np.unique(rows)
             trial = self._xp.to_numpy(self._K64[:, touched]).copy()
             where = np.searchsorted(touched, rows)
-            for (h, _c, j, new), w in zip(plan, where):
+            for (h, _c, j, new), w in zip(plan, where, strict=True):
                 trial[h, w, j] = float(new)
             self._check_logit_range("deltas", float(np.sqrt(np.einsum("hrd,hrd->hr", trial, trial).max())))
         return plan
@@ -1031,7 +1047,7 @@ class DynamicAttention(AttentionMaintainer):
         values the values summed into the snapshot may have been."""
         stale = self._value_max_stale[heads, cols]
         if stale.any():
-            for h, j in set(zip(heads[stale].tolist(), cols[stale].tolist())):
+            for h, j in set(zip(heads[stale].tolist(), cols[stale].tolist(), strict=True)):
                 self._value_max[h, j] = float(self._xp.amax(self._xp.abs(self._V64[h, :, j]), 0))
                 self._value_max_stale[h, j] = False
         current = self._value_max[heads, cols]
@@ -1114,7 +1130,9 @@ class DynamicAttention(AttentionMaintainer):
         factors = self._xp.exp(self._mu[heads, rows] - new_mu)
         self._N[heads, rows] *= factors[:, None]
         self._Z[heads, rows] *= factors
-        self._drift[heads, rows] = self._drift[heads, rows] * factors + 4 * UNIT_ROUNDOFF * self._Z[heads, rows]
+        self._drift[heads, rows] = (
+            self._drift[heads, rows] * factors + 4 * UNIT_ROUNDOFF * self._Z[heads, rows]
+        )
         for block in (self._pending_new_columns, self._pending_old_columns):
             part = block[heads, :, rows] * factors[:, None]  # (k, T)
             self._round_to_dtype(part)
@@ -1177,7 +1195,9 @@ class DynamicAttention(AttentionMaintainer):
             self._add_transposed_products(delta, new_values[:, key_changed])
             self._Z += xp.sum(delta, 1)
             self._storage.commit_columns(
-                rows[key_changed], new_columns[:, key_changed], self._column_error[:, :t][:, key_changed]
+                rows[key_changed],
+                new_columns[:, key_changed],
+                self._column_error[:, :t][:, key_changed],
             )
         values_moved = bool(value_changed.any())
         if values_moved:
@@ -1237,7 +1257,8 @@ class DynamicAttention(AttentionMaintainer):
         for h in np.unique(heads).tolist():
             (positions,) = np.nonzero(heads == h)
             value_delta = (
-                self._pending_new_values[h, :t][value_changed] - self._pending_old_values[h, :t][value_changed]
+                self._pending_new_values[h, :t][value_changed]
+                - self._pending_old_values[h, :t][value_changed]
             )
             for start in range(0, positions.size, block):
                 where = positions[start : start + block]
@@ -1265,7 +1286,9 @@ class DynamicAttention(AttentionMaintainer):
                     self._pending_new_columns[h, :t][:, part] = current
                     self._pending_old_columns[h, :t][:, part] = current
                     np.maximum(
-                        self._column_max[h, :t], xp.to_numpy(xp.amax(current, 1)), out=self._column_max[h, :t]
+                        self._column_max[h, :t],
+                        xp.to_numpy(xp.amax(current, 1)),
+                        out=self._column_max[h, :t],
                     )
                 self._storage.set_rows(h, part, weights)
         self._stats["rows_refreshed"] += int(rows.size)
@@ -1310,7 +1333,11 @@ class DynamicAttention(AttentionMaintainer):
         assert np.array_equal(self._V64, self._Vh.astype(np.float64))
         assert np.array_equal(self._Q64, self._Qh.astype(np.float64))
         assert np.array_equal(self._QT64, self._Q64.transpose(0, 2, 1))
-        assert np.shares_memory(self._Q, self._Qh) and self._Q.shape == (*self.batch_shape, n, self.d)
+        assert np.shares_memory(self._Q, self._Qh) and self._Q.shape == (
+            *self.batch_shape,
+            n,
+            self.d,
+        )
         for name in ("_mu", "_N", "_Z", "_drift"):
             assert np.all(np.isfinite(getattr(self, name))), name
         assert np.all(self._drift >= 0)

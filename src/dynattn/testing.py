@@ -84,8 +84,15 @@ def value_scale(V: Any) -> np.ndarray:
 
 
 def allowed_error(
-    Q: Any, K: Any, V: Any, *, scale: float, dtype: Any, reference: np.ndarray | None = None,
-    factor: float = 4.0, mask: Any = None,
+    Q: Any,
+    K: Any,
+    V: Any,
+    *,
+    scale: float,
+    dtype: Any,
+    reference: np.ndarray | None = None,
+    factor: float = 4.0,
+    mask: Any = None,
 ) -> np.ndarray:
     """Per-entry error allowance ``factor * err_naive + target * max|V[:, j]|``, shape ``(n, e)``."""
     dt = np.dtype(dtype)
@@ -98,8 +105,18 @@ def allowed_error(
 
 
 def assert_attention_close(
-    actual: Any, Q: Any, K: Any, V: Any, *, scale: float, dtype: Any, rows: Any = None,
-    cols: Any = None, factor: float = 4.0, context: str = "", mask: Any = None,
+    actual: Any,
+    Q: Any,
+    K: Any,
+    V: Any,
+    *,
+    scale: float,
+    dtype: Any,
+    rows: Any = None,
+    cols: Any = None,
+    factor: float = 4.0,
+    context: str = "",
+    mask: Any = None,
 ) -> float:
     """Assert that ``actual`` matches the reference within :func:`allowed_error`.
 
@@ -110,9 +127,7 @@ def assert_attention_close(
     """
     Q, K, V, actual = (as_numpy(x) for x in (Q, K, V, actual))
     ref = reference_attention(Q, K, V, scale=scale, mask=mask)
-    allowance = allowed_error(
-        Q, K, V, scale=scale, dtype=dtype, reference=ref, factor=factor, mask=mask
-    )
+    allowance = allowed_error(Q, K, V, scale=scale, dtype=dtype, reference=ref, factor=factor, mask=mask)
     got = np.asarray(actual, dtype=np.float64)
     if rows is not None and cols is not None:
         ref, allowance = ref[rows, cols], allowance[rows, cols]
@@ -133,7 +148,14 @@ def assert_attention_close(
 
 
 def random_problem(
-    n: int, m: int, d: int, e: int, *, seed: int = 0, logit_scale: float = 1.0, dtype: Any = np.float64
+    n: int,
+    m: int,
+    d: int,
+    e: int,
+    *,
+    seed: int = 0,
+    logit_scale: float = 1.0,
+    dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gaussian ``Q: (n, d)``, ``K: (m, d)``, ``V: (m, e)``; logits have std ``logit_scale``."""
     rng = np.random.default_rng(seed)
