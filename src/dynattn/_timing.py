@@ -243,6 +243,23 @@ class LoadMonitor:
         return max(0.0, foreign / wall)
 
 
+def wait_for_quiet(max_load: float, timeout_s: float, window_s: float = 3.0) -> float | None:
+    """Wait until other processes keep fewer than ``max_load`` cores busy.
+
+    Samples :class:`LoadMonitor` over windows of ``window_s`` seconds, up to
+    ``timeout_s`` seconds in all. Returns the last measured load (``None``
+    where the load cannot be measured, which returns at once).
+    """
+    deadline = time.monotonic() + timeout_s
+    load = None
+    while True:
+        monitor = LoadMonitor().start()
+        time.sleep(window_s)
+        load = monitor.stop()
+        if load is None or load < max_load or time.monotonic() >= deadline:
+            return load
+
+
 def cpu_model() -> str:
     """CPU model string from ``/proc/cpuinfo`` (Linux) or :func:`platform.processor`."""
     try:
@@ -327,8 +344,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     def line(row: Sequence[str]) -> str:
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]

@@ -27,9 +27,7 @@ def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from exc
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
     if not values or any(v < 2 for v in values):
         raise argparse.ArgumentTypeError(f"expected sizes >= 2, got {text!r}")
     return values
@@ -86,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "baselines; check every answer against float64.",
     )
     demo.add_argument("--size", type=int, default=1024, help="n = m = d = e (default 1024)")
-    demo.add_argument(
-        "--updates", type=int, default=4096, help="updates in the workload (default 4096)"
-    )
+    demo.add_argument("--updates", type=int, default=4096, help="updates in the workload (default 4096)")
     demo.add_argument("--queries-per-update", type=float, default=1.0, help="default 1")
     demo.add_argument("--tau", type=float, default=0.75, help="DynamicAttention tau (default 0.75)")
     demo.add_argument("--storage", default="auto", choices=["auto", "dense", "implicit"])
@@ -136,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["recompute", "ondemand", "eager"],
         help="baselines to measure",
     )
-    bench.add_argument(
-        "--repeats", type=int, help="timed interleaved rounds (default 5; --quick 3)"
-    )
+    bench.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; --quick 3)")
     bench.add_argument("--warmup", type=int, help="untimed rounds first (default 1; --quick 0)")
     bench.add_argument("--sample-s", type=float, help="target seconds per sample (default 0.15)")
     bench.add_argument(
@@ -146,6 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="at most this many updates per Recompute sample (default 2)",
+    )
+    bench.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="shared machines: before each size wait up to SECONDS for other processes to "
+        "use < --quiet-load cores (default 0: don't wait)",
+    )
+    bench.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.1,
+        help="cores other processes may use for the machine to count as quiet (default 0.1)",
+    )
+    bench.add_argument(
+        "--noisy-retries",
+        type=int,
+        default=0,
+        help="measure a size again (up to this many times) when other processes used more "
+        "than 3x --quiet-load cores during it; the quietest attempt is kept (default 0)",
     )
     bench.add_argument(
         "--burn-in",
@@ -208,6 +223,9 @@ def _bench_config(args: argparse.Namespace) -> Any:
         head_dim=args.head_dim,
         seed=args.seed,
         memory_budget=args.memory_budget,
+        quiet_wait_s=args.quiet_wait,
+        quiet_load=args.quiet_load,
+        noisy_retries=args.noisy_retries,
     )
     if (
         cfg.repeats < 1
@@ -215,10 +233,12 @@ def _bench_config(args: argparse.Namespace) -> Any:
         or cfg.sample_s <= 0
         or cfg.recompute_updates < 1
         or cfg.burn_in < 0
+        or cfg.quiet_wait_s < 0
+        or cfg.noisy_retries < 0
     ):
         raise ValueError(
-            "--repeats and --recompute-updates must be >= 1, --warmup and --burn-in >= 0, "
-            "--sample-s > 0"
+            "--repeats and --recompute-updates must be >= 1; --warmup, --burn-in, --quiet-wait "
+            "and --noisy-retries >= 0; --sample-s > 0"
         )
     if cfg.regime == "paper" and max(cfg.sizes) > 8192:
         raise ValueError(
