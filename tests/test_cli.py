@@ -165,3 +165,14 @@ def test_progress_falls_back_to_plain_text(monkeypatch, capsys):
     with make_progress(3, "auto") as progress:
         progress.advance("step one")
     assert "step one" in capsys.readouterr().err
+
+
+def test_load_monitor_and_quiet_wait_return_quickly():
+    from dynattn._timing import LoadMonitor, wait_for_quiet
+
+    monitor = LoadMonitor().start()
+    load = monitor.stop()
+    assert load is None or load >= 0.0
+    # a limit no machine exceeds returns after one short window
+    load = wait_for_quiet(max_load=1e9, timeout_s=0.0, window_s=0.01)
+    assert load is None or load >= 0.0
