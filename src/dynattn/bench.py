@@ -306,7 +306,7 @@ class Subject:
     def label(self) -> str:
         """Short display name, e.g. ``dynamic t=0.50 dense``."""
         if self.name == "dynamic":
-            return f"dynamic t={self.tau:.2f} {self.storage}"
+            return f"dynamic t={self.tau:g} {self.storage}"
         return self.name
 
     @property
