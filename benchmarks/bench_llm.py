@@ -26,6 +26,17 @@ import numpy as np
 from dynattn import DynamicAttention
 from dynattn._timing import fmt_ratio, fmt_seconds, format_table, interleaved, machine_info
 
+HEADERS = [
+    "case",
+    "storage",
+    "dynattn",
+    "eager (ratio)",
+    "ondemand (ratio)",
+    "recompute (ratio)",
+    "sdpa (ratio)",
+    "fallbacks",
+]
+
 
 def softmax_attention(Q, K, V, scale):
     """Batched numpy attention (the Recompute baseline's work), ``(..., n, e)``."""
@@ -167,37 +178,9 @@ def main(argv=None):
                     row.append("-")
             row.append(f"{att.stats['query_fallbacks']}")
             rows.append(row)
-            print(
-                format_table(
-                    [
-                        "case",
-                        "storage",
-                        "dynattn",
-                        "eager (ratio)",
-                        "ondemand (ratio)",
-                        "recompute (ratio)",
-                        "sdpa (ratio)",
-                        "fallbacks",
-                    ],
-                    rows[-1:],
-                )
-            )
+            print(format_table(HEADERS, rows[-1:]))
     print()
-    print(
-        format_table(
-            [
-                "case",
-                "storage",
-                "dynattn",
-                "eager (ratio)",
-                "ondemand (ratio)",
-                "recompute (ratio)",
-                "sdpa (ratio)",
-                "fallbacks",
-            ],
-            rows,
-        )
-    )
+    print(format_table(HEADERS, rows))
     print("\nratio = contender's time per edit / dynattn's time per edit (higher: dynattn faster)")
 
 

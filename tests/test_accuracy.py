@@ -226,8 +226,6 @@ def test_hypothesis_adversarial_key_moves(steps, tau, storage, dtype):
     Q, K, V = dominant_key_problem(n, extra_keys=5, big=big, e=2, seed=len(steps))
     att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype)
     Q, K, V = (x.astype(dtype).copy() for x in (Q, K, V))
-    scale = 1.0 if dtype == np.float64 else 0.5
-    del scale
     for c, delta in steps:
         delta = delta if dtype == np.float64 else delta / 4
         att.update_k(c, c, delta)

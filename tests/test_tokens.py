@@ -38,6 +38,16 @@ class Model:
             mask = mask & (self.kpos[None, :] <= self.qpos[:, None])
         return mask
 
+    def append_token(self, q, k, v):
+        """A new token at the next position: query row q and key-value pair k, v (per head)."""
+        self.Q = np.concatenate([self.Q, q[..., None, :].astype(self.dtype)], axis=-2)
+        self.K = np.concatenate([self.K, k[..., None, :].astype(self.dtype)], axis=-2)
+        self.V = np.concatenate([self.V, v[..., None, :].astype(self.dtype)], axis=-2)
+        self.visible = np.append(self.visible, True)
+        self.qpos = np.append(self.qpos, self.next)
+        self.kpos = np.append(self.kpos, self.next)
+        self.next += 1
+
     def heads(self):
         batch = self.Q.shape[:-2]
         flat = [x.reshape(-1, *x.shape[-2:]) for x in (self.Q, self.K, self.V)]
@@ -156,13 +166,7 @@ def test_causal_decoding_by_append(storage, dtype):
         q, k, v = (rng.standard_normal((*heads, w)) for w in (d, d, e))
         query_index, key_index = att.append(q=q, k=k, v=v)
         assert (query_index, key_index) == (model.Q.shape[-2], model.K.shape[-2])
-        model.Q = np.concatenate([model.Q, q[..., None, :].astype(dtype)], axis=-2)
-        model.K = np.concatenate([model.K, k[..., None, :].astype(dtype)], axis=-2)
-        model.V = np.concatenate([model.V, v[..., None, :].astype(dtype)], axis=-2)
-        model.visible = np.append(model.visible, True)
-        model.qpos = np.append(model.qpos, model.next)
-        model.kpos = np.append(model.kpos, model.next)
-        model.next += 1
+        model.append_token(q, k, v)
         if step % 5 == 0:
             att._check()
         model.check(att, context=f"append {step}: ")
@@ -430,13 +434,7 @@ def test_hypothesis_token_sequences(actions, causal, storage, dtype):
             model.Q[..., i, :], model.K[..., i, :], model.V[..., i, :] = q, k, v
         elif kind == "append":
             att.append(q=q, k=k, v=v)
-            model.Q = np.concatenate([model.Q, q[..., None, :].astype(dtype)], axis=-2)
-            model.K = np.concatenate([model.K, k[..., None, :].astype(dtype)], axis=-2)
-            model.V = np.concatenate([model.V, v[..., None, :].astype(dtype)], axis=-2)
-            model.visible = np.append(model.visible, True)
-            model.qpos = np.append(model.qpos, model.next)
-            model.kpos = np.append(model.kpos, model.next)
-            model.next += 1
+            model.append_token(q, k, v)
         elif kind in ("delete_key", "show_key"):
             c = index % m
             att.set_key_mask(c, kind == "show_key")

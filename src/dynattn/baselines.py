@@ -33,19 +33,13 @@ def _softmax_rows(xp: Any, logits: Any) -> Any:
 class _BackendInputs(AttentionMaintainer):
     """Keeps Q, K, V as arrays of the chosen backend (numpy or torch)."""
 
-    def __init__(
-        self,
-        Q: Any,
-        K: Any,
-        V: Any,
-        *,
-        scale: float = 1.0,
-        dtype: Any = None,
-        backend: str | None = None,
-        device: Any = None,
-        **ignored: Any,
-    ):
-        super().__init__(Q, K, V, scale=scale, dtype=dtype, backend=backend, device=device)
+    #: DynamicAttention options that a baseline accepts and ignores (swappable constructors)
+    IGNORED = ("tau", "storage", "memory_budget", "tol", "certify")
+
+    def __init__(self, Q: Any, K: Any, V: Any, **options: Any):
+        for name in self.IGNORED:
+            options.pop(name, None)
+        super().__init__(Q, K, V, **options)
         xp = self._xp
         self._Q, self._K, self._V = (xp.asarray(x) for x in (self._Q, self._K, self._V))
         self._typed_scale = float(self._dtype.type(self._scale))
