@@ -64,6 +64,27 @@ def _color(label: str, idx: int) -> Any:
     return palette[idx % len(palette)]
 
 
+def _style(rec: Mapping[str, Any]) -> dict[str, Any]:
+    """Color by tau (viridis) and marker by storage for DynamicAttention; fixed for baselines."""
+    fixed = {
+        "recompute": ("tab:red", "s"),
+        "ondemand": ("tab:purple", "D"),
+        "eager": ("tab:brown", "v"),
+    }
+    if rec["impl"] in fixed:
+        color, marker = fixed[rec["impl"]]
+        return {"color": color, "marker": marker, "ls": "-"}
+    from matplotlib import colormaps
+
+    tau = float(rec.get("tau") or 0.0)
+    implicit = str(rec.get("storage")) == "implicit"
+    return {
+        "color": colormaps["viridis"](0.05 + 0.8 * tau),
+        "marker": "^" if implicit else "o",
+        "ls": "--" if implicit else "-",
+    }
+
+
 def plot_tradeoff(
     records: Sequence[Mapping[str, Any]], fits: Sequence[Mapping[str, Any]], path: str, title: str
 ) -> None:
@@ -72,9 +93,7 @@ def plot_tradeoff(
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
     n_max = max(r["n"] for r in records)
     top = [r for r in records if r["n"] == n_max]
-    dyn = sorted(
-        (r for r in top if r["impl"] == "dynamic"), key=lambda r: (str(r["storage"]), r["tau"])
-    )
+    dyn = sorted((r for r in top if r["impl"] == "dynamic"), key=lambda r: (str(r["storage"]), r["tau"]))
     storages = sorted({str(r["storage"]) for r in dyn})
     for s_idx, storage in enumerate(storages):
         pts = [r for r in dyn if str(r["storage"]) == storage]
@@ -91,9 +110,7 @@ def plot_tradeoff(
             )
     for r in top:
         if r["impl"] != "dynamic":
-            ax.plot(
-                [r["update_s"]], [r["query_s"]], "s", color=_color(r["label"], 0), label=r["label"]
-            )
+            ax.plot([r["update_s"]], [r["query_s"]], "s", color=_color(r["label"], 0), label=r["label"])
     if dyn:
         ax.axvline(dyn[0]["bound_s"], color="gray", ls=":", label="BLAS-3 bound 2ne/GEMM rate")
     ax.set_xscale("log")
@@ -126,9 +143,7 @@ def plot_tradeoff(
         label="paper's bound (omega(1,1,tau)-tau, 1+tau)",
     )
     for s_idx, storage in enumerate(storages):
-        pts = [
-            f for f in fits if str(f["storage"]) == storage and f.get("update") and f.get("query")
-        ]
+        pts = [f for f in fits if str(f["storage"]) == storage and f.get("update") and f.get("query")]
         if not pts:
             continue
         bx.errorbar(
@@ -174,14 +189,14 @@ def plot_scaling(records: Sequence[Mapping[str, Any]], path: str, title: str) ->
         for idx, (label, recs) in enumerate(series.items()):
             xs = np.array([r["n"] for r in recs], dtype=float)
             ys = np.array([r[field] for r in recs], dtype=float)
-            color = _color(label, idx)
+            style = _style(recs[0])
             text = label
             if len(set(xs)) >= 2:
                 fit = fit_loglog(xs, ys)
                 grid = np.geomspace(xs.min(), xs.max(), 20)
-                ax.plot(grid, fit.predict(grid), "-", color=color, alpha=0.5)
+                ax.plot(grid, fit.predict(grid), style["ls"], color=style["color"], alpha=0.6)
                 text = f"{label}: slope {fit.slope:.2f}"
-            ax.plot(xs, ys, "o", color=color, label=text)
+            ax.plot(xs, ys, style["marker"], color=style["color"], label=text)
             if field == "update_s" and idx == 0:
                 bounds = np.array([r["bound_s"] for r in recs])
                 ax.plot(xs, bounds, ":", color="gray", label="BLAS-3 bound 2ne/GEMM rate")
@@ -241,13 +256,10 @@ def plot_mix(
     ax.set_xlabel("queries per update")
     ax.set_ylabel("n")
     handles = [
-        plt.Rectangle((0, 0), 1, 1, color=_color(label, i), alpha=0.55)
-        for i, label in enumerate(labels)
+        plt.Rectangle((0, 0), 1, 1, color=_color(label, i), alpha=0.55) for i, label in enumerate(labels)
     ]
     ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title(
-        "fastest implementation per workload mix (text: speedup over the runner-up)", fontsize=9
-    )
+    ax.set_title("fastest implementation per workload mix (text: speedup over the runner-up)", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
