@@ -292,6 +292,33 @@ def blas_name() -> str:
         return "unknown"
 
 
+def source_version() -> str:
+    """``dynattn`` version, plus the git commit (and ``+dirty``) when run from a checkout."""
+    import subprocess
+
+    from dynattn import __version__
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(
+            ["git", "-C", here, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", here, "status", "--porcelain", "--", here],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} ({commit}{'+dirty' if dirty else ''})" if commit else __version__
+
+
 def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Where a measurement came from: CPU, cores, numpy/BLAS, Python, GEMM rates.
 
@@ -307,6 +334,7 @@ def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
         "blas": blas_name(),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "dynattn": source_version(),
     }
     if rates:
         info["gemm_gflops"] = {k: v / 1e9 for k, v in rates.items()}
