@@ -165,7 +165,10 @@ def plot_tradeoff(
             )
     bx.set_xlabel("update exponent (time ~ n^x)")
     bx.set_ylabel("query exponent (time ~ n^y)")
-    bx.set_title("exponents: fitted vs theory (paper regime)")
+    if fits:
+        bx.set_title("exponents: fitted vs theory (paper regime)")
+    else:
+        bx.set_title("theoretical exponents (fits: paper regime only)")
     bx.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
