@@ -56,8 +56,9 @@ from dynattn.storage import STORAGES, choose_storage
 UNIT_ROUNDOFF = 2.0**-53
 #: Default certification tolerance (relative to max|V[:, j]|), a tenth of SPEC's target.
 DEFAULT_TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5}
-#: Rows are refreshed at a fold once drift exceeds this fraction of ``tol``.
-DRIFT_FRACTION = 0.125
+#: Rows are refreshed at a fold once drift exceeds this fraction of ``tol`` (the rest is
+#: headroom for the pending terms of the answers until the next fold).
+DRIFT_FRACTION = 0.5
 #: Refresh block: at most this many float64 weights are materialized at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Pending slots allocated up front; more are added by doubling, up to the threshold.
@@ -106,6 +107,11 @@ def _gamma(k: int) -> float:
     """Higham's gamma_k = k u / (1 - k u) for float64 arithmetic."""
     ku = k * UNIT_ROUNDOFF
     return ku / (1.0 - ku)
+
+
+def _slots(flags: np.ndarray) -> Any:
+    """Index for the flagged pending slots: a slice (a view, no copy) when all are flagged."""
+    return slice(None) if flags.all() else flags
 
 
 def _threshold(m: int, tau: float) -> int:
@@ -216,7 +222,7 @@ class DynamicAttention(AttentionMaintainer):
         self._log_weight_limit = float(np.log(np.finfo(self._dtype).max)) / 4
         self._weight_limit = math.exp(self._log_weight_limit)
         #: relative error allowed in a pending column from multiplicative updates
-        self._column_error_limit = 8 * self._unit + 64 * UNIT_ROUNDOFF
+        self._column_error_limit = max(8 * self._unit + 64 * UNIT_ROUNDOFF, self._tol / 32)
         #: absolute error of weights that underflow the dtype, summed over a row
         self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
 
@@ -1187,22 +1193,24 @@ class DynamicAttention(AttentionMaintainer):
         mass = xp.sum(new_columns, 1) + old_sum
         drift = 2 * _gamma(t + 3) * mass
         if not self._storage.exact_snapshot:
-            mask = np.arange(t)[None, :, None] >= self._exact_slots[:, None, :]  # (H, t, n)
-            recomputed = xp.sum(old_columns * xp.asarray(mask, np.float64), 1)
+            recomputed = old_sum
+            if self._exact_slots.any():
+                mask = np.arange(t)[None, :, None] >= self._exact_slots[:, None, :]  # (H, t, n)
+                recomputed = xp.sum(old_columns * xp.asarray(mask, np.float64), 1)
             drift += self._mismatch_error(self._q_norm) * recomputed
+        old_values = self._pending_old_values[:, :t]
         if key_changed.any():
-            delta = new_columns[:, key_changed] - old_columns[:, key_changed]
-            self._add_transposed_products(delta, new_values[:, key_changed])
+            which = _slots(key_changed)
+            delta = new_columns[:, which] - old_columns[:, which]
+            self._add_transposed_products(delta, new_values[:, which])
             self._Z += xp.sum(delta, 1)
             self._storage.commit_columns(
-                rows[key_changed],
-                new_columns[:, key_changed],
-                self._column_error[:, :t][:, key_changed],
+                rows[which], new_columns[:, which], self._column_error[:, :t][:, which]
             )
         values_moved = bool(value_changed.any())
         if values_moved:
-            value_delta = new_values[:, value_changed] - self._pending_old_values[:, :t][:, value_changed]
-            self._add_transposed_products(old_columns[:, value_changed], value_delta)
+            which = _slots(value_changed)
+            self._add_transposed_products(old_columns[:, which], new_values[:, which] - old_values[:, which])
         self._drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(self._Z)
         self._slot_of.clear()
         self._t = 0
