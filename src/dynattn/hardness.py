@@ -92,18 +92,13 @@ def _boolean_matrix(name: str, value: Any, *, n: int | None = None) -> np.ndarra
         or np.issubdtype(array.dtype, np.floating)
     ):
         raise TypeError(
-            f"{name}: expected a 0/1 matrix of bool, integer or float dtype, "
-            f"got dtype {array.dtype}"
+            f"{name}: expected a 0/1 matrix of bool, integer or float dtype, got dtype {array.dtype}"
         )
     if array.ndim != 2:
-        raise ValueError(
-            f"{name}: expected a 2-D 0/1 matrix, got {array.ndim}-D with shape {array.shape}"
-        )
+        raise ValueError(f"{name}: expected a 2-D 0/1 matrix, got {array.ndim}-D with shape {array.shape}")
     if n is None:
         if array.shape[0] != array.shape[1] or array.shape[0] == 0:
-            raise ValueError(
-                f"{name}: expected a non-empty square (n, n) matrix, got shape {array.shape}"
-            )
+            raise ValueError(f"{name}: expected a non-empty square (n, n) matrix, got shape {array.shape}")
     elif array.shape != (n, n):
         raise ValueError(f"{name}: expected shape ({n}, {n}) (n from M), got shape {array.shape}")
     bad = ~((array == 0) | (array == 1))
@@ -211,8 +206,7 @@ def encode_phase1(
 def _check_gap(logit_gap: Any) -> float:
     if isinstance(logit_gap, (bool, np.bool_)) or not isinstance(logit_gap, numbers.Real):
         raise TypeError(
-            f"logit_gap: expected a real number > ln 2, "
-            f"got {type(logit_gap).__name__} {logit_gap!r}"
+            f"logit_gap: expected a real number > ln 2, got {type(logit_gap).__name__} {logit_gap!r}"
         )
     gap = float(logit_gap)
     if not (math.isfinite(gap) and math.log(2.0) < gap <= 1e6):

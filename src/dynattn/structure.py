@@ -221,10 +221,9 @@ class DynamicAttention(AttentionMaintainer):
         self._unit = float(np.finfo(self._dtype).eps) / 2
         self._log_weight_limit = float(np.log(np.finfo(self._dtype).max)) / 4
         self._weight_limit = math.exp(self._log_weight_limit)
-        #: relative error allowed in a pending column from multiplicative updates
+        #: relative error a weight column may carry from multiplicative updates before it is
+        #: recomputed from its logits (it enters every bound times the row's weight mass)
         self._column_error_limit = max(8 * self._unit + 64 * UNIT_ROUNDOFF, self._tol / 32)
-        #: absolute error of weights that underflow the dtype, summed over a row
-        self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
 
         # state arrays live in growable buffers; attributes are views of them
         self._threshold = _threshold(m, self._tau)
@@ -288,13 +287,13 @@ class DynamicAttention(AttentionMaintainer):
         if self._dtype == np.float64:
             for copy, src in FLOAT64_COPIES.items():
                 setattr(self, copy, getattr(self, src))
-        H, n, m = self._H, self._size["n"], self._size["m"]
+        n, m = self._size["n"], self._size["m"]
         self.n, self.m = n, m
+        #: absolute error of weights that underflow the dtype, summed over a row
+        self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
         self._Q = self._Qh.reshape(*self.batch_shape, n, self.d)
         self._K = self._Kh.reshape(*self.batch_shape, m, self.d)
         self._V = self._Vh.reshape(*self.batch_shape, m, self.e)
-        self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
-        del H
 
     def _resize(self, **sizes: int) -> None:
         """Set sizes of growable axes, doubling buffers that are too small (amortized O(1))."""

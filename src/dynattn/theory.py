@@ -287,14 +287,10 @@ def fit_loglog(x: Sequence[float], y: Sequence[float]) -> Fit:
     xs = np.asarray(x, dtype=np.float64)
     ys = np.asarray(y, dtype=np.float64)
     if xs.shape != ys.shape or xs.ndim != 1:
-        raise ValueError(
-            f"x and y: expected 1-D arrays of equal length, got {xs.shape} and {ys.shape}"
-        )
+        raise ValueError(f"x and y: expected 1-D arrays of equal length, got {xs.shape} and {ys.shape}")
     if xs.size < 2 or np.unique(xs).size < 2:
         raise ValueError(f"x: expected at least two distinct values, got {xs.tolist()}")
-    if not (
-        np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)
-    ):
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)):
         raise ValueError("x and y: expected finite positive values for a log-log fit")
     lx, ly = np.log(xs), np.log(ys)
     design = np.stack([lx, np.ones_like(lx)], axis=1)
@@ -316,9 +312,7 @@ MIN_FIT_POINTS = 4
 MIN_FIT_SPAN = 4.0
 
 
-def fit_records(
-    records: Iterable[Mapping[str, Any]], impl: str = "dynamic"
-) -> list[dict[str, Any]]:
+def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> list[dict[str, Any]]:
     """Exponent fits of ``update_s`` and ``query_s`` against ``n`` per (tau, storage, dtype).
 
     Parameters
@@ -343,9 +337,7 @@ def fit_records(
             continue
         groups.setdefault((rec["tau"], rec.get("storage"), rec.get("dtype")), []).append(rec)
     out = []
-    for (tau, storage, dtype), recs in sorted(
-        groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
-    ):
+    for (tau, storage, dtype), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         recs = sorted(recs, key=lambda r: r["n"])
         sizes = [r["n"] for r in recs]
         entry: dict[str, Any] = {
