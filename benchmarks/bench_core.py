@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--taus", default="0.5,0.75,0.875,1.0", help="comma-separated (default 0.5,0.75,0.875,1.0)"
     )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="timed interleaved rounds (default 5)"
-    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (default 5)")
     parser.add_argument("--storage", default="auto", choices=["auto", "dense", "implicit"])
     parser.add_argument("--sample-s", type=float, default=0.2, help="target seconds per sample")
     parser.add_argument("--json", metavar="PATH", help="write the records as JSON")
@@ -173,18 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         dynamic,
         key=lambda r: (sum(r["targets"].values()), min(r["target_margins"].values())),
     )
-    print(
-        f"\nbest tau = {best['tau']:g} (threshold {best['threshold']}, storage {best['storage']}):"
-    )
+    print(f"\nbest tau = {best['tau']:g} (threshold {best['threshold']}, storage {best['storage']}):")
     for name, ok in best["targets"].items():
         margin = best["target_margins"][name]
         print(f"  {'PASS' if ok else 'FAIL'}  {name}  (achieved / required = {margin:.2f})")
     print(f"\n(run took {elapsed:.0f} s)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(
-                {"machine": machine, "records": records, "best_tau": best["tau"]}, fh, indent=1
-            )
+            json.dump({"machine": machine, "records": records, "best_tau": best["tau"]}, fh, indent=1)
     return 0 if all(best["targets"].values()) else 1
 
 

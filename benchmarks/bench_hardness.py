@@ -88,8 +88,13 @@ class Timed:
 def measure(n, tau, *, attention, storage, dtype, density, columns, repeats, seed):
     """Best-of-``repeats`` seconds for phase 1, phase 2 (whole and updates only),
     phase 3 (per column) and the fold."""
-    best = {"phase1": math.inf, "phase2": math.inf, "updates_s": math.inf,
-            "phase3": math.inf, "fold": math.inf}
+    best = {
+        "phase1": math.inf,
+        "phase2": math.inf,
+        "updates_s": math.inf,
+        "phase3": math.inf,
+        "fold": math.inf,
+    }
     M, V, P = instance(n, tau, density, seed)
     rng = np.random.default_rng(seed + 1)
     cols = rng.choice(n, size=min(columns, n), replace=False)
@@ -133,8 +138,13 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", help="values of n (default 256..2048)")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--attention", choices=list(ATTENTIONS), default="dynamic")
-    parser.add_argument("--storage", nargs="+", choices=["dense", "implicit", "auto"],
-                        default=["dense"], help="DynamicAttention storage mode(s)")
+    parser.add_argument(
+        "--storage",
+        nargs="+",
+        choices=["dense", "implicit", "auto"],
+        default=["dense"],
+        help="DynamicAttention storage mode(s)",
+    )
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--density", type=float, default=0.1, help="density of M and V")
     parser.add_argument("--columns", type=int, default=4, help="phase-3 columns timed per size")
@@ -148,44 +158,73 @@ def main(argv=None) -> None:
     dtype = np.dtype(args.dtype)
     storages = args.storage if attention in (DynamicAttention, Eager) else ["-"]
 
-    print(f"# bench_hardness: numpy {np.__version__}, python {platform.python_version()}, "
-          f"{platform.machine()}, sizes {sizes}, best of {repeats}, dtype {dtype}, "
-          f"M/V density {args.density}, P with ceil(n^tau) nonzeros")
-    print(f"# omega(1,1,tau) approximated: 2 for tau <= {ALPHA}, linear interpolation to "
-          f"omega = {OMEGA} at tau = 1 (an upper bound by convexity)")
+    print(
+        f"# bench_hardness: numpy {np.__version__}, python {platform.python_version()}, "
+        f"{platform.machine()}, sizes {sizes}, best of {repeats}, dtype {dtype}, "
+        f"M/V density {args.density}, P with ceil(n^tau) nonzeros"
+    )
+    print(
+        f"# omega(1,1,tau) approximated: 2 for tau <= {ALPHA}, linear interpolation to "
+        f"omega = {OMEGA} at tau = 1 (an upper bound by convexity)"
+    )
     for storage in storages:
         print(f"\n## attention = {args.attention}, storage = {storage}")
-        header = (f"{'tau':>5} {'n':>6} {'updates':>7} {'phase1 s':>9} {'phase2 s':>9} "
-                  f"{'updates s':>9} {'us/update':>9} {'fold s':>8} {'phase3 s/col':>12} "
-                  f"{'us/query':>9}")
+        header = (
+            f"{'tau':>5} {'n':>6} {'updates':>7} {'phase1 s':>9} {'phase2 s':>9} "
+            f"{'updates s':>9} {'us/update':>9} {'fold s':>8} {'phase3 s/col':>12} "
+            f"{'us/query':>9}"
+        )
         print(header)
         summary = []
         for tau in args.taus:
             rows = []
             for n in sizes:
-                r = measure(n, tau, attention=attention, storage=storage, dtype=dtype,
-                            density=args.density, columns=args.columns, repeats=repeats,
-                            seed=args.seed + n)
+                r = measure(
+                    n,
+                    tau,
+                    attention=attention,
+                    storage=storage,
+                    dtype=dtype,
+                    density=args.density,
+                    columns=args.columns,
+                    repeats=repeats,
+                    seed=args.seed + n,
+                )
                 rows.append(r)
-                print(f"{tau:5.2f} {n:6d} {r['updates']:7d} {r['phase1']:9.4f} {r['phase2']:9.5f} "
-                      f"{r['updates_s']:9.5f} {1e6 * r['updates_s'] / r['updates']:9.2f} "
-                      f"{r['fold']:8.5f} "
-                      f"{r['phase3']:12.5f} {1e6 * r['phase3'] / n:9.2f}", flush=True)
+                print(
+                    f"{tau:5.2f} {n:6d} {r['updates']:7d} {r['phase1']:9.4f} {r['phase2']:9.5f} "
+                    f"{r['updates_s']:9.5f} {1e6 * r['updates_s'] / r['updates']:9.2f} "
+                    f"{r['fold']:8.5f} "
+                    f"{r['phase3']:12.5f} {1e6 * r['phase3'] / n:9.2f}",
+                    flush=True,
+                )
             per_update = [r["updates_s"] / r["updates"] for r in rows]
             charged = [(r["updates_s"] + r["fold"]) / r["updates"] for r in rows]
             phase2 = [r["phase2"] for r in rows]
             phase3 = [r["phase3"] for r in rows]
-            summary.append((tau, slope(sizes, per_update), slope(sizes, charged),
-                            omega_rect(tau) - tau, slope(sizes, phase2), omega_rect(tau),
-                            slope(sizes, phase3), 1 + tau))
-        print("\nfitted exponents (slope of log time vs log n); 'update' = one update_k call, "
-              "'+fold' = with the deferred fold charged, phase 2 = whole hint(P), "
-              "phase 3 = one column (n queries):")
-        print(f"{'tau':>5} {'update':>7} {'+fold':>6} {'w(1,1,t)-t':>10} {'phase2':>7} "
-              f"{'w(1,1,t)':>8} {'phase3':>7} {'1+tau':>6}")
+            summary.append(
+                (
+                    tau,
+                    slope(sizes, per_update),
+                    slope(sizes, charged),
+                    omega_rect(tau) - tau,
+                    slope(sizes, phase2),
+                    omega_rect(tau),
+                    slope(sizes, phase3),
+                    1 + tau,
+                )
+            )
+        print(
+            "\nfitted exponents (slope of log time vs log n); 'update' = one update_k call, "
+            "'+fold' = with the deferred fold charged, phase 2 = whole hint(P), "
+            "phase 3 = one column (n queries):"
+        )
+        print(
+            f"{'tau':>5} {'update':>7} {'+fold':>6} {'w(1,1,t)-t':>10} {'phase2':>7} "
+            f"{'w(1,1,t)':>8} {'phase3':>7} {'1+tau':>6}"
+        )
         for tau, up, ch, b_up, p2, b_p2, p3, b_p3 in summary:
-            print(f"{tau:5.2f} {up:7.2f} {ch:6.2f} {b_up:10.3f} {p2:7.2f} {b_p2:8.3f} "
-                  f"{p3:7.2f} {b_p3:6.2f}")
+            print(f"{tau:5.2f} {up:7.2f} {ch:6.2f} {b_up:10.3f} {p2:7.2f} {b_p2:8.3f} {p3:7.2f} {b_p3:6.2f}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,21 @@ from dynattn import DynamicAttention
 from dynattn.bench import BASELINE_ORDER, make_progress
 from dynattn.cli import main
 
-REQUIRED = {"impl", "regime", "n", "m", "d", "e", "tau", "dtype", "storage", "update_s", "query_s",
-            "rebuild_s", "ratios"}
+REQUIRED = {
+    "impl",
+    "regime",
+    "n",
+    "m",
+    "d",
+    "e",
+    "tau",
+    "dtype",
+    "storage",
+    "update_s",
+    "query_s",
+    "rebuild_s",
+    "ratios",
+}
 
 TINY_BENCH = ["--quick", "--repeats", "1", "--sample-s", "0.002", "--progress", "none"]
 
@@ -33,8 +46,25 @@ def test_no_command_prints_help(capsys):
 
 def test_demo_tiny_passes_and_writes_json(tmp_path, capsys):
     path = tmp_path / "demo.json"
-    rc = main(["demo", "--size", "40", "--updates", "60", "--recompute-updates", "6",
-               "--eager-updates", "20", "--tau", "0.75", "--progress", "none", "--json", str(path)])
+    rc = main(
+        [
+            "demo",
+            "--size",
+            "40",
+            "--updates",
+            "60",
+            "--recompute-updates",
+            "6",
+            "--eager-updates",
+            "20",
+            "--tau",
+            "0.75",
+            "--progress",
+            "none",
+            "--json",
+            str(path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASS" in out
@@ -48,8 +78,23 @@ def test_demo_tiny_passes_and_writes_json(tmp_path, capsys):
 
 
 def test_demo_float32(capsys):
-    rc = main(["demo", "--size", "24", "--updates", "30", "--dtype", "float32",
-               "--progress", "none", "--recompute-updates", "4", "--eager-updates", "8"])
+    rc = main(
+        [
+            "demo",
+            "--size",
+            "24",
+            "--updates",
+            "30",
+            "--dtype",
+            "float32",
+            "--progress",
+            "none",
+            "--recompute-updates",
+            "4",
+            "--eager-updates",
+            "8",
+        ]
+    )
     assert rc == 0
     assert "1e-04" in capsys.readouterr().out
 
@@ -63,8 +108,21 @@ class _OffByOne(DynamicAttention):
 
 def test_demo_exits_nonzero_on_a_wrong_answer(monkeypatch, capsys):
     monkeypatch.setattr(dynattn, "DynamicAttention", _OffByOne)
-    rc = main(["demo", "--size", "24", "--updates", "10", "--progress", "none",
-               "--recompute-updates", "2", "--eager-updates", "4"])
+    rc = main(
+        [
+            "demo",
+            "--size",
+            "24",
+            "--updates",
+            "10",
+            "--progress",
+            "none",
+            "--recompute-updates",
+            "2",
+            "--eager-updates",
+            "4",
+        ]
+    )
     assert rc == 1
     assert "FAIL" in capsys.readouterr().out
 
@@ -77,8 +135,20 @@ def test_demo_rejects_bad_tau(capsys):
 @pytest.fixture(scope="module")
 def bench_json(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "paper.json"
-    rc = main(["bench", *TINY_BENCH, "--sizes", "16,32,64,128", "--taus", "0.5,1",
-               "--storage", "dense,implicit", "--json", str(path)])
+    rc = main(
+        [
+            "bench",
+            *TINY_BENCH,
+            "--sizes",
+            "16,32,64,128",
+            "--taus",
+            "0.5,1",
+            "--storage",
+            "dense,implicit",
+            "--json",
+            str(path),
+        ]
+    )
     assert rc == 0
     return path
 
@@ -92,7 +162,8 @@ def test_bench_quick_json_has_required_fields(bench_json):
     dynamic = [r for r in records if r["impl"] == "dynamic"]
     assert len(dynamic) == 4 * 2 * 2  # sizes x taus x storages
     assert {(r["tau"], r["storage"]) for r in dynamic} == {
-        (t, s) for t in (0.5, 1.0) for s in ("dense", "implicit")}
+        (t, s) for t in (0.5, 1.0) for s in ("dense", "implicit")
+    }
     for name in BASELINE_ORDER:
         assert len([r for r in records if r["impl"] == name]) == 4
     for rec in records:
@@ -115,8 +186,9 @@ def test_bench_quick_json_has_required_fields(bench_json):
 
 def test_bench_load_policy_and_plots(bench_json, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    rc = main(["bench", "--load", str(bench_json), "--policy", "0.01,1,100",
-               "--plot", str(tmp_path / "figs")])
+    rc = main(
+        ["bench", "--load", str(bench_json), "--policy", "0.01,1,100", "--plot", str(tmp_path / "figs")]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "exponent fits" in out and "policy" in out
@@ -133,8 +205,24 @@ def test_plots_without_matplotlib_give_install_hint(bench_json, tmp_path, monkey
 
 def test_bench_llm_regime(tmp_path):
     path = tmp_path / "llm.json"
-    rc = main(["bench", "--regime", "llm", *TINY_BENCH, "--sizes", "32,64", "--taus", "0.5",
-               "--head-dim", "8", "--baselines", "ondemand,eager,recompute", "--json", str(path)])
+    rc = main(
+        [
+            "bench",
+            "--regime",
+            "llm",
+            *TINY_BENCH,
+            "--sizes",
+            "32,64",
+            "--taus",
+            "0.5",
+            "--head-dim",
+            "8",
+            "--baselines",
+            "ondemand,eager,recompute",
+            "--json",
+            str(path),
+        ]
+    )
     assert rc == 0
     records = json.loads(path.read_text())["records"]
     assert {r["n"] for r in records} == {32, 64}

@@ -126,8 +126,7 @@ def test_direct_matches_definition(n, seed, density):
     full = boolean_product(M, P, V)
     for i in range(n):
         expected = [
-            int(any(M[r, k] and P[k, c] and V[c, i] for k in range(n) for c in range(n)))
-            for r in range(n)
+            int(any(M[r, k] and P[k, c] and V[c, i] for k in range(n) for c in range(n))) for r in range(n)
         ]
         got = hinted_mv_direct(M, V, P, i)
         assert got.dtype == np.uint8 and got.shape == (n,)
@@ -182,8 +181,9 @@ def test_n256_dynamic_attention(box, tau):
     assert solver.updates == max_hint_nonzeros(n, tau)
 
 
-@pytest.mark.parametrize("box", ["recompute-f64", "recompute-f32", "ondemand-f64", "ondemand-f32",
-                                 "eager-f64", "eager-f32"])
+@pytest.mark.parametrize(
+    "box", ["recompute-f64", "recompute-f32", "ondemand-f64", "ondemand-f32", "eager-f64", "eager-f32"]
+)
 @pytest.mark.parametrize("tau", [0.25, 0.5])
 def test_n256_baselines(box, tau):
     n = 256
@@ -214,9 +214,7 @@ def test_hypothesis_instances(data, n, tau, dtype, storage):
     bits = st.lists(st.integers(0, 1), min_size=n * n, max_size=n * n)
     M = np.array(data.draw(bits, label="M")).reshape(n, n)
     V = np.array(data.draw(bits, label="V")).reshape(n, n)
-    cells = data.draw(
-        st.sets(st.integers(0, n * n - 1), max_size=max_hint_nonzeros(n, tau)), label="P"
-    )
+    cells = data.draw(st.sets(st.integers(0, n * n - 1), max_size=max_hint_nonzeros(n, tau)), label="P")
     P = np.zeros((n, n), dtype=int)
     P.flat[sorted(cells)] = 1
     _, got = solve_all(M, V, P, tau, attention=DynamicAttention, dtype=dtype, storage=storage)
@@ -284,8 +282,15 @@ def test_widely_differing_counts_n256(dtype, gap):
     columns = [0, *range(1, n, 23)]
     for storage in ("dense", "implicit"):
         _, got = solve_all(
-            M, V, P, tau, columns=columns, attention=DynamicAttention, dtype=dtype,
-            storage=storage, logit_gap=gap,
+            M,
+            V,
+            P,
+            tau,
+            columns=columns,
+            attention=DynamicAttention,
+            dtype=dtype,
+            storage=storage,
+            logit_gap=gap,
         )
         assert np.array_equal(got, direct_all(M, V, P, columns=columns))
 
@@ -300,9 +305,7 @@ def test_folds_during_and_after_phase2(storage, dtype):
         return DynamicAttention(Q, K, V, tau=tau / 3, **options)
 
     M, V, P, _ = staircase_instance(n, tau, seed=8)
-    solver = HintedMvViaAttention(
-        M, V, tau=tau, attention=eager_ish, storage=storage, dtype=dtype
-    )
+    solver = HintedMvViaAttention(M, V, tau=tau, attention=eager_ish, storage=storage, dtype=dtype)
     solver.hint(P)
     assert solver.attention.stats["folds"] >= 5
     got = np.stack([solver.column(i) for i in range(n)], axis=1)
@@ -318,9 +321,7 @@ def test_other_logit_gaps(gap):
     n, tau = 16, 0.5
     M, V, P = random_instance(n, tau, density_m=0.6, density_v=0.3, seed=2)
     for dtype in (np.float64, np.float32):
-        solver, got = solve_all(
-            M, V, P, tau, attention=DynamicAttention, dtype=dtype, logit_gap=gap
-        )
+        solver, got = solve_all(M, V, P, tau, attention=DynamicAttention, dtype=dtype, logit_gap=gap)
         assert solver.logit_gap == gap
         assert np.array_equal(got, direct_all(M, V, P))
 
@@ -432,8 +433,12 @@ def test_non_boolean_entries(name, value):
 
 @pytest.mark.parametrize(
     "shape, pattern",
-    [((4, 5), r"expected shape \(4, 4\).*got shape \(4, 5\)"), ((3, 3), r"got shape \(3, 3\)"),
-     ((16,), r"expected a 2-D 0/1 matrix, got 1-D"), ((2, 4, 4), r"got 3-D")],
+    [
+        ((4, 5), r"expected shape \(4, 4\).*got shape \(4, 5\)"),
+        ((3, 3), r"got shape \(3, 3\)"),
+        ((16,), r"expected a 2-D 0/1 matrix, got 1-D"),
+        ((2, 4, 4), r"got 3-D"),
+    ],
 )
 def test_wrong_shapes(shape, pattern):
     solver = make(n=4)
@@ -456,9 +461,17 @@ def test_bad_m_and_dtypes():
         make(n=2).hint([["0", "1"], ["1", "0"]])
 
 
-@pytest.mark.parametrize("tau, error", [(0, ValueError), (1.5, ValueError), (-0.5, ValueError),
-                                        (float("nan"), ValueError), (True, TypeError),
-                                        ("0.5", TypeError)])
+@pytest.mark.parametrize(
+    "tau, error",
+    [
+        (0, ValueError),
+        (1.5, ValueError),
+        (-0.5, ValueError),
+        (float("nan"), ValueError),
+        (True, TypeError),
+        ("0.5", TypeError),
+    ],
+)
 def test_bad_tau(tau, error):
     with pytest.raises(error, match=r"tau: expected"):
         make(tau=tau)

@@ -117,8 +117,14 @@ def test_fit_two_points_has_nan_stderr():
 
 @pytest.mark.parametrize(
     "x, y",
-    [([1.0], [1.0]), ([2.0, 2.0], [1.0, 3.0]), ([1.0, 2.0], [1.0, 0.0]), ([1.0, 2.0], [1.0]),
-     ([1.0, -2.0], [1.0, 1.0]), ([1.0, 2.0], [1.0, float("nan")])],
+    [
+        ([1.0], [1.0]),
+        ([2.0, 2.0], [1.0, 3.0]),
+        ([1.0, 2.0], [1.0, 0.0]),
+        ([1.0, 2.0], [1.0]),
+        ([1.0, -2.0], [1.0, 1.0]),
+        ([1.0, 2.0], [1.0, float("nan")]),
+    ],
 )
 def test_fit_rejects_bad_input(x, y):
     with pytest.raises(ValueError):
@@ -126,8 +132,16 @@ def test_fit_rejects_bad_input(x, y):
 
 
 def _record(n, tau, update, query, impl="dynamic", regime="paper"):
-    return {"impl": impl, "regime": regime, "n": n, "tau": tau, "storage": "dense",
-            "dtype": "float64", "update_s": update, "query_s": query}
+    return {
+        "impl": impl,
+        "regime": regime,
+        "n": n,
+        "tau": tau,
+        "storage": "dense",
+        "dtype": "float64",
+        "update_s": update,
+        "query_s": query,
+    }
 
 
 def test_fit_records_groups_by_tau_and_flags_reliability():
