@@ -773,11 +773,24 @@ class DynamicAttention(AttentionMaintainer):
 
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
         """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head."""
-        slot = self._slot_for(c)
-        self._Kh[:, c] = self._xp.asarray(k)
+        xp, heads = self._xp, np.arange(self._H)
+        new_logits = None
+        if c in self._slot_of or self._storage.exact_snapshot:
+            slot = self._slot_for(c)
+        else:
+            # implicit storage, first touch: one pass over Q gives the folded column and the new one
+            pair = xp.zeros((self._H, 2, self.d), np.float64)
+            pair[:, 0] = self._K64[:, c]
+            pair[:, 1] = xp.asarray(k.astype(np.float64))
+            logits = self._hide_from_masked_rows((pair @ self._QT64) * self._scale, c)
+            old_column = xp.exp(logits[:, 0] - self._mu)
+            self._round_to_dtype(old_column)
+            slot = self._open_slot(c, old_column, np.zeros(self._H), self._V64[:, c])
+            new_logits = logits[:, 1]
+        self._Kh[:, c] = xp.asarray(k)
         self._sync_float64_copies(K=c)
         self._note_key_row(c, k)
-        self._set_fresh_columns(slot, c, np.arange(self._H))
+        self._set_fresh_columns(slot, c, heads, new_logits)
         self._key_changed[slot] = True
 
     def _apply_value_row(self, c: int, v: np.ndarray) -> None:
@@ -1090,17 +1103,23 @@ class DynamicAttention(AttentionMaintainer):
         else:
             columns = self._QT64 if heads.size == self._H else self._QT64[heads]
             logits = (self._K64[heads, c][:, None, :] @ columns)[:, 0] * self._scale
+        return self._hide_from_masked_rows(logits, c)
+
+    def _hide_from_masked_rows(self, logits: Any, c: int) -> Any:
+        """Set to -inf the logits ``(..., n)`` of the query rows that may not see key c."""
         if not self._key_visible[c]:
             logits[...] = -np.inf
         elif self._causal:
-            logits[:, self._query_pos < self._key_pos[c]] = -np.inf
+            logits[..., self._query_pos < self._key_pos[c]] = -np.inf
         return logits
 
-    def _set_fresh_columns(self, slot: int, c: int, heads: np.ndarray) -> None:
-        """Pending column of row c for ``heads``, from its logits against the current ``mu``;
-        moves ``mu`` up first where a weight would exceed the limit."""
+    def _set_fresh_columns(self, slot: int, c: int, heads: np.ndarray, logits: Any = None) -> None:
+        """Pending column of row c for ``heads``, from its (masked) logits against the current
+        ``mu`` (computed here unless given); moves ``mu`` up first where a weight would exceed
+        the limit."""
         xp = self._xp
-        logits = self._masked_logits(heads, c)
+        if logits is None:
+            logits = self._masked_logits(heads, c)
         exponent = logits - self._mu[heads]
         too_big = exponent > self._log_weight_limit
         if bool(too_big.any()):
