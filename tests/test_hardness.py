@@ -490,9 +490,9 @@ def test_bad_column_index_and_phase_order():
         solver.column(4)
     with pytest.raises(IndexError, match=r"i=-1 is out of range"):
         solver.column(-1)
-    with pytest.raises(TypeError, match=r"i: expected an integer column index, got float"):
+    with pytest.raises(TypeError, match=r"i: expected an integer index, got float"):
         solver.column(1.0)
-    with pytest.raises(TypeError, match=r"i: expected an integer column index, got bool"):
+    with pytest.raises(TypeError, match=r"i: expected an integer index, got bool"):
         hinted_mv_direct(np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)), True)
     assert solver.column(np.int64(2)).tolist() == [0, 0, 0, 0]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import assert_same_state, state_of
 from dynattn import DynamicAttention
-from dynattn.testing import as_numpy, assert_attention_close
+from dynattn.testing import as_numpy, assert_attention_close, reference_attention
 
 STORAGES = ["dense", "implicit"]
 DTYPES = [np.float64, np.float32]
@@ -225,6 +225,30 @@ def test_all_keys_masked_gives_zero_rows():
     att.delete_key(0)
     np.testing.assert_array_equal(as_numpy(att.output()), 0.0)
     assert att.query(1, 1) == 0.0
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_rows_that_see_no_key_answer_zero_exactly_and_cheaply(storage):
+    """Causal row 0 sees only key 0; once it is hidden, row 0 answers 0 with bound 0
+    and without recomputing anything, while the other rows stay correct."""
+    Q, K, V = problem((2,), 4, 4, 3, 2, seed=3)
+    att = DynamicAttention(Q, K, V, causal=True, storage=storage, tau=1.0)
+    att.delete_key(0)
+    before = att.stats
+    for answer in (att.query(0, 1, head=1), *as_numpy(att.query_row(0)).ravel()):
+        assert answer == 0.0
+    assert as_numpy(att.query_many([0, 0], [0, 1], heads=[0, 1])).tolist() == [0.0, 0.0]
+    assert att.error_bound(0, head=0) == 0.0 and att.error_bound(1, head=0) > 0.0
+    assert att.stats["query_fallbacks"] == before["query_fallbacks"]
+    mask = np.tril(np.ones((4, 4), dtype=bool))
+    mask[:, 0] = False
+    for h in range(2):
+        expected = reference_attention(Q[h], K[h], V[h], mask=mask)
+        np.testing.assert_allclose(as_numpy(att.output())[h], expected, atol=1e-12)
+    att.set_key_mask(0, True)  # row 0 sees key 0 again
+    att._check()
+    expected = reference_attention(Q[0], K[0], V[0], mask=np.tril(np.ones((4, 4), dtype=bool)))
+    np.testing.assert_allclose(as_numpy(att.query_row(0))[0], expected[0], atol=1e-12)
 
 
 @pytest.mark.parametrize("storage", STORAGES)

@@ -1,11 +1,14 @@
 """Bad input: a clear error naming the argument, and nothing changed."""
 
+import re
+
 import numpy as np
 import pytest
 
 from conftest import assert_same_state, state_of
 from dynattn import DynamicAttention
 from dynattn.baselines import BASELINES
+from dynattn.hardness import HintedMvViaAttention
 from dynattn.testing import as_numpy, random_problem
 
 IMPLEMENTATIONS = {"dynamic": DynamicAttention, **BASELINES}
@@ -112,11 +115,11 @@ def test_constructor_rejects_bad_input(kwargs, error, message):
 
 def test_logits_beyond_float64_range_are_rejected():
     Q, K, V = random_problem(3, 4, 2, 2)
-    with pytest.raises(ValueError, match="K: logits"):
+    with pytest.raises(ValueError, match="K: dot products"):
         DynamicAttention(Q * 1e160, K * 1e160, V)
     att = DynamicAttention(Q * 1e150, K, V)
     before = state_of(att)
-    with pytest.raises(ValueError, match="delta: logits"):
+    with pytest.raises(ValueError, match="delta: dot products"):
         att.update_k(0, 0, 1e200)
     assert_same_state(before, state_of(att))
 
@@ -126,3 +129,336 @@ def test_integer_inputs_are_converted():
     att = DynamicAttention(Q, Q[:2], np.ones((2, 1), dtype=np.int64))
     assert as_numpy(att.K).dtype == np.float64
     np.testing.assert_allclose(as_numpy(att.output()), 1.0)
+
+
+# ------------------------------------------------------------------ one policy for indices and flags
+#
+# Every public index is a Python int, a numpy integer scalar or a 0-d integer
+# array/tensor; every index array a 1-D list, integer array or integer tensor;
+# every flag a Python/numpy bool. Anything else is a TypeError naming the
+# argument (a 0-d index array is a ValueError), and a rejected call changes nothing.
+
+
+def _problem(batch=()):
+    rng = np.random.default_rng(21)
+    Q = rng.standard_normal((*batch, 5, 3)) * 0.5
+    K = rng.standard_normal((*batch, 6, 3)) * 0.5
+    V = rng.standard_normal((*batch, 6, 3))
+    return Q, K, V
+
+
+def _fresh(kind="dynamic", batch=(), **options):
+    """A small structure (n=5, m=6, d=e=3) with one pending change."""
+    att = IMPLEMENTATIONS[kind](*_problem(batch), tau=0.5, **options)
+    if batch:
+        att.update_v(1, 1, 0.5, head=0)
+    else:
+        att.update_v(1, 1, 0.5)
+    return att
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is optional
+        return None
+    return torch
+
+
+def _good_index(kind, k):
+    if kind == "0-d tensor":
+        return _torch().tensor(k)
+    return {"int": k, "np.int64": np.int64(k), "np.int32": np.int32(k), "0-d array": np.array(k)}[kind]
+
+
+GOOD_INDEX_KINDS = ["int", "np.int64", "np.int32", "0-d array"] + (["0-d tensor"] if _torch() else [])
+BAD_INDICES = {
+    "float": 2.0,
+    "np.float64": np.float64(2),
+    "0-d float array": np.array(2.0),
+    "bool": True,
+    "np.bool_": np.True_,
+    "0-d bool array": np.array(True),
+    "array": np.array([2, 2]),
+    "one-element array": np.array([2]),
+    "str": "2",
+    "None": None,
+}
+
+ROW = np.full(3, 0.3)
+
+# (structure, method, the index argument's name, call(att, x)); every index is 2
+INDEX_CALLS = [
+    ("any", "update_k", "i", lambda a, x: a.update_k(x, 1, 0.25)),
+    ("any", "update_k", "j", lambda a, x: a.update_k(1, x, 0.25)),
+    ("any", "update_v", "i", lambda a, x: a.update_v(x, 1, 0.25)),
+    ("any", "update_v", "j", lambda a, x: a.update_v(1, x, 0.25)),
+    ("any", "query", "i", lambda a, x: a.query(x, 1)),
+    ("any", "query", "j", lambda a, x: a.query(1, x)),
+    ("any", "query_row", "i", lambda a, x: a.query_row(x)),
+    ("dynamic", "error_bound", "i", lambda a, x: a.error_bound(x)),
+    ("dynamic", "set_key", "c", lambda a, x: a.set_key(x, ROW)),
+    ("dynamic", "set_value", "c", lambda a, x: a.set_value(x, ROW)),
+    ("dynamic", "set_query", "i", lambda a, x: a.set_query(x, ROW)),
+    ("dynamic", "set_token", "i", lambda a, x: a.set_token(x, ROW, ROW, ROW)),
+    ("dynamic", "delete_key", "c", lambda a, x: a.delete_key(x)),
+    ("dynamic", "set_key_mask", "c", lambda a, x: a.set_key_mask(x, False)),
+    ("dynamic", "delete_query", "i", lambda a, x: a.delete_query(x)),
+    ("heads (3,)", "update_k", "head", lambda a, x: a.update_k(1, 1, 0.25, head=x)),
+    ("heads (3,)", "update_v", "head", lambda a, x: a.update_v(1, 1, 0.25, head=x)),
+    ("heads (3,)", "query", "head", lambda a, x: a.query(1, 1, head=x)),
+    ("heads (3,)", "error_bound", "head", lambda a, x: a.error_bound(1, head=x)),
+    ("heads (3, 4)", "query", "head[1]", lambda a, x: a.query(1, 1, head=(1, x))),
+    ("heads (3, 4)", "update_k", "head[0]", lambda a, x: a.update_k(1, 1, 0.25, head=(x, 3))),
+]
+STRUCTURES = {
+    "dynamic": lambda: _fresh(),
+    "heads (3,)": lambda: _fresh(batch=(3,)),
+    "heads (3, 4)": lambda: _fresh(batch=(3, 4)),
+}
+
+
+def _structures(where):
+    return sorted(IMPLEMENTATIONS) if where == "any" else [where]
+
+
+def _index_cases():
+    return [
+        pytest.param(structure, method, name, call, id=f"{structure}-{method}-{name}")
+        for where, method, name, call in INDEX_CALLS
+        for structure in _structures(where)
+    ]
+
+
+def _build(structure):
+    return STRUCTURES[structure]() if structure in STRUCTURES else _fresh(structure)
+
+
+def _same_answer(a, b):
+    if a is None or isinstance(a, float):
+        assert a == b
+    else:
+        np.testing.assert_array_equal(as_numpy(a), as_numpy(b))
+
+
+@pytest.mark.parametrize("structure, method, name, call", _index_cases())
+def test_integer_index_kinds_are_accepted_alike(structure, method, name, call):
+    reference = _build(structure)
+    expected = call(reference, 2)
+    for kind in GOOD_INDEX_KINDS:
+        if method == "set_token" and kind.startswith("0-d"):
+            continue  # test_set_token_accepts_0d_indices
+        att = _build(structure)
+        _same_answer(expected, call(att, _good_index(kind, 2)))
+        assert_same_state(state_of(reference), state_of(att))
+
+
+@pytest.mark.parametrize("kind", [k for k in GOOD_INDEX_KINDS if k.startswith("0-d")])
+def test_set_token_accepts_0d_indices(kind):
+    # a 0-d array fails as a dict key (unhashable); a 0-d tensor becomes a slot-table key
+    reference, att = _fresh(), _fresh()
+    reference.set_token(2, ROW, ROW, ROW)
+    att.set_token(_good_index(kind, 2), ROW, ROW, ROW)
+    assert_same_state(state_of(reference), state_of(att))
+
+
+@pytest.mark.parametrize("structure, method, name, call", _index_cases())
+def test_non_integer_indices_are_rejected(structure, method, name, call):
+    att = _build(structure)
+    before = state_of(att)
+    for kind, value in BAD_INDICES.items():
+        # with a head axis, head=None is a missing head rather than a wrong kind of index
+        missing = name == "head" and value is None
+        expected = "an index into the leading axes" if missing else "an integer index"
+        with pytest.raises(TypeError, match=f"^{re.escape(name)}: expected {expected}") as info:
+            call(att, value)
+        assert repr(value) in str(info.value), kind  # what was received
+        assert_same_state(before, state_of(att))
+
+
+@pytest.mark.parametrize("kind", GOOD_INDEX_KINDS)
+def test_head_without_a_head_axis_is_none_or_zero(kind):
+    att = _fresh()
+    expected = att.query(1, 1)
+    assert att.query(1, 1, head=None) == expected
+    assert att.query(1, 1, head=_good_index(kind, 0)) == expected
+    before = state_of(att)
+    with pytest.raises(IndexError, match="^head=1 is out of range: this structure has no head axis"):
+        att.update_k(1, 1, 0.25, head=_good_index(kind, 1))
+    assert_same_state(before, state_of(att))
+
+
+@pytest.mark.parametrize("bad", [0.0, np.float64(0), False, np.False_, np.array([0, 0]), "0", ()])
+def test_head_without_a_head_axis_rejects_non_integers(bad):
+    att = _fresh()
+    before = state_of(att)
+    with pytest.raises(TypeError, match="^head: expected an integer index"):
+        att.update_k(1, 1, 0.25, head=bad)
+    with pytest.raises(TypeError, match="^head: expected an integer index"):
+        att.query(1, 1, head=bad)
+    assert_same_state(before, state_of(att))
+
+
+def test_head_on_a_head_axis_is_required_and_checked():
+    att = _fresh(batch=(2, 3))
+    before = state_of(att)
+    with pytest.raises(TypeError, match=r"^head: expected an index into the leading axes \(2, 3\), got None"):
+        att.update_k(1, 1, 0.25)
+    with pytest.raises(IndexError, match="^head=6 is out of range"):
+        att.update_k(1, 1, 0.25, head=np.int64(6))
+    with pytest.raises(IndexError, match=r"^head\[1\]=3 is out of range"):
+        att.update_k(1, 1, 0.25, head=(1, np.array(3)))
+    with pytest.raises(IndexError, match="^head: expected a 2-tuple"):
+        att.update_k(1, 1, 0.25, head=(1, 2, 0))
+    assert_same_state(before, state_of(att))
+    assert att.query(1, 1, head=(np.int32(1), np.array(2))) == att.query(1, 1, head=5)
+
+
+# ------------------------------------------------------------------ index arrays
+
+# (structure, method, argument name, call(att, x)); every index array is [2, 1]
+ARRAY_CALLS = [
+    ("any", "query_many", "rows", lambda a, x: a.query_many(x, [1, 0])),
+    ("any", "query_many", "cols", lambda a, x: a.query_many([1, 0], x)),
+    ("dynamic", "query_rows", "rows", lambda a, x: a.query_rows(x)),
+    ("dynamic", "update_k_many", "rows", lambda a, x: a.update_k_many(x, [1, 0], [0.25, -0.25])),
+    ("dynamic", "update_k_many", "cols", lambda a, x: a.update_k_many([1, 0], x, [0.25, -0.25])),
+    ("dynamic", "update_v_many", "rows", lambda a, x: a.update_v_many(x, [1, 0], [0.25, -0.25])),
+    ("dynamic", "update_v_many", "cols", lambda a, x: a.update_v_many([1, 0], x, [0.25, -0.25])),
+    ("heads (3,)", "query_many", "heads", lambda a, x: a.query_many([1, 0], [1, 0], heads=x)),
+    ("heads (3,)", "update_k_many", "heads", lambda a, x: a.update_k_many([1, 0], [1, 0], [0.5, 1], heads=x)),
+    ("heads (3,)", "update_v_many", "heads", lambda a, x: a.update_v_many([1, 0], [1, 0], [0.5, 1], heads=x)),
+]
+
+
+def _good_array(kind):
+    if kind == "tensor":
+        return _torch().tensor([2, 1])
+    return {
+        "list": [2, 1],
+        "tuple": (2, 1),
+        "int64 array": np.array([2, 1]),
+        "int32 array": np.array([2, 1], dtype=np.int32),
+        "uint8 array": np.array([2, 1], dtype=np.uint8),
+    }[kind]
+
+
+GOOD_ARRAY_KINDS = ["list", "tuple", "int64 array", "int32 array", "uint8 array"] + (
+    ["tensor"] if _torch() else []
+)
+BAD_ARRAYS = {
+    "float list": ([2.0, 1.0], TypeError, "expected integer indices, got dtype float64"),
+    "float array": (np.array([2.0, 1.0]), TypeError, "expected integer indices"),
+    "bool mask": (
+        np.array([True, False]),
+        TypeError,
+        "expected integer indices, got dtype bool.*np.flatnonzero",
+    ),
+    "bool list": ([True, False], TypeError, "expected integer indices, got dtype bool"),
+    "strings": (["2", "1"], TypeError, "expected integer indices"),
+    "None": (None, TypeError, "expected (integer|head) indices"),
+    "0-d": (np.array(2), ValueError, r"expected a 1-D array of indices, got shape \(\)"),
+    "scalar": (2, ValueError, "expected a 1-D array of indices"),
+    "2-D": ([[2, 1]], ValueError, "expected a 1-D array of indices"),
+}
+
+
+def _array_cases():
+    return [
+        pytest.param(structure, name, call, id=f"{structure}-{method}-{name}")
+        for where, method, name, call in ARRAY_CALLS
+        for structure in _structures(where)
+    ]
+
+
+@pytest.mark.parametrize("structure, name, call", _array_cases())
+def test_index_array_kinds_are_accepted_alike(structure, name, call):
+    reference = _build(structure)
+    expected = call(reference, [2, 1])
+    for kind in GOOD_ARRAY_KINDS:
+        att = _build(structure)
+        _same_answer(expected, call(att, _good_array(kind)))
+        assert_same_state(state_of(reference), state_of(att))
+
+
+@pytest.mark.parametrize("structure, name, call", _array_cases())
+def test_bad_index_arrays_are_rejected(structure, name, call):
+    att = _build(structure)
+    before = state_of(att)
+    for value, error, message in BAD_ARRAYS.values():
+        with pytest.raises(error, match=f"^{name}: {message}"):
+            call(att, value)
+        assert_same_state(before, state_of(att))
+
+
+def test_float_and_bool_tensors_are_not_index_arrays():
+    torch = pytest.importorskip("torch")
+    att = _fresh()
+    before = state_of(att)
+    with pytest.raises(TypeError, match="^rows: expected integer indices, got dtype float32"):
+        att.query_rows(torch.tensor([2.0, 1.0]))
+    with pytest.raises(TypeError, match="^rows: expected integer indices, got dtype bool"):
+        att.update_k_many(torch.tensor([True, False]), [0, 0], [0.1, 0.1])
+    with pytest.raises(TypeError, match="^i: expected an integer index, got Tensor"):
+        att.query(torch.tensor(2.0), 0)
+    with pytest.raises(TypeError, match="^i: expected an integer index, got Tensor"):
+        att.query(torch.tensor(True), 0)
+    assert_same_state(before, state_of(att))
+
+
+# ------------------------------------------------------------------ flags
+
+
+@pytest.mark.parametrize(
+    "options, python_options",
+    [
+        ({"certify": np.True_}, {"certify": True}),
+        ({"certify": np.False_}, {"certify": False}),
+        ({"certify": np.array(False)}, {"certify": False}),
+        ({"causal": np.True_}, {"causal": True}),
+        ({"causal": np.False_, "certify": np.True_}, {"causal": False, "certify": True}),
+    ],
+)
+def test_numpy_bool_flags_are_accepted(options, python_options):
+    att = DynamicAttention(*_problem(), **options)
+    reference = DynamicAttention(*_problem(), **python_options)
+    assert type(att._certify) is bool and type(att.causal) is bool
+    assert_same_state(state_of(reference), state_of(att))
+
+
+@pytest.mark.parametrize("name", ["certify", "causal"])
+@pytest.mark.parametrize("bad", [1, 0, "yes", None, 1.0, np.array([True])])
+def test_non_bool_flags_are_rejected(name, bad):
+    with pytest.raises(TypeError, match=f"^{name}: expected True or False") as info:
+        DynamicAttention(*_problem(), **{name: bad})
+    assert repr(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["bool", "np.bool_", "0-d array", "0-d tensor"])
+def test_key_mask_visible_accepts_numpy_bools(kind):
+    if kind == "0-d tensor":
+        values = [pytest.importorskip("torch").tensor(v) for v in (False, True)]
+    else:
+        values = [{"bool": v, "np.bool_": np.bool_(v), "0-d array": np.array(v)}[kind] for v in (False, True)]
+    reference, att = _fresh(), _fresh()
+    for python, value in zip((False, True), values, strict=True):
+        reference.set_key_mask(2, python)
+        att.set_key_mask(2, value)
+        assert_same_state(state_of(reference), state_of(att))
+    assert type(att.key_mask[2].item()) is bool
+
+
+@pytest.mark.parametrize("bad", [0, 1, "yes", None, np.array([False])])
+def test_key_mask_visible_rejects_non_bools(bad):
+    att = _fresh()
+    before = state_of(att)
+    with pytest.raises(TypeError, match="^visible: expected True or False"):
+        att.set_key_mask(2, bad)
+    assert_same_state(before, state_of(att))
+
+
+def test_hardness_check_flag_follows_the_policy():
+    M = np.eye(3, dtype=np.uint8)
+    HintedMvViaAttention(M, M, tau=0.5, check=np.False_)
+    with pytest.raises(TypeError, match="^check: expected True or False"):
+        HintedMvViaAttention(M, M, tau=0.5, check=1)

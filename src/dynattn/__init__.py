@@ -4,9 +4,12 @@
 Song and Zhou (arXiv 2304.02207) with certified accuracy; ``dynattn.baselines``
 has the ``Recompute``, ``OnDemand`` and ``Eager`` alternatives behind the same
 interface, and ``dynattn.testing`` the float64 reference used to check them.
+``SnapshotError`` is raised by ``DynamicAttention.load`` for a file that is not
+a valid snapshot.
 """
 
+from dynattn.persistence import SnapshotError
 from dynattn.structure import DynamicAttention
 
-__all__ = ["DynamicAttention", "__version__"]
+__all__ = ["DynamicAttention", "SnapshotError", "__version__"]
 __version__ = "0.1.0"

@@ -4,12 +4,25 @@ Every public entry point of :mod:`dynattn` checks its arguments with the
 helpers below *before* it changes any state, so a rejected call leaves the
 structure exactly as it was. Messages say which argument was wrong, what was
 expected, what was received and, where it helps, how to fix it.
+
+The policy, the same for every method:
+
+* flags (``certify``, ``causal``, ``visible``): ``True``/``False``, numpy bools
+  and 0-d boolean arrays or tensors (:func:`check_flag`); never ints or strings;
+* indices: Python ints, numpy integer scalars and 0-d integer arrays or
+  tensors (:func:`check_index`); never bools, floats or arrays with any
+  dimensions; negative indices are out of range, not wrapped;
+* index arrays: 1-D lists, numpy integer arrays or integer torch tensors
+  (:func:`check_index_array`); never boolean masks or floats;
+* errors: TypeError for the wrong kind of value, IndexError for an index out
+  of range, ValueError for a wrong shape or value.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 from typing import Any
 
 import numpy as np
@@ -86,38 +99,188 @@ def check_rows(name: str, value: Any, *, dtype: np.dtype, shape: tuple[int, ...]
     return converted
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """Return ``value`` as a Python bool if it is a boolean, else raise TypeError.
+
+    Parameters
+    ----------
+    name : str
+        Argument name, used in the message.
+    value : object
+        ``True``/``False``, a numpy bool (``np.True_``), or a 0-d boolean
+        array or tensor (``mask[c]`` of a numpy array or torch tensor).
+
+    Returns
+    -------
+    bool
+        A plain Python bool (safe to store, compare and serialize).
+
+    Raises
+    ------
+    TypeError
+        For anything else: integers (even 0 and 1), strings, None, arrays
+        with more than one element. Truthiness is never used.
+    """
+    if type(value) is bool:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if _is_array_like(value) and tuple(value.shape) == () and _is_bool_dtype(value.dtype):
+        return bool(value.item())
+    raise TypeError(
+        f"{name}: expected True or False (a Python or numpy bool), got {_describe(value)}; "
+        f"pass {name}=True or {name}=False (bool(x) converts explicitly)"
+    )
+
+
+def as_index(name: str, value: Any) -> int:
+    """Return ``value`` as a Python int if it is one integer, else raise TypeError.
+
+    Accepted: Python ints, numpy integer scalars and 0-d integer arrays or
+    tensors (whatever :func:`operator.index` converts). Rejected: bools (Python,
+    numpy, 0-d boolean arrays), floats (even integral ones such as ``2.0``),
+    arrays or tensors with any dimensions (even one element), strings, None.
+    No range check; see :func:`check_index`.
+
+    Parameters
+    ----------
+    name : str
+        Argument name, used in the message.
+    value : object
+        The candidate index.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not a single integer.
+    """
+    if type(value) is int:
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(
+            f"{name}: expected an integer index, got {_describe(value)}; "
+            "booleans are not indices, pass the integer 0 or 1"
+        )
+    if _is_array_like(value):
+        if tuple(value.shape) != ():
+            raise TypeError(
+                f"{name}: expected an integer index (a scalar or 0-d array), got {_describe(value)}; "
+                "pass one index, e.g. int(x[0])"
+            )
+        if _is_bool_dtype(value.dtype):
+            raise TypeError(
+                f"{name}: expected an integer index, got {_describe(value)}; "
+                "booleans are not indices, pass the integer 0 or 1"
+            )
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    hint = "pass an int"
+    if isinstance(value, numbers.Real) or (
+        _is_array_like(value) and "float" in str(value.dtype) and tuple(value.shape) == ()
+    ):
+        hint = f"floats are not indices, convert with int({name}) if the value is integral"
+    raise TypeError(f"{name}: expected an integer index, got {_describe(value)}; {hint}") from None
+
+
 def check_index(name: str, value: Any, size: int, *, axis: str) -> int:
     """Return ``value`` as an int in ``[0, size)``.
 
-    ``axis`` names what is indexed (for example ``"key rows (m)"``) so the
-    message can say what the valid range refers to. Negative indices are
-    rejected rather than wrapped: an update to ``K[-1]`` is almost always a bug.
+    Parameters
+    ----------
+    name : str
+        Argument name, used in the message.
+    value : object
+        A single integer: see :func:`as_index` for what is accepted.
+    size : int
+        Length of the indexed axis.
+    axis : str
+        What is indexed (for example ``"key rows, m"``), so the message can
+        say what the valid range refers to.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not a single integer (see :func:`as_index`).
+    IndexError
+        When it is outside ``[0, size)``. Negative indices are rejected rather
+        than wrapped: an update to ``K[-1]`` is almost always a bug.
     """
-    if type(value) is int:  # fast path for the common case
-        index = value
-    elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer index, got {type(value).__name__} {value!r}")
-    else:
-        index = int(value)
+    index = value if type(value) is int else as_index(name, value)
     if not 0 <= index < size:
-        raise IndexError(f"{name}={index} is out of range: expected 0 <= {name} < {size} ({axis})")
+        hint = ""
+        if -size <= index < 0:
+            hint = f"; negative indices are not wrapped, the last one is {name}={size - 1}"
+        raise IndexError(f"{name}={index} is out of range: expected 0 <= {name} < {size} ({axis}){hint}")
     return index
 
 
 def check_index_array(name: str, value: Any, size: int, *, axis: str) -> np.ndarray:
-    """Return ``value`` as a 1-D int64 array whose entries all lie in ``[0, size)``."""
-    array = np.asarray(value)
+    """Return ``value`` as a new 1-D int64 array whose entries all lie in ``[0, size)``.
+
+    Parameters
+    ----------
+    name : str
+        Argument name, used in the message.
+    value : array_like
+        A list of ints, a numpy integer array or an integer torch tensor (any
+        device; copied to the host). An empty sequence is allowed.
+    size : int
+        Length of the indexed axis.
+    axis : str
+        What is indexed, for the message.
+
+    Returns
+    -------
+    (k,) int64 ndarray
+        Always a new array; the caller's is never modified.
+
+    Raises
+    ------
+    TypeError
+        For boolean, float, string or object entries (masks are not index
+        arrays: use ``np.flatnonzero(mask)``).
+    ValueError
+        When the array is not 1-D (a scalar, or more dimensions).
+    IndexError
+        When an entry lies outside ``[0, size)``.
+    """
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"{name}: expected a 1-D array of integer indices, could not convert {_describe(value)}: {exc}"
+        ) from exc
+    if array.size and not _is_integer_dtype(array.dtype):
+        if array.dtype == bool:
+            hint = f"boolean masks are not index arrays, pass np.flatnonzero({name}) instead"
+        elif np.issubdtype(array.dtype, np.floating):
+            hint = "convert with .astype(int) if the values are integral"
+        else:
+            hint = "pass a list or array of ints"
+        raise TypeError(
+            f"{name}: expected integer indices, got dtype {array.dtype} ({_describe(value)}); {hint}"
+        )
     if array.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array of indices, got shape {array.shape}")
-    if array.size and (array.dtype == bool or not np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name}: expected integer indices, got dtype {array.dtype}")
-    array = array.astype(np.int64, copy=True)
+        hint = f"; wrap a single index in a list: {name}=[i]" if array.ndim == 0 else ""
+        raise ValueError(f"{name}: expected a 1-D array of indices, got shape {array.shape}{hint}")
     if array.size:
         bad = (array < 0) | (array >= size)
         if bad.any():
-            first = int(array[np.argmax(bad)])
+            first = array[np.argmax(bad)].item()
             raise IndexError(f"{name} contains {first}, out of range: expected 0 <= {name} < {size} ({axis})")
-    return array
+    return array.astype(np.int64, copy=True)
 
 
 def check_scalar(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float:
@@ -165,3 +328,26 @@ def _check_finite(name: str, converted: np.ndarray, *, original: np.ndarray) -> 
     if np.isfinite(received):
         hint = f" (it overflows {converted.dtype}; rescale the input or use float64)"
     raise ValueError(f"{name}: expected finite values, got {received!r} at [{where}]{hint}")
+
+
+def _is_array_like(value: Any) -> bool:
+    """True for numpy arrays and array-likes with ``shape`` and ``dtype`` (torch tensors)."""
+    return isinstance(value, np.ndarray) or (hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def _is_bool_dtype(dtype: Any) -> bool:
+    """True for numpy's and torch's boolean dtypes (torch is not imported)."""
+    return str(dtype) in ("bool", "torch.bool")
+
+
+def _is_integer_dtype(dtype: np.dtype) -> bool:
+    """True for numpy's signed and unsigned integer dtypes (numpy bool is not an integer dtype)."""
+    return np.issubdtype(dtype, np.integer)
+
+
+def _describe(value: Any) -> str:
+    """``"<type name> <repr>"`` for messages, the repr shortened when long."""
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"

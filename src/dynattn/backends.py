@@ -55,6 +55,10 @@ class NumpyBackend:
         """(storage dtype, output dtype or None for "the storage dtype") for ``dtype=``."""
         return (np.float64 if dtype is None else dtype), None
 
+    def unit_roundoff(self, dtype: Any) -> float:
+        """Half the machine epsilon of ``dtype``: the relative rounding of a returned answer."""
+        return float(np.finfo(dtype).eps) / 2
+
     def public(self, array: np.ndarray) -> np.ndarray:
         """A read-only view of a state array handed to the user."""
         view = array.view()
@@ -168,6 +172,10 @@ class TorchBackend:
                 return str(wanted).removeprefix("torch."), None
             raise TypeError(f"dtype: expected float32 or float64 (or float16/bfloat16 inputs), got {wanted}")
         return wanted, None
+
+    def unit_roundoff(self, dtype: Any) -> float:
+        """Half the machine epsilon of ``dtype`` (a torch dtype or a numpy one)."""
+        return float(self.torch.finfo(self._dtype(dtype)).eps) / 2
 
     def public(self, array: Any) -> Any:
         """A copy of a state tensor handed to the user (tensors have no read-only flag)."""

@@ -94,7 +94,8 @@ class OnDemand(_BackendInputs):
     def _answer_entry(self, i: int, j: int) -> float:
         logits = (self._K @ self._Q[i]) * self._typed_scale
         weights = self._xp.exp(logits - self._xp.amax(logits, 0))
-        return float(weights @ self._V[:, j]) / float(self._xp.sum(weights, 0))
+        # normalized before the product: a convex combination of finite values stays finite
+        return float((weights / self._xp.sum(weights, 0)) @ self._V[:, j])
 
     def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> Any:
         unique, inverse = np.unique(rows, return_inverse=True)

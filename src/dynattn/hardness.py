@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from dynattn._validation import check_flag, check_index
+
 __all__ = [
     "DEFAULT_LOGIT_GAP",
     "HintedMvViaAttention",
@@ -121,12 +123,7 @@ def _check_tau(tau: Any) -> float:
 
 
 def _check_column_index(i: Any, n: int) -> int:
-    if isinstance(i, (bool, np.bool_)) or not isinstance(i, numbers.Integral):
-        raise TypeError(f"i: expected an integer column index, got {type(i).__name__} {i!r}")
-    index = int(i)
-    if not 0 <= index < n:
-        raise IndexError(f"i={index} is out of range: expected 0 <= i < {n} (columns of V)")
-    return index
+    return check_index("i", i, n, axis="columns of V")
 
 
 def max_hint_nonzeros(n: int, tau: float) -> int:
@@ -270,7 +267,7 @@ class HintedMvViaAttention:
         q, k, v_att = encode_phase1(M, V, logit_gap=logit_gap)
         self._n = q.shape[0]
         self._gap = float(logit_gap)
-        self._check = bool(check)
+        self._check = check_flag("check", check)
         self._max_nonzeros = max_hint_nonzeros(self._n, self._tau)
         if "scale" in options:
             raise ValueError(

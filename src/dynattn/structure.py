@@ -34,23 +34,23 @@ See ``docs/accuracy.md``.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from dynattn._base import AttentionMaintainer
 from dynattn._validation import (
+    as_index,
     check_choice,
+    check_flag,
     check_index,
     check_index_array,
     check_rows,
     check_scalar,
 )
-from dynattn.backends import NumpyBackend, resolve_backend
+from dynattn.backends import NumpyBackend
 from dynattn.storage import STORAGES, choose_storage
 
 UNIT_ROUNDOFF = 2.0**-53
@@ -64,7 +64,7 @@ REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Pending slots allocated up front; more are added by doubling, up to the threshold.
 INITIAL_SLOTS = 64
 #: Saved-file format version (``save`` / ``load``).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Every state array: its axes (H heads, n queries, m keys, d, e, T pending slots),
 #: dtype (None: the structure's storage dtype) and whether it lives on the backend's
@@ -85,7 +85,8 @@ LAYOUT: dict[str, tuple[str, Any, bool]] = {
     "_pending_old_values": ("HTe", np.float64, True),
     "_query_pos": ("n", np.int64, False),
     "_exact_slots": ("Hn", np.int64, False),
-    "_k_sq_norms": ("Hm", np.float64, False),
+    "_k_norms": ("Hm", np.float64, False),
+    "_visible_keys": ("n", np.int64, False),
     "_key_visible": ("m", bool, False),
     "_key_pos": ("m", np.int64, False),
     "_pending_rows": ("T", np.int64, False),
@@ -97,7 +98,7 @@ LAYOUT: dict[str, tuple[str, Any, bool]] = {
 #: float64 working copies, separate arrays only when the storage dtype is float32.
 FLOAT64_COPIES = {"_Q64": "_Qh", "_K64": "_Kh", "_V64": "_Vh"}
 #: Fixed-size host arrays (no growable axis).
-FIXED_STATE = ("_q_col_absmax", "_value_max", "_value_max_stale", "_value_scale")
+FIXED_STATE = ("_q_col_absmax", "_value_max", "_value_max_stale", "_value_scale", "_value_unit")
 GROWABLE = "nmT"
 #: host-side operations (bookkeeping arrays are always numpy)
 HOST = NumpyBackend()
@@ -107,6 +108,33 @@ def _gamma(k: int) -> float:
     """Higham's gamma_k = k u / (1 - k u) for float64 arithmetic."""
     ku = k * UNIT_ROUNDOFF
     return ku / (1.0 - ku)
+
+
+def _norms(x: np.ndarray) -> np.ndarray:
+    """Euclidean norms along the last axis, without overflow or underflow of the squares."""
+    x = np.asarray(x, dtype=np.float64)
+    biggest = np.abs(x).max(axis=-1, keepdims=True, initial=0.0)
+    safe = np.where(biggest > 0, biggest, 1.0)
+    scaled = x / safe
+    return np.sqrt(np.einsum("...d,...d->...", scaled, scaled)) * safe[..., 0]
+
+
+def _updated_norm(norm: float, old: float, new: float) -> float:
+    """An upper bound on ``|k'|`` when one entry of ``k`` (``|k| = norm``) moves from ``old`` to
+    ``new``: O(1), scaled so that no square overflows, with the float64 rounding of the
+    update (which can cancel) added. Folds recompute the norms of pending rows exactly."""
+    biggest = max(norm, abs(old), abs(new))
+    if biggest == 0:
+        return 0.0
+    a, b, c = norm / biggest, old / biggest, new / biggest
+    square = a * a - b * b + c * c + 4 * UNIT_ROUNDOFF * (a * a + b * b + c * c)
+    return biggest * math.sqrt(max(square, 0.0))
+
+
+def _power_of_two_units(scale: np.ndarray) -> np.ndarray:
+    """The power of two ``2**k <= scale < 2**(k+1)`` per entry (1 where ``scale`` is 0)."""
+    exponent = np.frexp(scale)[1]
+    return np.where(scale > 0, np.ldexp(1.0, exponent - 1), 1.0)
 
 
 def _slots(flags: np.ndarray) -> Any:
@@ -161,6 +189,8 @@ class DynamicAttention(AttentionMaintainer):
         the decoder mask; ``append`` gives new tokens the next position).
     key_mask : (m,) bool array_like, keyword-only
         Key padding mask shared by all heads: False hides a key from every query.
+        A query row that sees no key (masked, or causal with no key at or before
+        its position) answers exactly 0, with an error bound of 0.
     backend : {"auto", "numpy", "torch"} or None, keyword-only
         Where the state lives and the arithmetic runs. ``"auto"`` follows the
         inputs (torch tensors in, torch tensors out, on their device); None uses
@@ -199,9 +229,8 @@ class DynamicAttention(AttentionMaintainer):
         self._tol = DEFAULT_TOL[self._dtype] if tol is None else check_scalar("tol", tol, low=0.0)
         if self._tol <= 0:
             raise ValueError(f"tol: expected a positive number, got {tol!r}")
-        for name, flag in (("certify", certify), ("causal", causal)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected True or False, got {flag!r}")
+        certify = check_flag("certify", certify)
+        causal = check_flag("causal", causal)
         n, m, d, e = self.n, self.m, self.d, self.e
         visible = np.ones(m, dtype=bool)
         if key_mask is not None:
@@ -246,17 +275,18 @@ class DynamicAttention(AttentionMaintainer):
         self._sync_float64_copies(Q=slice(None), K=slice(None), V=slice(None))
         self._QT64[...] = xp.swap_last(self._Q64)
         q64, k64 = host["Q"].astype(np.float64), host["K"].astype(np.float64)
-        q_norm = np.sqrt(np.einsum("hnd,hnd->hn", q64, q64))
+        q_norm = _norms(q64)
         self._q_norm[...] = xp.asarray(q_norm)
         self._q_col_absmax = np.abs(q64).max(axis=1)  # (H, d), an upper bound
         self._q_norm_max = float(q_norm.max())
-        self._k_sq_norms[...] = np.einsum("hmd,hmd->hm", k64, k64)
-        self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
+        self._k_norms[...] = _norms(k64)
+        self._k_norm_max = float(self._k_norms.max())
         self._check_logit_range("K", self._k_norm_max)
         self._key_visible[...] = visible
         self._all_keys_visible = bool(visible.all())
         self._query_pos[...] = np.arange(n)
         self._key_pos[...] = np.arange(m)
+        self._visible_keys[...] = self._count_visible_keys(np.arange(n))
         self._next_position = max(n, m)
         self._slot_of: dict[int, int] = {}
         self._t = 0
@@ -291,6 +321,8 @@ class DynamicAttention(AttentionMaintainer):
         self.n, self.m = n, m
         #: absolute error of weights that underflow the dtype, summed over a row
         self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
+        #: absolute error of re-rounding a row's stored weights when they are subnormal
+        self._subnormal_error = (m + 2 * self._size["T"]) * float(np.finfo(self._dtype).smallest_subnormal)
         self._Q = self._Qh.reshape(*self.batch_shape, n, self.d)
         self._K = self._Kh.reshape(*self.batch_shape, m, self.d)
         self._V = self._Vh.reshape(*self.batch_shape, m, self.e)
@@ -478,12 +510,16 @@ class DynamicAttention(AttentionMaintainer):
         """
         h = self._check_head(head)
         i = check_index("i", i, self.n, axis="query rows, n")
+        if self._visible_keys[i] == 0:
+            return 0.0  # the row sees no key: its answer is exactly 0
         row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
         ratio = float(self._column_ratio(np.full(self.e, h), np.arange(self.e)).max())
         incremental = row_bound * (ratio + 1)
         if incremental > self._tol:
             incremental = 0.0  # queries would answer from an exact recomputation
-        return incremental + self._fresh_error(h, i)
+        # answers returned as arrays are rounded once more, to the output dtype
+        output_rounding = self._xp.unit_roundoff(self._output_dtype)
+        return (incremental + self._fresh_error(h, i)) * (1 + output_rounding) + output_rounding
 
     # ------------------------------------------------------------------ row / token operations
     def set_key(self, c: int, k: Any) -> None:
@@ -493,7 +529,7 @@ class DynamicAttention(AttentionMaintainer):
         """
         c = check_index("c", c, self.m, axis="key rows, m")
         k = self._checked_row("k", k, self.d).reshape(self._H, self.d)
-        self._check_logit_range("k", float(np.sqrt(np.einsum("hd,hd->h", k, k).max())))
+        self._check_logit_range("k", float(_norms(k).max()))
         self._apply_key_row(c, k)
         self._fold_if_full()
 
@@ -527,14 +563,14 @@ class DynamicAttention(AttentionMaintainer):
             raise ValueError("set_token: expected at least one of q, k, v; got none")
         rows = {}
         if k is not None or v is not None:
-            check_index("i", i, self.m, axis="key/value rows, m")
+            i = check_index("i", i, self.m, axis="key/value rows, m")
         if q is not None:
-            check_index("i", i, self.n, axis="query rows, n")
+            i = check_index("i", i, self.n, axis="query rows, n")
             rows["q"] = self._checked_row("q", q, self.d).reshape(self._H, self.d)
             self._check_query_range(rows["q"])
         if k is not None:
             rows["k"] = self._checked_row("k", k, self.d).reshape(self._H, self.d)
-            self._check_logit_range("k", float(np.sqrt(np.einsum("hd,hd->h", rows["k"], rows["k"]).max())))
+            self._check_logit_range("k", float(_norms(rows["k"]).max()))
         if v is not None:
             rows["v"] = self._checked_row("v", v, self.e).reshape(self._H, self.e)
         if "k" in rows:
@@ -566,7 +602,7 @@ class DynamicAttention(AttentionMaintainer):
         if k is not None:
             k_row = self._checked_row("k", k, self.d).reshape(self._H, self.d)
             v_row = self._checked_row("v", v, self.e).reshape(self._H, self.e)
-            self._check_logit_range("k", float(np.sqrt(np.einsum("hd,hd->h", k_row, k_row).max())))
+            self._check_logit_range("k", float(_norms(k_row).max()))
         position = self._next_position
         self._next_position += 1
         key_index = None
@@ -578,6 +614,7 @@ class DynamicAttention(AttentionMaintainer):
             query_index = self.n
             self._resize(n=self.n + 1)
             self._query_pos[query_index] = position
+            self._visible_keys[query_index] = self._count_visible_keys(np.array([query_index]))[0]
             self._apply_query_row(query_index, q_row)
         self._fold_if_full()
         return query_index, key_index
@@ -592,13 +629,13 @@ class DynamicAttention(AttentionMaintainer):
     def set_key_mask(self, c: int, visible: bool) -> None:
         """Show or hide key c (a key padding mask update). Runtime complexity: O(H*n*d), plus the fold."""
         c = check_index("c", c, self.m, axis="key rows, m")
-        if not isinstance(visible, (bool, np.bool_)):
-            raise TypeError(f"visible: expected True or False, got {visible!r}")
+        visible = check_flag("visible", visible)
         if bool(self._key_visible[c]) == bool(visible):
             return
         slot = self._slot_for(c)
         self._key_visible[c] = visible
         self._all_keys_visible = bool(self._key_visible.all())
+        self._visible_keys[self._rows_seeing_position(int(self._key_pos[c]))] += 1 if visible else -1
         self._set_fresh_columns(slot, c, np.arange(self._H))
         self._key_changed[slot] = True
         self._fold_if_full()
@@ -627,39 +664,14 @@ class DynamicAttention(AttentionMaintainer):
         """Write the whole structure to ``path`` (``.npz``), atomically.
 
         The file is written to a temporary file in the same folder and renamed
-        over ``path``, so a crash never leaves a half-written file.
+        over ``path``, so a crash never leaves a half-written file. Temporary
+        files left by killed writers (on this host) are removed; see
+        :func:`dynattn.persistence.save`.
         Runtime complexity: O(size of the state).
         """
-        path = os.fspath(path)
-        arrays = {
-            f"state{name}": self._xp.to_numpy(getattr(owner, name))
-            for name, (owner, _) in self._buffers.items()
-        }
-        arrays.update({f"state{name}": getattr(self, name) for name in FIXED_STATE})
-        meta = {
-            "format": FORMAT_VERSION,
-            "class": type(self).__name__,
-            "batch_shape": list(self.batch_shape),
-            "sizes": self._size,
-            "dtype": self._dtype.name,
-            "storage": self._storage_name,
-            "pending": {str(c): s for c, s in self._slot_of.items()},
-            "stats": self._stats,
-        }
-        meta.update({name: getattr(self, f"_{name}") for name in self._SCALARS})
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        folder = os.path.dirname(os.path.abspath(path))
-        handle, temporary = tempfile.mkstemp(prefix=".dynattn-", suffix=".npz", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, **arrays)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
+        from dynattn import persistence
+
+        persistence.save(self, path)
 
     _SCALARS = (
         "tau",
@@ -685,39 +697,16 @@ class DynamicAttention(AttentionMaintainer):
         cls, path: str | os.PathLike[str], *, backend: str | None = None, device: Any = None
     ) -> DynamicAttention:
         """Read a structure written by :meth:`save` onto ``backend`` (and ``device``);
-        it answers exactly as the saved one."""
-        xp = resolve_backend(backend, device=device)
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            if meta.get("format") != FORMAT_VERSION:
-                raise ValueError(
-                    f"path: expected a dynattn file of format {FORMAT_VERSION}, "
-                    f"got format {meta.get('format')!r}"
-                )
-            self = cls.__new__(cls)
-            self._xp = xp
-            self._dtype = np.dtype(meta["dtype"])
-            self._output_dtype = xp.storage_dtype(self._dtype)
-            self.batch_shape = tuple(meta["batch_shape"])
-            for name in self._SCALARS:
-                setattr(self, f"_{name}", meta[name])
-            self._storage_name = meta["storage"]
-            self._storage = STORAGES[self._storage_name](xp)
-            self._size = dict(meta["sizes"])
-            self._capacity = {a: self._size[a] for a in GROWABLE}
-            self._slot_of = {int(c): int(s) for c, s in meta["pending"].items()}
-            self._stats = dict(meta["stats"])
-            self._dtype_max = float(np.finfo(self._dtype).max)
-            self.d, self.e = self._size["d"], self._size["e"]
-            self._buffers = {}
-            for name, (_, _, on_device) in self._layout().items():
-                owner = self._storage if name in self._storage.LAYOUT else self
-                array = np.array(data[f"state{name}"])
-                self._buffers[name] = (owner, xp.asarray(array) if on_device else array)
-            for name in FIXED_STATE:
-                setattr(self, name, np.array(data[f"state{name}"]))
-        self._reslice()
-        return self
+        it answers exactly as the saved one.
+
+        The whole file is checked before anything is built.
+        Raises :class:`dynattn.persistence.SnapshotError` (a ValueError) saying
+        what is wrong when ``path`` is not a valid snapshot, OSError when it
+        cannot be opened. Runtime complexity: O(size of the state).
+        """
+        from dynattn import persistence
+
+        return persistence.load(cls, path, backend=backend, device=device)
 
     # ------------------------------------------------------------------ updates (validated)
     def _apply_k(self, h: int, c: int, j: int, new_value: Any) -> None:
@@ -725,14 +714,12 @@ class DynamicAttention(AttentionMaintainer):
         first touch in implicit storage), plus an amortized fold."""
         old = float(self._K64[h, c, j])
         new = float(new_value)
-        # |K_c|^2 kept incrementally (recomputed exactly at each fold); 1e-9 covers its rounding
-        sq_norm = max(0.0, float(self._k_sq_norms[h, c]) - old * old + new * new)
-        row_norm = math.sqrt(sq_norm) * (1 + 1e-9)
+        row_norm = _updated_norm(float(self._k_norms[h, c]), old, new)
         self._check_logit_range("delta", row_norm)
         slot = self._slot_for(c)
         self._Kh[h, c, j] = new
         self._K64[h, c, j] = new
-        self._k_sq_norms[h, c] = sq_norm
+        self._k_norms[h, c] = row_norm
         if row_norm > self._k_norm_max:
             self._k_norm_max = row_norm
         step = self._scale * (new - old)
@@ -759,8 +746,6 @@ class DynamicAttention(AttentionMaintainer):
         new = float(new_value)
         self._Vh[h, c, j] = new
         self._V64[h, c, j] = new
-        self._pending_new_values[h, slot, j] = new
-        self._value_changed[slot] = True
         magnitude = abs(new)
         if magnitude >= self._value_max[h, j]:
             self._value_max[h, j] = magnitude
@@ -769,6 +754,10 @@ class DynamicAttention(AttentionMaintainer):
             self._value_max_stale[h, j] = True
         if magnitude > self._value_scale[h, j]:
             self._value_scale[h, j] = magnitude
+            if magnitude >= 2 * float(self._value_unit[h, j]):
+                self._raise_value_units()
+        self._pending_new_values[h, slot, j] = new / self._value_unit[h, j]
+        self._value_changed[slot] = True
         self._fold_if_full()
 
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
@@ -785,7 +774,7 @@ class DynamicAttention(AttentionMaintainer):
             logits = self._hide_from_masked_rows((pair @ self._QT64) * self._scale, c)
             old_column = xp.exp(logits[:, 0] - self._mu)
             self._round_to_dtype(old_column)
-            slot = self._open_slot(c, old_column, np.zeros(self._H), self._V64[:, c])
+            slot = self._open_slot(c, old_column, np.zeros(self._H))
             new_logits = logits[:, 1]
         self._Kh[:, c] = xp.asarray(k)
         self._sync_float64_copies(K=c)
@@ -799,15 +788,14 @@ class DynamicAttention(AttentionMaintainer):
         old = np.abs(self._xp.to_numpy(self._V64[:, c]))
         self._Vh[:, c] = self._xp.asarray(v)
         self._sync_float64_copies(V=c)
-        self._pending_new_values[:, slot] = self._V64[:, c]
-        self._value_changed[slot] = True
         self._note_new_values(old, np.abs(v.astype(np.float64)))
+        self._pending_new_values[:, slot] = self._scaled_values(c)
+        self._value_changed[slot] = True
 
     def _note_key_row(self, c: int, k: np.ndarray) -> None:
         """Host bookkeeping after key row c became ``k: (H, d)``: squared norms and their max."""
-        k64 = k.astype(np.float64)
-        self._k_sq_norms[:, c] = np.einsum("hd,hd->h", k64, k64)
-        self._k_norm_max = max(self._k_norm_max, float(np.sqrt(self._k_sq_norms[:, c].max())))
+        self._k_norms[:, c] = _norms(k)
+        self._k_norm_max = max(self._k_norm_max, float(self._k_norms[:, c].max()))
 
     def _note_new_values(self, old: np.ndarray, new: np.ndarray) -> None:
         """Keep ``value_max`` (exact or marked stale) and ``value_scale`` after a value row
@@ -817,6 +805,34 @@ class DynamicAttention(AttentionMaintainer):
         self._value_max = np.where(rises, new, self._value_max)
         self._value_max_stale = (self._value_max_stale & ~rises) | falls
         np.maximum(self._value_scale, new, out=self._value_scale)
+        if np.any(self._value_scale / 2 >= self._value_unit):
+            self._raise_value_units()
+
+    def _scaled_values(self, c: int) -> Any:
+        """Value row ``c`` of every head in units of :attr:`_value_unit`, ``(H, e)`` float64."""
+        return self._V64[:, c] / self._xp.asarray(self._value_unit)
+
+    def _raise_value_units(self) -> None:
+        """Move each column's value unit up to the power of two below its ``value_scale``.
+
+        The value side of the state (``N`` and the pending values) is kept in units of
+        a per-column power of two ``2**k <= value_scale < 2**(k+1)``, so no product or
+        sum of weights and values can overflow for any finite ``V``. Rescaling by a
+        power of two is exact except for results in float64's subnormal range, whose
+        rounding (half a subnormal step) is added to the drift of the head's rows.
+        Runtime complexity: O(H*(n + T)*e).
+        """
+        units = np.maximum(self._value_unit, _power_of_two_units(self._value_scale))
+        moved = units != self._value_unit
+        if not moved.any():
+            return
+        factors = self._xp.asarray(self._value_unit / units)  # powers of two <= 1
+        self._N *= factors[:, None, :]
+        self._pending_new_values *= factors[:, None, :]
+        self._pending_old_values *= factors[:, None, :]
+        for h in np.flatnonzero(moved.any(axis=1)).tolist():
+            self._drift[h] += float(np.finfo(np.float64).smallest_subnormal)
+        self._value_unit = units
 
     def _apply_query_row(self, i: int, q: np.ndarray) -> None:
         """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly."""
@@ -831,6 +847,15 @@ class DynamicAttention(AttentionMaintainer):
         self._q_norm_max = max(self._q_norm_max, float(q_norm.max()))
         self._refresh(np.arange(self._H), np.full(self._H, i))
 
+    def _count_visible_keys(self, rows: np.ndarray) -> np.ndarray:
+        """How many keys each query row in ``rows`` sees, ``(len(rows),)``."""
+        visible = self._visibility(rows)
+        return np.full(rows.size, self.m) if visible is None else visible.sum(axis=1)
+
+    def _rows_seeing_position(self, position: int) -> Any:
+        """Index of the query rows that the causal mask lets see a key at ``position``."""
+        return self._query_pos >= position if self._causal else slice(None)
+
     def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
         """A new key-value row: a pending row whose folded column and values are zero."""
         c = self.m
@@ -843,40 +868,61 @@ class DynamicAttention(AttentionMaintainer):
         self._note_key_row(c, k)
         self._key_visible[c] = True
         self._key_pos[c] = position
+        self._visible_keys[self._rows_seeing_position(position)] += 1
         if self._storage.exact_snapshot:
             self._storage.weights_t[:, c] = 0
             self._storage.column_error[:, c] = 0
         H = self._H
-        slot = self._open_slot(
-            c, xp.zeros((H, self.n), np.float64), np.zeros(H), xp.zeros((H, self.e), np.float64)
-        )
-        self._pending_new_values[:, slot] = self._V64[:, c]
+        slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), new_row=True)
+        self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
+        self._pending_new_values[:, slot] = self._scaled_values(c)
         self._set_fresh_columns(slot, c, np.arange(self._H))
         self._key_changed[slot] = self._value_changed[slot] = True
-        self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
 
     # ------------------------------------------------------------------ validation helpers
     def _check_head(self, head: Any) -> int:
+        """The flat head index named by ``head=``.
+
+        Without a head axis: None or the integer index 0. With one: an integer
+        index into the flattened leading axes, or a tuple of one integer index
+        per leading axis. Integer indices follow :func:`check_index`.
+        """
         if not self.batch_shape:
-            if head is None or (not isinstance(head, bool) and head == 0):
+            if head is None:
                 return 0
-            raise IndexError(f"head: this structure has no head axis; expected None, got {head!r}")
+            index = as_index("head", head)
+            if index != 0:
+                raise IndexError(
+                    f"head={index} is out of range: this structure has no head axis, so its only "
+                    "head is 0; pass head=None (or head=0)"
+                )
+            return 0
         if head is None:
-            raise TypeError(f"head: expected an index into the leading axes {self.batch_shape}, got None")
+            raise TypeError(
+                f"head: expected an index into the leading axes {self.batch_shape}, got None; "
+                f"pass an int below {self._H} or a {len(self.batch_shape)}-tuple"
+            )
         if isinstance(head, tuple):
             if len(head) != len(self.batch_shape):
-                raise IndexError(f"head: expected a {len(self.batch_shape)}-tuple, got {head!r}")
+                raise IndexError(
+                    f"head: expected a {len(self.batch_shape)}-tuple (one index per leading axis of "
+                    f"{self.batch_shape}), got {head!r}"
+                )
             parts = [
-                check_index("head", x, s, axis="leading axis")
-                for x, s in zip(head, self.batch_shape, strict=True)
+                check_index(f"head[{k}]", x, s, axis=f"leading axis {k} of {self.batch_shape}")
+                for k, (x, s) in enumerate(zip(head, self.batch_shape, strict=True))
             ]
             return int(np.ravel_multi_index(parts, self.batch_shape))
         return check_index("head", head, self._H, axis=f"flattened leading axes {self.batch_shape}")
 
     def _check_heads(self, heads: Any, size: int) -> np.ndarray:
+        """``heads=`` as an int64 array of ``size`` flat head indices (None: head 0, without a head axis)."""
         if heads is None:
             if self.batch_shape:
-                raise TypeError(f"heads: expected head indices for leading axes {self.batch_shape}, got None")
+                raise TypeError(
+                    f"heads: expected head indices for leading axes {self.batch_shape}, got None; "
+                    f"pass one flat head index (below {self._H}) per entry"
+                )
             return np.zeros(size, dtype=np.int64)
         heads = check_index_array("heads", heads, self._H, axis=f"flattened leading axes {self.batch_shape}")
         if heads.size != size:
@@ -888,12 +934,7 @@ class DynamicAttention(AttentionMaintainer):
         return check_rows(name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width))
 
     def _check_query_range(self, q: np.ndarray) -> None:
-        norm = float(np.sqrt(np.einsum("hd,hd->h", q.astype(np.float64), q.astype(np.float64)).max()))
-        if abs(self._scale) * norm * self._k_norm_max > 1e300:
-            raise ValueError(
-                f"q: logits scale*|q||K_c| could reach {abs(self._scale) * norm * self._k_norm_max:.3g}, "
-                "beyond float64's range; expected scaled dot products below 1e300"
-            )
+        self._check_reach("q", float(_norms(q).max()), self._k_norm_max)
 
     def _checked_batch(self, target: str, rows: Any, cols: Any, deltas: Any, heads: Any, width: int):
         """Validate a batch of entry updates; return ``[(h, c, j, new_value), ...]`` to apply."""
@@ -925,12 +966,14 @@ class DynamicAttention(AttentionMaintainer):
             where = np.searchsorted(touched, rows)
             for (h, _c, j, new), w in zip(plan, where, strict=True):
                 trial[h, w, j] = float(new)
-            self._check_logit_range("deltas", float(np.sqrt(np.einsum("hrd,hrd->hr", trial, trial).max())))
+            self._check_logit_range("deltas", float(_norms(trial).max()))
         return plan
 
     # ------------------------------------------------------------------ answers
     def _answer_entry(self, h: int, i: int, j: int) -> float:
         """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
+        if self._visible_keys[i] == 0:
+            return 0.0  # the row sees no key
         t = self._t
         numerator = float(self._N[h, i, j])
         z = float(self._Z[h, i])
@@ -955,7 +998,7 @@ class DynamicAttention(AttentionMaintainer):
                 relative / (1 - relative) * (self._column_ratio_of(h, j) + 1) > self._tol
             ):
                 return float(self._fallback(np.array([h]), np.array([i]))[0, j])
-        return numerator / denominator if denominator > 0 else 0.0
+        return float(self._value_unit[h, j]) * (numerator / denominator) if denominator > 0 else 0.0
 
     def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
@@ -969,7 +1012,9 @@ class DynamicAttention(AttentionMaintainer):
             numerator -= xp.einsum("kt,kt->k", old_w, self._pending_old_values[heads, :t, cols])
         row_bound, denominator = self._row_bounds(heads, rows)
         bound = xp.to_numpy(row_bound) * (self._column_ratio(heads, cols) + 1)
-        answer = numerator / xp.where(denominator > 0, denominator, 1.0)
+        seen = xp.asarray(self._visible_keys[rows] > 0)
+        units = xp.asarray(self._value_unit[heads, cols])
+        answer = xp.where(seen, units * (numerator / xp.where(denominator > 0, denominator, 1.0)), 0.0)
         doubtful = ~(bound <= self._tol)
         if doubtful.any():
             pairs, where = np.unique(np.stack([heads[doubtful], rows[doubtful]]), axis=1, return_inverse=True)
@@ -996,8 +1041,12 @@ class DynamicAttention(AttentionMaintainer):
                     numerator[h] -= old_w[h].T @ old_v[h]
         heads = np.repeat(np.arange(H), k)
         row_bound, denominator = self._row_bounds(heads, np.tile(rows, H))
-        answer = numerator / self._xp.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
-        row_bound = self._xp.to_numpy(row_bound).reshape(H, k)
+        xp = self._xp
+        answer = numerator / xp.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
+        answer *= xp.asarray(self._value_unit)[:, None, :]
+        if not self._visible_keys[rows].all():
+            answer[:, xp.index(np.flatnonzero(self._visible_keys[rows] == 0))] = 0.0
+        row_bound = xp.to_numpy(row_bound).reshape(H, k)
         doubtful = ~(row_bound * (self._head_ratios()[:, None] + 1) <= self._tol)
         if doubtful.any():
             bad_heads, bad_rows = np.nonzero(doubtful)
@@ -1024,6 +1073,8 @@ class DynamicAttention(AttentionMaintainer):
             bound = xp.where(relative < 0.5, relative / (1 - relative), math.inf)
         if not self._certify:
             bound = bound * 0
+        elif not self._visible_keys[rows].all():
+            bound = xp.where(xp.asarray(self._visible_keys[rows] > 0), bound, 0.0)
         return bound, denominator
 
     def _row_error(self, h: Any, i: Any, mass: Any, recomputed: Any) -> Any:
@@ -1039,11 +1090,15 @@ class DynamicAttention(AttentionMaintainer):
     def _persistent_error(self, t: int) -> float:
         """Relative error per unit of weight mass that is not drift: stored
         weights against a fresh computation, and the O(t) sums of an answer."""
-        return self._column_error_limit + self._unit + _gamma(2 * t + 4)
+        # 2**-1074: values divided by their column unit may round in the subnormal range
+        return self._column_error_limit + self._unit + _gamma(2 * t + 4) + 2.0**-1074
 
     def _logit_error(self, q_norm: Any) -> Any:
         """Bound on |computed - exact| float64 logit for query rows of norm ``q_norm``."""
-        return _gamma(self.d + 2) * abs(self._scale) * q_norm * self._k_norm_max
+        # an infinite key norm passes the range checks only when every query row is 0
+        # (then every logit is exactly 0)
+        k_norm = self._k_norm_max if math.isfinite(self._k_norm_max) else 0.0
+        return _gamma(self.d + 2) * abs(self._scale) * q_norm * k_norm
 
     def _mismatch_error(self, q_norm: Any) -> Any:
         """Implicit storage: a recomputed old column against the folded one."""
@@ -1085,11 +1140,16 @@ class DynamicAttention(AttentionMaintainer):
 
     # ------------------------------------------------------------------ internals
     def _check_logit_range(self, name: str, k_norm: float) -> None:
-        if abs(self._scale) * self._q_norm_max * k_norm > 1e300:
+        self._check_reach(name, self._q_norm_max, k_norm)
+
+    def _check_reach(self, name: str, q_norm: float, k_norm: float) -> None:
+        """Reject inputs whose dot products ``q.k`` or logits ``scale*q.k`` could leave
+        float64's range (a zero norm gives exact zeros, whatever the other norm is)."""
+        reach = 0.0 if q_norm == 0 or k_norm == 0 else q_norm * k_norm * max(1.0, abs(self._scale))
+        if reach > 1e300:
             raise ValueError(
-                f"{name}: logits scale*|Q_i||K_c| could reach "
-                f"{abs(self._scale) * self._q_norm_max * k_norm:.3g}, beyond float64's range; "
-                "expected inputs whose scaled dot products stay below 1e300"
+                f"{name}: dot products |Q_i||K_c| times max(1, |scale|) could reach {reach:.3g}, "
+                "beyond float64's range; expected inputs whose (scaled) dot products stay below 1e300"
             )
 
     def _round_to_dtype(self, array: Any) -> None:
@@ -1151,17 +1211,29 @@ class DynamicAttention(AttentionMaintainer):
     def _rescale_rows(self, heads: np.ndarray, rows: np.ndarray, new_mu: np.ndarray) -> None:
         """Raise the stabilizer of (head, row) pairs to ``new_mu``; everything stored for them
         is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row."""
-        factors = self._xp.exp(self._mu[heads, rows] - new_mu)
+        xp = self._xp
+        shift = new_mu - self._mu[heads, rows]  # >= 0
+        factors = xp.exp(-shift)
         self._N[heads, rows] *= factors[:, None]
         self._Z[heads, rows] *= factors
-        self._drift[heads, rows] = (
-            self._drift[heads, rows] * factors + 4 * UNIT_ROUNDOFF * self._Z[heads, rows]
-        )
+        z = self._Z[heads, rows]
+        pending_mass = 0
         for block in (self._pending_new_columns, self._pending_old_columns):
             part = block[heads, :, rows] * factors[:, None]  # (k, T)
             self._round_to_dtype(part)
             block[heads, :, rows] = part
+            pending_mass = pending_mass + xp.sum(part, 1)
         self._storage.rescale_rows(heads, rows, factors)
+        drift = self._drift[heads, rows] * factors * (1 + 4 * UNIT_ROUNDOFF)
+        # (docs/accuracy.md, "Stabilizers"): the computed factor is off by the rounding of
+        # the shift and of exp; N and Z took one more rounding each; every stored weight
+        # of the row (dense storage, pending columns) was rounded again to the dtype and no
+        # longer cancels exactly what N and Z hold, by u relative or half a subnormal step.
+        factor_error = 2 * UNIT_ROUNDOFF * (shift + 4)
+        restored = (self._unit + UNIT_ROUNDOFF) * (z + drift + pending_mass)
+        self._drift[heads, rows] = (
+            drift + (factor_error + 2 * UNIT_ROUNDOFF) * z + restored + self._subnormal_error
+        )
         self._mu[heads, rows] = new_mu
         self._stats["rows_rescaled"] += int(rows.size)
 
@@ -1171,10 +1243,13 @@ class DynamicAttention(AttentionMaintainer):
         if slot is not None:
             return slot
         column, error = self._storage.snapshot_column(c, self._snapshot_column)
-        return self._open_slot(c, column, error, self._V64[:, c])
+        return self._open_slot(c, column, error)
 
-    def _open_slot(self, c: int, column: Any, error: np.ndarray, values: Any) -> int:
+    def _open_slot(self, c: int, column: Any, error: np.ndarray, *, new_row: bool = False) -> int:
+        """A pending slot for row ``c`` whose folded weights are ``column: (H, n)`` (relative
+        error ``error: (H,)``) and whose folded values are today's (zero for a ``new_row``)."""
         slot = self._t
+        values = self._xp.zeros((self._H, self.e), np.float64) if new_row else self._scaled_values(c)
         if slot == self._size["T"]:
             self._resize(T=min(self._threshold, 2 * slot))
         self._pending_old_columns[:, slot] = column
@@ -1200,8 +1275,7 @@ class DynamicAttention(AttentionMaintainer):
         if t == 0:
             return
         rows = self._pending_rows[:t]
-        key_rows = self._K64[:, rows]
-        self._k_sq_norms[:, rows] = xp.to_numpy(xp.einsum("hrd,hrd->hr", key_rows, key_rows))
+        self._k_norms[:, rows] = _norms(xp.to_numpy(self._K64[:, rows]))
         key_changed = self._key_changed[:t]
         value_changed = self._value_changed[:t]
         new_columns = self._pending_new_columns[:, :t]
@@ -1237,7 +1311,7 @@ class DynamicAttention(AttentionMaintainer):
         if values_moved:
             self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
             self._value_max_stale[:] = False
-            if np.any(self._value_scale > 2 * self._value_max):
+            if np.any(self._value_scale / 2 > self._value_max):
                 self._full_refresh()
                 return
         if self._certify:
@@ -1257,8 +1331,10 @@ class DynamicAttention(AttentionMaintainer):
         self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
         self._value_max_stale = np.zeros((self._H, self.e), dtype=bool)
         self._value_scale = self._value_max.copy()
-        self._k_sq_norms[...] = xp.to_numpy(xp.einsum("hmd,hmd->hm", self._K64, self._K64))
-        self._k_norm_max = float(np.sqrt(self._k_sq_norms.max()))
+        # every row is recomputed below (and nothing is pending), so the units may move down too
+        self._value_unit = _power_of_two_units(self._value_scale)
+        self._k_norms[...] = _norms(xp.to_numpy(self._K64))
+        self._k_norm_max = float(self._k_norms.max())
         H, n = self._H, self.n
         self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
         self._stats["full_refreshes"] += 1
@@ -1286,6 +1362,8 @@ class DynamicAttention(AttentionMaintainer):
                 self._pending_new_values[h, :t][value_changed]
                 - self._pending_old_values[h, :t][value_changed]
             )
+            units = xp.asarray(self._value_unit[h])
+            values = self._V64[h] / units  # the value side is kept in units (no overflow)
             for start in range(0, positions.size, block):
                 where = positions[start : start + block]
                 part = rows[where]
@@ -1298,8 +1376,8 @@ class DynamicAttention(AttentionMaintainer):
                 weights = xp.exp(logits - mu[:, None])
                 self._round_to_dtype(weights)
                 z = xp.sum(weights, 1)
-                full = weights @ self._V64[h]
-                out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None]
+                full = weights @ values
+                out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
                 if value_rows.size:
                     full -= weights[:, value_rows] @ value_delta
                 self._mu[h, part] = mu
@@ -1374,15 +1452,18 @@ class DynamicAttention(AttentionMaintainer):
             assert np.array_equal(block, block.astype(self._dtype).astype(np.float64))
         assert np.all(self._column_max[:, :t] >= new.max(axis=2, initial=0) * (1 - 1e-12))
         assert np.all(self._column_error[:, :t] <= self._column_error_limit)
-        assert np.array_equal(self._pending_new_values[:, :t], self._V64[:, self._pending_rows[:t]])
+        units = self._value_unit
+        assert np.array_equal(units, _power_of_two_units(units)) and np.all(self._value_scale / 2 < units)
+        scaled = self._V64[:, self._pending_rows[:t]] / units[:, None, :]
+        assert np.array_equal(self._pending_new_values[:, :t], scaled)
+        assert np.array_equal(self._visible_keys, self._count_visible_keys(np.arange(n)))
         true_max = np.abs(self._V64).max(axis=1)
         fresh = ~self._value_max_stale
         assert np.array_equal(self._value_max[fresh], true_max[fresh])
         assert np.all(self._value_max >= true_max)
         assert np.all(self._value_scale >= true_max)
-        k_norms = np.sqrt(np.einsum("hmd,hmd->hm", self._K64, self._K64))
-        assert self._k_norm_max >= k_norms.max() * (1 - 1e-12)
-        q_norms = np.sqrt(np.einsum("hnd,hnd->hn", self._Q64, self._Q64))
+        assert self._k_norm_max >= _norms(self._K64).max() * (1 - 1e-12)
+        q_norms = _norms(self._Q64)
         assert np.allclose(self._q_norm, q_norms, rtol=1e-12, atol=0)
         assert np.all(self._q_col_absmax >= np.abs(self._Q64).max(axis=1))
         if self._storage.exact_snapshot:
