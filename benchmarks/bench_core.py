@@ -1,4 +1,4 @@
-"""Issue 2's acceptance benchmark for DynamicAttention (a script, not a test).
+"""Speed targets of DynamicAttention in the paper's regime (a script, not a test).
 
 Paper regime, ``n = m = d = e = 1024``, float64, random entry updates of K
 (``K[i, j] += delta``, ``delta ~ N(0, 0.1**2)``). In one run, interleaved
@@ -44,7 +44,10 @@ from dynattn._timing import (
     gemm_rate,
     machine_info,
 )
-from dynattn.bench import BenchConfig, format_machine, make_progress, measure_size, total_steps
+from dynattn.progress import PROGRESS_KINDS, make_progress
+from dynattn.report import format_machine
+from dynattn.storage import STORAGES
+from dynattn.sweep import BenchConfig, measure_size, total_steps
 
 #: (name, measured value of a DynamicAttention record, required value, "min" or "max")
 TARGETS = (
@@ -77,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         "--taus", default="0.5,0.75,0.875,1.0", help="comma-separated (default 0.5,0.75,0.875,1.0)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (default 5)")
-    parser.add_argument("--storage", default="auto", choices=["auto", "dense", "implicit"])
+    parser.add_argument("--storage", default="auto", choices=["auto", *STORAGES])
     parser.add_argument("--sample-s", type=float, default=0.2, help="target seconds per sample")
     parser.add_argument("--json", metavar="PATH", help="write the records as JSON")
-    parser.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"])
+    parser.add_argument("--progress", default="auto", choices=PROGRESS_KINDS)
     args = parser.parse_args(argv)
 
     taus = [float(t) for t in args.taus.split(",") if t]

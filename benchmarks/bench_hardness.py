@@ -11,10 +11,11 @@ For each tau and n this builds a random Boolean instance (M, V with density
 * phase 3: ``column(i)`` -- ``n`` calls of ``query`` (mean over ``--columns``).
 
 It then prints fitted exponents (slope of log time against log n) next to the
-bounds of the conditional lower bound: amortized update time
+bounds of the conditional lower bound (van den Brand, Song, Zhou, arXiv
+2304.02207; see ``docs/hardness.md``): amortized update time
 ``n^(omega(1,1,tau) - tau)`` and phase-3 time ``n^(1 + tau)``. omega(1,1,tau) is
-approximated: 2 for tau <= alpha = 0.3213, and linear interpolation from 2 at
-alpha to omega = 2.371552 at tau = 1 (an upper bound, by convexity).
+the best known upper bound of :func:`dynattn.theory.omega_rect` (2 for
+tau <= alpha, the published tables in between, omega(1,1,1) < 2.371339).
 
 Usage::
 
@@ -32,25 +33,13 @@ import time
 import numpy as np
 
 from dynattn import DynamicAttention
-from dynattn.baselines import Eager, OnDemand, Recompute
+from dynattn.baselines import BASELINES, Eager
 from dynattn.hardness import HintedMvViaAttention, hinted_mv_direct, max_hint_nonzeros
+from dynattn.storage import STORAGES
+from dynattn.sweep import DTYPES
+from dynattn.theory import ALPHA, OMEGA_TABLES, omega_rect
 
-ALPHA = 0.3213  # dual exponent: omega(1,1,alpha) = 2
-OMEGA = 2.371552  # square matrix multiplication exponent bound
-
-ATTENTIONS = {
-    "dynamic": DynamicAttention,
-    "recompute": Recompute,
-    "ondemand": OnDemand,
-    "eager": Eager,
-}
-
-
-def omega_rect(tau: float) -> float:
-    """Approximate omega(1, 1, tau): 2 up to ALPHA, then linear to OMEGA at tau = 1."""
-    if tau <= ALPHA:
-        return 2.0
-    return 2.0 + (tau - ALPHA) / (1.0 - ALPHA) * (OMEGA - 2.0)
+ATTENTIONS = {"dynamic": DynamicAttention, **BASELINES}
 
 
 def instance(n: int, tau: float, density: float, seed: int):
@@ -141,11 +130,11 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--storage",
         nargs="+",
-        choices=["dense", "implicit", "auto"],
+        choices=[*STORAGES, "auto"],
         default=["dense"],
         help="DynamicAttention storage mode(s)",
     )
-    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--dtype", choices=DTYPES, default="float64")
     parser.add_argument("--density", type=float, default=0.1, help="density of M and V")
     parser.add_argument("--columns", type=int, default=4, help="phase-3 columns timed per size")
     parser.add_argument("--repeats", type=int, default=None, help="best of this many (default 3)")
@@ -164,8 +153,8 @@ def main(argv=None) -> None:
         f"M/V density {args.density}, P with ceil(n^tau) nonzeros"
     )
     print(
-        f"# omega(1,1,tau) approximated: 2 for tau <= {ALPHA}, linear interpolation to "
-        f"omega = {OMEGA} at tau = 1 (an upper bound by convexity)"
+        f"# omega(1,1,tau): best known upper bound (dynattn.theory: {', '.join(OMEGA_TABLES)}), "
+        f"2 for tau <= alpha = {ALPHA}, omega(1,1,1) = {omega_rect(1.0)}"
     )
     for storage in storages:
         print(f"\n## attention = {args.attention}, storage = {storage}")

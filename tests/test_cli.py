@@ -8,8 +8,9 @@ import pytest
 
 import dynattn
 from dynattn import DynamicAttention
-from dynattn.bench import BASELINE_ORDER, make_progress
 from dynattn.cli import main
+from dynattn.progress import make_progress
+from dynattn.sweep import BASELINE_ORDER
 
 REQUIRED = {
     "impl",

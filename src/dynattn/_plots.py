@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dynattn.bench import DEFAULT_MIXES, mix_cost
+from dynattn.report import DEFAULT_MIXES, mix_cost
 from dynattn.theory import fit_loglog, query_exponent, update_exponent
 
 MISSING = (
@@ -121,27 +121,19 @@ def plot_tradeoff(
     ax.legend(fontsize=8)
 
     taus = np.linspace(0.0, 1.0, 101)
-    bx.plot(
-        [update_exponent(t, "classical") for t in taus],
-        [query_exponent(t) for t in taus],
-        "-",
-        color="tab:gray",
-        label="theory, classical mult. (2, tau)",
+    theory_curves = (
+        ("classical", "structure", "-", "tab:gray", "theory, classical mult. (2, tau)"),
+        ("best", "structure", "--", "black", "theory, best known omega(1,1,tau)-tau"),
+        ("best", "paper", ":", "black", "paper's bound (omega(1,1,tau)-tau, 1+tau)"),
     )
-    bx.plot(
-        [update_exponent(t, "best") for t in taus],
-        [query_exponent(t) for t in taus],
-        "--",
-        color="black",
-        label="theory, best known omega(1,1,tau)-tau",
-    )
-    bx.plot(
-        [update_exponent(t, "best") for t in taus],
-        [query_exponent(t, "paper") for t in taus],
-        ":",
-        color="black",
-        label="paper's bound (omega(1,1,tau)-tau, 1+tau)",
-    )
+    for multiplication, query_bound, line, color, label in theory_curves:
+        bx.plot(
+            [update_exponent(t, multiplication) for t in taus],
+            [query_exponent(t, query_bound) for t in taus],
+            line,
+            color=color,
+            label=label,
+        )
     for s_idx, storage in enumerate(storages):
         pts = [f for f in fits if str(f["storage"]) == storage and f.get("update") and f.get("query")]
         if not pts:

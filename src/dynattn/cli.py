@@ -20,7 +20,14 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields, replace
 from typing import Any
+
+from dynattn.baselines import BASELINES
+from dynattn.demo import DemoConfig
+from dynattn.progress import PROGRESS_KINDS
+from dynattn.storage import STORAGES
+from dynattn.sweep import DTYPES, QUICK_SETTINGS, REGIMES, UPDATE_KINDS, BenchConfig
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,7 +75,11 @@ def _choices_list(choices: Sequence[str]) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``dynattn`` command."""
+    """The argument parser of the ``dynattn`` command.
+
+    Options left out are ``None`` and take their value from :class:`DemoConfig`
+    or :meth:`BenchConfig.preset`, which the help texts quote.
+    """
     parser = argparse.ArgumentParser(
         prog="dynattn",
         description="Exact softmax attention maintained under edits to keys and values "
@@ -76,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench,theory}")
 
+    demo_defaults = DemoConfig()
     demo = sub.add_parser(
         "demo",
         help="short built-in workload: timings, ratios, accuracy check",
@@ -83,28 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved with queries) on DynamicAttention and the "
         "baselines; check every answer against float64.",
     )
-    demo.add_argument("--size", type=int, default=1024, help="n = m = d = e (default 1024)")
-    demo.add_argument("--updates", type=int, default=4096, help="updates in the workload (default 4096)")
-    demo.add_argument("--queries-per-update", type=float, default=1.0, help="default 1")
-    demo.add_argument("--tau", type=float, default=0.75, help="DynamicAttention tau (default 0.75)")
-    demo.add_argument("--storage", default="auto", choices=["auto", "dense", "implicit"])
-    demo.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    demo.add_argument("--size", type=int, help=f"n = m = d = e (default {demo_defaults.size})")
+    demo.add_argument(
+        "--updates", type=int, help=f"updates in the workload (default {demo_defaults.updates})"
+    )
+    demo.add_argument(
+        "--queries-per-update", type=float, help=f"default {demo_defaults.queries_per_update:g}"
+    )
+    demo.add_argument("--tau", type=float, help=f"DynamicAttention tau (default {demo_defaults.tau:g})")
+    demo.add_argument("--storage", choices=["auto", *STORAGES])
+    demo.add_argument("--dtype", choices=DTYPES)
     demo.add_argument(
         "--recompute-updates",
         type=int,
-        default=32,
-        help="Recompute runs only this prefix of the updates (default 32)",
+        help=f"Recompute runs only this prefix of the updates (default {demo_defaults.recompute_updates})",
     )
     demo.add_argument(
         "--eager-updates",
         type=int,
-        default=1024,
-        help="Eager runs only this prefix of the updates (default 1024)",
+        help=f"Eager runs only this prefix of the updates (default {demo_defaults.eager_updates})",
     )
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int)
     demo.add_argument("--json", metavar="PATH", help="also write the result as JSON")
-    demo.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"])
+    demo.add_argument("--progress", default="auto", choices=PROGRESS_KINDS)
 
+    defaults = BenchConfig()
     bench = sub.add_parser(
         "bench",
         help="sweeps over sizes and tau; JSON, plots, exponent fits",
@@ -113,74 +128,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--regime",
-        default="paper",
-        choices=["paper", "llm"],
+        choices=REGIMES,
         help="paper: n=m=d=e, entry updates; llm: d=e=head-dim, token (row) edits",
     )
     bench.add_argument("--sizes", type=_int_list, help="comma-separated n values")
     bench.add_argument("--taus", type=_taus, help="comma-separated tau values in [0, 1]")
-    bench.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    bench.add_argument("--dtype", choices=DTYPES)
     bench.add_argument(
         "--storage",
-        type=_choices_list(["dense", "implicit", "auto"]),
-        default=["auto"],
-        help="comma-separated storage modes of DynamicAttention (default auto)",
+        dest="storages",
+        metavar="STORAGE",
+        type=_choices_list([*STORAGES, "auto"]),
+        help=f"comma-separated storage modes of DynamicAttention (default {','.join(defaults.storages)})",
+    )
+    bench.add_argument("--baselines", type=_choices_list(list(BASELINES)), help="baselines to measure")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        help=f"timed interleaved rounds (default {defaults.repeats}; --quick {QUICK_SETTINGS['repeats']})",
     )
     bench.add_argument(
-        "--baselines",
-        type=_choices_list(["recompute", "ondemand", "eager"]),
-        default=["recompute", "ondemand", "eager"],
-        help="baselines to measure",
+        "--warmup",
+        type=int,
+        help=f"untimed rounds first (default {defaults.warmup}; --quick {QUICK_SETTINGS['warmup']})",
     )
-    bench.add_argument("--repeats", type=int, help="timed interleaved rounds (default 5; --quick 3)")
-    bench.add_argument("--warmup", type=int, help="untimed rounds first (default 1; --quick 0)")
-    bench.add_argument("--sample-s", type=float, help="target seconds per sample (default 0.15)")
+    bench.add_argument(
+        "--sample-s", type=float, help=f"target seconds per sample (default {defaults.sample_s:g})"
+    )
     bench.add_argument(
         "--recompute-updates",
         type=int,
-        default=2,
-        help="at most this many updates per Recompute sample (default 2)",
+        help=f"at most this many updates per Recompute sample (default {defaults.recompute_updates})",
     )
     bench.add_argument(
         "--quiet-wait",
+        dest="quiet_wait_s",
         type=float,
-        default=0.0,
         metavar="SECONDS",
         help="shared machines: before each size wait up to SECONDS for other processes to "
-        "use < --quiet-load cores (default 0: don't wait)",
+        f"use < --quiet-load cores (default {defaults.quiet_wait_s:g}: don't wait)",
     )
     bench.add_argument(
         "--quiet-load",
         type=float,
-        default=0.1,
-        help="cores other processes may use for the machine to count as quiet (default 0.1)",
+        help="cores other processes may use for the machine to count as quiet "
+        f"(default {defaults.quiet_load:g})",
     )
     bench.add_argument(
         "--noisy-retries",
         type=int,
-        default=0,
         help="measure a size again (up to this many times) when other processes used more "
-        "than 3x --quiet-load cores during it; the quietest attempt is kept (default 0)",
+        "than 3x --quiet-load cores during it; the quietest attempt is kept "
+        f"(default {defaults.noisy_retries})",
     )
     bench.add_argument(
         "--burn-in",
         type=float,
-        help="untimed updates per key row before timing (default 16; --quick 4)",
+        help="untimed updates per key row before timing "
+        f"(default {defaults.burn_in:g}; --quick {QUICK_SETTINGS['burn_in']:g})",
     )
     bench.add_argument(
         "--update-kind",
-        default="k",
-        choices=["k", "v", "kv"],
-        help="paper regime: entry updates of K, V or alternating (default k)",
+        choices=UPDATE_KINDS,
+        help=f"paper regime: entry updates of K, V or alternating (default {defaults.update_kind})",
     )
-    bench.add_argument("--head-dim", type=int, default=64, help="llm regime: d = e (default 64)")
+    bench.add_argument("--head-dim", type=int, help=f"llm regime: d = e (default {defaults.head_dim})")
     bench.add_argument(
         "--memory-budget",
         type=int,
-        default=1 << 30,
-        help="bytes of dense weights allowed under storage=auto (default 1 GiB)",
+        help="bytes of dense weights allowed under storage=auto "
+        f"(default {defaults.memory_budget / 2**30:g} GiB)",
     )
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int)
     bench.add_argument(
         "--quick", action="store_true", help="small sizes, few taus and repeats: under 2 minutes"
     )
@@ -196,37 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--load", metavar="PATH", help="skip measuring: report on a JSON file written by --json"
     )
-    bench.add_argument("--progress", default="auto", choices=["auto", "rich", "plain", "none"])
+    bench.add_argument("--progress", default="auto", choices=PROGRESS_KINDS)
 
     sub.add_parser("theory", help="theoretical exponents per tau and the omega(1,1,k) table")
     return parser
 
 
-def _bench_config(args: argparse.Namespace) -> Any:
-    from dynattn.bench import DEFAULTS, QUICK, BenchConfig
+def _given(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
+    """The options in ``args`` named after fields of ``config_class`` that were given."""
+    return {
+        f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name, None) is not None
+    }
 
-    table = QUICK if args.quick else DEFAULTS
-    cfg = BenchConfig(
-        regime=args.regime,
-        sizes=args.sizes or list(table[args.regime]["sizes"]),
-        taus=args.taus or list(table[args.regime]["taus"]),
-        dtype=args.dtype,
-        storages=args.storage,
-        baselines=args.baselines,
-        repeats=args.repeats if args.repeats is not None else (3 if args.quick else 5),
-        warmup=args.warmup if args.warmup is not None else (0 if args.quick else 1),
-        sample_s=args.sample_s if args.sample_s is not None else (0.03 if args.quick else 0.15),
-        recompute_updates=args.recompute_updates if not args.quick else 1,
-        burn_in=args.burn_in if args.burn_in is not None else (4.0 if args.quick else 16.0),
-        burn_in_s=1.0 if args.quick else 6.0,
-        update_kind=args.update_kind,
-        head_dim=args.head_dim,
-        seed=args.seed,
-        memory_budget=args.memory_budget,
-        quiet_wait_s=args.quiet_wait,
-        quiet_load=args.quiet_load,
-        noisy_retries=args.noisy_retries,
-    )
+
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    given = _given(args, BenchConfig)
+    if args.quick:
+        given.pop("recompute_updates", None)  # --quick has always used its own value
+    cfg = BenchConfig.preset(quick=args.quick, **given)
     if (
         cfg.repeats < 1
         or cfg.warmup < 0
@@ -249,7 +255,8 @@ def _bench_config(args: argparse.Namespace) -> Any:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from dynattn.bench import format_machine, format_policy, policy, run_bench, summary_table
+    from dynattn.report import format_machine, format_policy, policy, summary_table
+    from dynattn.sweep import run_bench
     from dynattn.theory import fit_records, format_fits
 
     if args.load:
@@ -298,22 +305,15 @@ def _json_default(value: Any) -> Any:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dynattn.bench import DemoConfig, format_demo, run_demo
+    from dynattn.demo import format_demo, run_demo
 
-    if args.size < 2 or args.updates < 1 or args.queries_per_update < 0:
+    cfg = DemoConfig(**_given(args, DemoConfig))
+    if cfg.size < 2 or cfg.updates < 1 or cfg.queries_per_update < 0:
         raise ValueError("--size must be >= 2, --updates >= 1, --queries-per-update >= 0")
-    if not 0.0 <= args.tau <= 1.0:
-        raise ValueError(f"--tau: expected a number in [0, 1], got {args.tau}")
-    cfg = DemoConfig(
-        size=args.size,
-        updates=args.updates,
-        queries_per_update=args.queries_per_update,
-        tau=args.tau,
-        storage=args.storage,
-        dtype=args.dtype,
-        recompute_updates=max(1, args.recompute_updates),
-        eager_updates=max(1, args.eager_updates),
-        seed=args.seed,
+    if not 0.0 <= cfg.tau <= 1.0:
+        raise ValueError(f"--tau: expected a number in [0, 1], got {cfg.tau}")
+    cfg = replace(
+        cfg, recompute_updates=max(1, cfg.recompute_updates), eager_updates=max(1, cfg.eager_updates)
     )
     result = run_demo(cfg, progress_mode=args.progress)
     print(format_demo(result))

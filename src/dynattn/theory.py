@@ -221,7 +221,8 @@ def query_exponent(tau: float, bound: str = "structure") -> float:
         Threshold exponent.
     bound : {"structure", "paper"}
         ``"structure"``: ``tau``, the O(T) correction over the pending columns
-        (SPEC section 2); ``"paper"``: ``1 + tau``, the abstract's worst case.
+        (README.md, "How it works"); ``"paper"``: ``1 + tau``, the worst case in
+        the abstract of van den Brand, Song, Zhou (arXiv 2304.02207).
     """
     if bound == "structure":
         return float(tau)
@@ -317,7 +318,7 @@ def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> 
 
     Parameters
     ----------
-    records : iterable of benchmark records (see :mod:`dynattn.bench`)
+    records : iterable of benchmark records (see :mod:`dynattn.sweep`)
         Only records with ``impl == impl`` and ``regime == "paper"`` are used.
     impl : str
         Implementation name to fit.
