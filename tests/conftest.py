@@ -14,6 +14,20 @@ settings.register_profile(
 settings.load_profile("default")
 
 
+def pytest_addoption(parser):
+    """``--fuzz-long[=FACTOR]``: the long (soak) profile of tests/test_fuzz.py."""
+    parser.addoption(
+        "--fuzz-long",
+        action="store",
+        nargs="?",
+        type=int,
+        const=4,
+        default=1,
+        metavar="FACTOR",
+        help="tests/test_fuzz.py: multiply sequences, steps and hypothesis examples by FACTOR (default 4)",
+    )
+
+
 def state_of(obj):
     """A deep copy of every attribute of ``obj`` (arrays, dicts, counters, storage) for equality checks."""
     skip = ("_buffers", "_storage", "_xp")

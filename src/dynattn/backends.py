@@ -55,6 +55,9 @@ class NumpyBackend:
         """(storage dtype, output dtype or None for "the storage dtype") for ``dtype=``."""
         return (np.float64 if dtype is None else dtype), None
 
+    def shares_memory(self, a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(np.shares_memory(a, b))
+
     def unit_roundoff(self, dtype: Any) -> float:
         """Half the machine epsilon of ``dtype``: the relative rounding of a returned answer."""
         return float(np.finfo(dtype).eps) / 2
@@ -172,6 +175,9 @@ class TorchBackend:
                 return str(wanted).removeprefix("torch."), None
             raise TypeError(f"dtype: expected float32 or float64 (or float16/bfloat16 inputs), got {wanted}")
         return wanted, None
+
+    def shares_memory(self, a: Any, b: Any) -> bool:
+        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
     def unit_roundoff(self, dtype: Any) -> float:
         """Half the machine epsilon of ``dtype`` (a torch dtype or a numpy one)."""

@@ -59,6 +59,9 @@ DEFAULT_TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5}
 #: Rows are refreshed at a fold once drift exceeds this fraction of ``tol`` (the rest is
 #: headroom for the pending terms of the answers until the next fold).
 DRIFT_FRACTION = 0.5
+#: A stabilizer jump beyond this (natural log) would make the rescale factor exp(-jump) a
+#: float64 subnormal, losing its relative precision: such rows are recomputed instead.
+FAR_SHIFT = 700.0
 #: Refresh block: at most this many float64 weights are materialized at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Pending slots allocated up front; more are added by doubling, up to the threshold.
@@ -1210,9 +1213,15 @@ class DynamicAttention(AttentionMaintainer):
 
     def _rescale_rows(self, heads: np.ndarray, rows: np.ndarray, new_mu: np.ndarray) -> None:
         """Raise the stabilizer of (head, row) pairs to ``new_mu``; everything stored for them
-        is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row."""
+        is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row;
+        O(m*(d+e)) for a row whose stabilizer jumps so far that the factor would be subnormal
+        (its old weights are then negligible, and the row is recomputed exactly instead)."""
         xp = self._xp
         shift = new_mu - self._mu[heads, rows]  # >= 0
+        far = xp.to_numpy(shift) > FAR_SHIFT
+        if far.any():
+            self._refresh(heads[far], rows[far])
+            heads, rows, new_mu, shift = heads[~far], rows[~far], new_mu[~far], shift[~far]
         factors = xp.exp(-shift)
         self._N[heads, rows] *= factors[:, None]
         self._Z[heads, rows] *= factors
