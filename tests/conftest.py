@@ -29,14 +29,16 @@ def pytest_addoption(parser):
 
 
 def state_of(obj):
-    """A deep copy of every attribute of ``obj`` (arrays, dicts, counters, storage) for equality checks."""
-    skip = ("_buffers", "_storage", "_xp")
+    """A deep copy of every attribute of ``obj`` (arrays, dicts, counters, the whole state of a
+    DynamicAttention) for equality checks."""
+    skip = {"_state", "_storage", "_xp"}
+    if hasattr(obj, "_state"):
+        skip |= {"_Q", "_K", "_V"}  # views of the state's arrays
     state = {k: _host(v) for k, v in vars(obj).items() if k not in skip}
     state = copy.deepcopy(state)
-    if hasattr(obj, "_buffers"):
-        state["_buffers"] = {name: _host(buffer).copy() for name, (_, buffer) in obj._buffers.items()}
-    if hasattr(obj, "_storage"):
-        state["_storage"] = {k: _host(v).copy() for k, v in vars(obj._storage).items() if k != "xp"}
+    if hasattr(obj, "_state"):
+        arrays, numbers = obj._state.export()
+        state["_state"] = {"arrays": arrays, "numbers": copy.deepcopy(numbers)}
     return state
 
 

@@ -139,7 +139,7 @@ def test_save_on_torch_load_on_numpy(tmp_path):
 def test_cuda_state_stays_on_the_device():
     Q, K, V = (torch.randn(2, 64, 16, device="cuda") for _ in range(3))
     att = DynamicAttention(Q, K, V)
-    for name, (_owner, buffer) in att._buffers.items():
+    for name, (_owner, _spec, buffer) in att._state._buffers.items():
         if hasattr(buffer, "device"):
             assert buffer.device.type == "cuda", name
     assert att.query_rows([1, 2]).device.type == "cuda"

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from dynattn import DynamicAttention, SnapshotError, persistence
+from dynattn.state import AttentionState
 from dynattn.storage import STORAGES
-from dynattn.structure import FIXED_STATE, FLOAT64_COPIES, FORMAT_VERSION, LAYOUT
+from dynattn.structure import FORMAT_VERSION
 from dynattn.testing import as_numpy
 
 H, N, M, D, E = 2, 6, 8, 3, 2
@@ -106,15 +107,16 @@ def test_round_trip_other_head_shapes(tmp_path, batch):
 
 
 def test_snapshot_holds_exactly_the_layout(tmp_path):
-    """The arrays written are those of the layout registries (the checks are derived from them)."""
+    """The arrays written are those the state declares (the checks are derived from them)."""
     for storage in STORAGES:
         for dtype in (np.float64, np.float32):
             path = tmp_path / f"{storage}-{np.dtype(dtype).name}.npz"
-            build(storage, dtype).save(path)
-            names = {*LAYOUT, *STORAGES[storage].LAYOUT, *FIXED_STATE}
-            if dtype == np.float32:
-                names |= set(FLOAT64_COPIES)
-            assert set(members(path)) == {"meta"} | {f"state{name}" for name in names}
+            att = build(storage, dtype)
+            att.save(path)
+            names = set(AttentionState.expected_arrays(att._state.sizes, np.dtype(dtype), STORAGES[storage]))
+            assert set(members(path)) == {"meta"} | {f"state.{name}" for name in names}
+            assert ("Q64" in names) == (dtype == np.float32)
+            assert ("storage.weights_t" in names) == (storage == "dense")
 
 
 # ---------------------------------------------------------------------- damaged files
@@ -218,7 +220,7 @@ def _unpickled():
 def test_pickled_member_is_never_loaded(saved, tmp_path):
     arrays = members(saved)
     marker = np.array([_Marker()], dtype=object)
-    for name in ("meta", "state_N"):
+    for name in ("meta", "state.N"):
         rejected(
             rewrite(tmp_path, {**arrays, name: marker}), f"array '{name}': expected dtype .*, got object"
         )
@@ -266,7 +268,7 @@ def test_meta_fields(saved, tmp_path):
     check("meta 'certify': expected bool, got int 1", certify=1)
     check("meta 'threshold': expected int, got float 7.0", threshold=7.0)
     check("meta 'next_position': expected int, got bool True", next_position=True)
-    check(r"meta 'H': expected a value == sizes H \(2\), got 3", H=3)
+    check("meta 'k_norm_max': expected a value >= 0, got -1.0", k_norm_max=-1.0)
     check("meta 'stats': expected an object with keys", stats={})
     check("meta 'stats' folds: expected an integer >= 0, got -1", stats={**base["stats"], "folds": -1})
     check("meta 'pending': expected an object", pending=[])
@@ -294,7 +296,7 @@ def test_pending_map_inconsistent(saved, tmp_path):
         rejected(rewrite(tmp_path, with_meta({**arrays, **(changes or {})}, meta)), match)
 
     (c0, s0), (c1, s1) = list(pending.items())[:2]
-    check("array 'state_pending_rows': expected key row", {**base, "pending": {**pending, c0: s1, c1: s0}})
+    check("array 'state.pending_rows': expected key row", {**base, "pending": {**pending, c0: s1, c1: s0}})
     fewer = dict(list(pending.items())[1:])
     check(f"meta 't': expected the number of pending rows \\({t - 1}\\), got {t}", {**base, "pending": fewer})
     check(
@@ -302,17 +304,17 @@ def test_pending_map_inconsistent(saved, tmp_path):
         {**base, "pending": fewer, "t": t - 1},
     )
     check("meta 'pending': expected slots", {**base, "pending": {**pending, c0: s1}})
-    rows = arrays["state_pending_rows"].copy()
+    rows = arrays["state.pending_rows"].copy()
     rows[s0] = 99
     moved = {**{c: s for c, s in pending.items() if c != c0}, "99": s0}
     check(
-        "meta 'pending': key row 99 is out of range", {**base, "pending": moved}, {"state_pending_rows": rows}
+        "meta 'pending': key row 99 is out of range", {**base, "pending": moved}, {"state.pending_rows": rows}
     )
     check(
         f"meta 't': expected fewer pending rows than the threshold \\({t}\\), got {t}",
         {**base, "threshold": t},
     )
-    check("meta 'sizes' T: expected t", {**base, "sizes": {**base["sizes"], "T": t - 1}})
+    check("meta 'sizes' S: expected t", {**base, "sizes": {**base["sizes"], "S": t - 1}})
 
 
 # ---------------------------------------------------------------------- state arrays
@@ -348,24 +350,24 @@ def test_each_array_dropped_reshaped_retyped_or_nan(tmp_path):
 def test_unexpected_array(saved, tmp_path):
     arrays = members(saved)
     rejected(
-        rewrite(tmp_path, {**arrays, "state_extra": np.ones(2)}), "unexpected array\\(s\\) 'state_extra'"
+        rewrite(tmp_path, {**arrays, "state.extra": np.ones(2)}), "unexpected array\\(s\\) 'state.extra'"
     )
     # float64 copies belong to float32 snapshots only
-    copy = {"state_Q64": arrays["state_Qh"]}
-    rejected(rewrite(tmp_path, {**arrays, **copy}), "unexpected array\\(s\\) 'state_Q64' in a float64 dense")
+    copy = {"state.Q64": arrays["state.Q"]}
+    rejected(rewrite(tmp_path, {**arrays, **copy}), "unexpected array\\(s\\) 'state.Q64' in a float64 dense")
 
 
 def test_positions_and_visibility_flag(saved, tmp_path):
     arrays = members(saved)
     meta = meta_of(arrays)
-    for name in ("state_query_pos", "state_key_pos"):
+    for name in ("state.query_pos", "state.key_pos"):
         for bad in (-1, meta["next_position"]):
             positions = arrays[name].copy()
             positions[0] = bad
             rejected(rewrite(tmp_path, {**arrays, name: positions}), f"array '{name}': expected positions in")
-    visible = np.ones_like(arrays["state_key_visible"])
+    visible = np.ones_like(arrays["state.key_visible"])
     rejected(
-        rewrite(tmp_path, {**arrays, "state_key_visible": visible}),
+        rewrite(tmp_path, {**arrays, "state.key_visible": visible}),
         "meta 'all_keys_visible': expected True",
     )
 

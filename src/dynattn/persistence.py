@@ -1,11 +1,12 @@
 """Snapshots of :class:`~dynattn.DynamicAttention` on disk (``.npz``), checked before use.
 
-A snapshot is an uncompressed ``.npz`` archive: one ``state<name>`` array for
-every state array of the structure (its layout registries: ``LAYOUT``, the
-storage strategy's ``LAYOUT``, ``FLOAT64_COPIES`` for float32 storage and
-``FIXED_STATE``) and a ``meta`` array holding UTF-8 JSON (format version,
-sizes, dtype, storage, the pending-row map, counters and the scalars of
-``DynamicAttention._SCALARS``).
+A snapshot is an uncompressed ``.npz`` archive: one ``state.<name>`` array for
+every array the structure's state declares (:class:`dynattn.state.AttentionState`
+and its storage strategy, ``state.storage.<name>``), and a ``meta`` array
+holding UTF-8 JSON: the format version, the class, the options
+(``DynamicAttention.config()``) and the state's numbers (sizes, pending-row map,
+counters and ``AttentionState.SCALARS``). Nothing here names a state field:
+a field declared in :mod:`dynattn.state` is saved, checked and restored.
 
 :func:`load` reads nothing it has not checked and builds nothing before the
 whole file has passed: every unreadable or inconsistent file raises
@@ -26,7 +27,6 @@ in its folder, such files whose writer ran on this host and no longer runs.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -65,9 +65,10 @@ _READ_ERRORS = (
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"
 _FIELDS = ("format", "class", "batch_shape", "sizes", "dtype", "storage", "pending", "stats")
-#: Distinct sizes of the reference structure whose fixed-size state arrays give the
-#: expected axes of those arrays in any snapshot (see :func:`_reference`).
-_PROBE_SIZES = {"H": 3, "n": 5, "m": 7, "d": 11, "e": 13}
+#: Options saved in meta (``DynamicAttention.config()`` less dtype, storage, batch_shape).
+_OPTIONS = {"tau": float, "scale": float, "tol": float, "certify": bool, "causal": bool}
+#: Prefix of the state arrays in the archive.
+_PREFIX = "state."
 
 
 class SnapshotError(ValueError):
@@ -187,24 +188,24 @@ def save(att: Any, path: str | os.PathLike[str]) -> None:
 
     Runtime complexity: O(size of the state), plus O(entries in the folder).
     """
-    from dynattn.structure import FIXED_STATE, FORMAT_VERSION
+    from dynattn.structure import FORMAT_VERSION
 
     path = os.fspath(path)
-    arrays = {
-        f"state{name}": att._xp.to_numpy(getattr(owner, name)) for name, (owner, _) in att._buffers.items()
-    }
-    arrays.update({f"state{name}": getattr(att, name) for name in FIXED_STATE})
+    state_arrays, numbers = att._state.export()
+    arrays = {_PREFIX + name: array for name, array in state_arrays.items()}
+    config = att.config()
     meta = {
         "format": FORMAT_VERSION,
         "class": type(att).__name__,
-        "batch_shape": list(att.batch_shape),
-        "sizes": att._size,
-        "dtype": att._dtype.name,
-        "storage": att._storage_name,
-        "pending": {str(c): s for c, s in att._slot_of.items()},
-        "stats": att._stats,
+        "batch_shape": config.pop("batch_shape"),
+        "sizes": numbers.pop("sizes"),
+        "dtype": config.pop("dtype"),
+        "storage": config.pop("storage"),
+        "pending": {str(c): s for c, s in numbers.pop("slot_of").items()},
+        "stats": numbers.pop("stats"),
+        **config,
+        **numbers,
     }
-    meta.update({name: getattr(att, f"_{name}") for name in att._SCALARS})
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     folder = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(folder)
@@ -255,37 +256,17 @@ def load(cls: Any, path: str | os.PathLike[str], *, backend: str | None = None, 
 
     Runtime complexity: O(size of the state), plus O(entries in the folder).
     """
-    from dynattn.structure import FIXED_STATE, GROWABLE
+    from dynattn.state import AttentionState
 
     xp = resolve_backend(backend, device=device)
     path = os.fspath(path)
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     meta, arrays = read_snapshot(path, cls=cls)
-
-    self = cls.__new__(cls)
-    self._xp = xp
-    self._dtype = np.dtype(meta["dtype"])
-    self._output_dtype = xp.storage_dtype(self._dtype)
-    self.batch_shape = tuple(meta["batch_shape"])
-    for name in cls._SCALARS:
-        setattr(self, f"_{name}", meta[name])
-    self._storage_name = meta["storage"]
-    self._storage = STORAGES[self._storage_name](xp)
-    self._size = dict(meta["sizes"])
-    self._capacity = {a: self._size[a] for a in GROWABLE}
-    self._slot_of = {int(c): s for c, s in meta["pending"].items()}
-    self._stats = dict(meta["stats"])
-    self._dtype_max = float(np.finfo(self._dtype).max)
-    self.d, self.e = self._size["d"], self._size["e"]
-    self._buffers = {}
-    for name, (_, _, on_device) in self._layout().items():
-        owner = self._storage if name in self._storage.LAYOUT else self
-        array = arrays[f"state{name}"]
-        self._buffers[name] = (owner, xp.asarray(array) if on_device else array)
-    for name in FIXED_STATE:
-        setattr(self, name, arrays[f"state{name}"])
-    self._reslice()
-    return self
+    config = {name: meta[name] for name in (*_OPTIONS, "dtype", "storage", "batch_shape")}
+    numbers = {name: meta[name] for name in AttentionState.SCALARS}
+    numbers.update(sizes=meta["sizes"], slot_of=meta["pending"], stats=meta["stats"])
+    state_arrays = {name[len(_PREFIX) :]: array for name, array in arrays.items()}
+    return cls._restore(xp, config, state_arrays, numbers)
 
 
 def read_snapshot(
@@ -459,7 +440,9 @@ def _kind(value: Any) -> str:
 
 def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
     """Check the decoded meta record; return a copy with float scalars as floats."""
-    scalars = tuple(cls._SCALARS)
+    from dynattn.state import GROWABLE, STAT_NAMES, AttentionState
+
+    scalars = {**_OPTIONS, **AttentionState.SCALARS}
     required = (*_FIELDS, *scalars)
     missing = [key for key in required if key not in meta]
     if missing:
@@ -478,7 +461,6 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
     storage = meta["storage"]
     if not isinstance(storage, str) or storage not in STORAGES:
         raise fail(f"meta 'storage': expected one of {', '.join(map(repr, STORAGES))}, got {storage!r}")
-    reference = _reference(dtype)
 
     def positive_int(value: Any) -> bool:
         return type(value) is int and value > 0
@@ -487,9 +469,10 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
     if not isinstance(batch, list) or not all(positive_int(x) for x in batch):
         raise fail(f"meta 'batch_shape': expected a list of positive integers, got {batch!r}")
     sizes = meta["sizes"]
-    if not isinstance(sizes, dict) or set(sizes) != reference.size_keys:
+    size_keys = {"H", "d", "e", *GROWABLE}
+    if not isinstance(sizes, dict) or set(sizes) != size_keys:
         got = sorted(sizes) if isinstance(sizes, dict) else repr(sizes)
-        raise fail(f"meta 'sizes': expected an object with keys {sorted(reference.size_keys)}, got {got}")
+        raise fail(f"meta 'sizes': expected an object with keys {sorted(size_keys)}, got {got}")
     for axis, value in sizes.items():
         if not positive_int(value):
             raise fail(f"meta 'sizes' {axis}: expected a positive integer, got {value!r}")
@@ -499,27 +482,26 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
             f"got {sizes['H']}"
         )
 
-    for name in scalars:
-        value, kind = meta[name], reference.scalar_types.get(name)
+    for name, kind in scalars.items():
+        value = meta[name]
         if kind is float:
             if type(value) not in (int, float) or not math.isfinite(value):
                 raise fail(f"meta {name!r}: expected a finite number, got {value!r}")
             meta[name] = float(value)
-        elif kind in (bool, int) and _kind(value) != kind.__name__:
+        elif _kind(value) != kind.__name__:
             raise fail(f"meta {name!r}: expected {kind.__name__}, got {_kind(value)} {value!r}")
     checks = {
-        "tau": lambda x: 0 <= x <= 1,
-        "tol": lambda x: x > 0,
-        "threshold": lambda x: x >= 1,
-        "t": lambda x: x >= 0,
-        "next_position": lambda x: x >= 0,
-        "H": lambda x: x == sizes["H"],
+        "tau": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+        "tol": (lambda x: x > 0, "> 0"),
+        "threshold": (lambda x: x >= 1, ">= 1"),
+        "t": (lambda x: x >= 0, ">= 0"),
+        "next_position": (lambda x: x >= 0, ">= 0"),
+        "k_norm_max": (lambda x: x >= 0, ">= 0"),
+        "q_norm_max": (lambda x: x >= 0, ">= 0"),
     }
-    wanted = {"tau": "in [0, 1]", "tol": "> 0", "threshold": ">= 1", "t": ">= 0", "next_position": ">= 0"}
-    wanted["H"] = f"== sizes H ({sizes['H']})"
-    for name, check in checks.items():
-        if name in meta and not check(meta[name]):
-            raise fail(f"meta {name!r}: expected a value {wanted[name]}, got {meta[name]!r}")
+    for name, (check, wanted) in checks.items():
+        if not check(meta[name]):
+            raise fail(f"meta {name!r}: expected a value {wanted}, got {meta[name]!r}")
 
     pending = meta["pending"]
     if not isinstance(pending, dict):
@@ -528,20 +510,20 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
         if not re.fullmatch(r"0|[1-9][0-9]*", row) or type(slot) is not int or slot < 0:
             raise fail(f"meta 'pending': expected key row -> slot as integers >= 0, got {row!r}: {slot!r}")
     stats = meta["stats"]
-    if not isinstance(stats, dict) or set(stats) != reference.stats_keys:
+    if not isinstance(stats, dict) or set(stats) != set(STAT_NAMES):
         got = sorted(stats) if isinstance(stats, dict) else repr(stats)
-        raise fail(f"meta 'stats': expected an object with keys {sorted(reference.stats_keys)}, got {got}")
+        raise fail(f"meta 'stats': expected an object with keys {sorted(STAT_NAMES)}, got {got}")
     for key, value in stats.items():
         if type(value) is not int or value < 0:
             raise fail(f"meta 'stats' {key}: expected an integer >= 0, got {value!r}")
 
-    t, threshold, slots = meta["t"], meta["threshold"], sizes["T"]
+    t, threshold, slots = meta["t"], meta["threshold"], sizes["S"]
     if t != len(pending):
         raise fail(f"meta 't': expected the number of pending rows ({len(pending)}), got {t}")
     if not (0 <= t < threshold or (threshold == 1 and t == 0)):
         raise fail(f"meta 't': expected fewer pending rows than the threshold ({threshold}), got {t}")
     if not t <= slots <= threshold:
-        raise fail(f"meta 'sizes' T: expected t ({t}) <= T <= threshold ({threshold}), got {slots}")
+        raise fail(f"meta 'sizes' S: expected t ({t}) <= S <= threshold ({threshold}), got {slots}")
     if sorted(pending.values()) != list(range(t)):
         raise fail(f"meta 'pending': expected slots 0..{t - 1} once each, got {sorted(pending.values())}")
     return meta
@@ -550,103 +532,44 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
 def _expected_arrays(
     cls: Any, meta: dict[str, Any], fail: Any
 ) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
-    """Every array the snapshot must hold: name -> (axes, shape, dtype), from the layout registries."""
-    from dynattn.structure import FIXED_STATE
+    """Every array the snapshot must hold: name -> (axes, shape, dtype), from the state's
+    declarations (:meth:`dynattn.state.AttentionState.expected_arrays`)."""
+    from dynattn.state import AttentionState
 
-    dtype = np.dtype(meta["dtype"])
-    sizes = meta["sizes"]
-    # the structure's own layout rule (float64 copies only for float32 storage, the storage's arrays)
-    layout = cls._layout(_LayoutKey(dtype, STORAGES[meta["storage"]]))
-    axes_of = {
-        name: (axes, dtype if kind is None else np.dtype(kind)) for name, (axes, kind, _) in layout.items()
-    }
-    fixed = _reference(dtype.name).fixed
-    for name in FIXED_STATE:
-        axes_of[name] = fixed[name]
-    expected = {}
-    for name, (axes, kind) in axes_of.items():
-        unknown = [a for a in axes if isinstance(a, str) and a not in sizes]
-        if unknown:
-            raise fail(f"meta 'sizes': expected axis {unknown[0]!r} (for array 'state{name}')")
-        shape = tuple(sizes[a] if isinstance(a, str) else a for a in axes)
-        letters = "".join(a if isinstance(a, str) else str(a) for a in axes)
-        expected[f"state{name}"] = (letters, shape, kind)
-    return expected
+    expected = AttentionState.expected_arrays(
+        meta["sizes"], np.dtype(meta["dtype"]), STORAGES[meta["storage"]]
+    )
+    return {_PREFIX + name: spec for name, spec in expected.items()}
 
 
 def _check_invariants(meta: dict[str, Any], arrays: dict[str, np.ndarray], fail: Any) -> None:
     """Cross-array checks: pending rows, positions, the key-visibility flag."""
     sizes, t = meta["sizes"], meta["t"]
-    rows = arrays.get("state_pending_rows")
-    if rows is not None:
-        for row, slot in meta["pending"].items():
-            c = int(row)
-            if c >= sizes["m"]:
-                raise fail(f"meta 'pending': key row {c} is out of range (m = {sizes['m']})")
-            if rows[slot] != c:
-                raise fail(
-                    f"array 'state_pending_rows': expected key row {c} at slot {slot} (meta 'pending'), "
-                    f"got {int(rows[slot])}"
-                )
-        if t and np.unique(rows[:t]).size != t:
+    name = _PREFIX + "pending_rows"
+    rows = arrays[name]
+    for row, slot in meta["pending"].items():
+        c = int(row)
+        if c >= sizes["m"]:
+            raise fail(f"meta 'pending': key row {c} is out of range (m = {sizes['m']})")
+        if rows[slot] != c:
             raise fail(
-                f"array 'state_pending_rows': expected {t} distinct pending rows, got {rows[:t].tolist()}"
+                f"array {name!r}: expected key row {c} at slot {slot} (meta 'pending'), got {int(rows[slot])}"
             )
-    end = meta.get("next_position")
-    for name in ("state_query_pos", "state_key_pos"):
-        positions = arrays.get(name)
-        if positions is not None and end is not None and positions.size:
+    if t and np.unique(rows[:t]).size != t:
+        raise fail(f"array {name!r}: expected {t} distinct pending rows, got {rows[:t].tolist()}")
+    end = meta["next_position"]
+    for name in (_PREFIX + "query_pos", _PREFIX + "key_pos"):
+        positions = arrays[name]
+        if positions.size:
             low, high = int(positions.min()), int(positions.max())
             if low < 0 or high >= end:
                 raise fail(
                     f"array {name!r}: expected positions in [0, {end}) (meta 'next_position'), "
                     f"got values in [{low}, {high}]"
                 )
-    visible = arrays.get("state_key_visible")
-    flag = meta.get("all_keys_visible")
-    if visible is not None and flag is not None and flag != bool(visible.all()):
+    visible = arrays[_PREFIX + "key_visible"]
+    if meta["all_keys_visible"] != bool(visible.all()):
         raise fail(
-            f"meta 'all_keys_visible': expected {bool(visible.all())} (array 'state_key_visible'), got {flag}"
+            f"meta 'all_keys_visible': expected {bool(visible.all())} (array {_PREFIX}key_visible), "
+            f"got {meta['all_keys_visible']}"
         )
-
-
-class _LayoutKey:
-    """What ``DynamicAttention._layout`` reads: the storage dtype and the storage strategy."""
-
-    def __init__(self, dtype: np.dtype, storage: Any):
-        self._dtype = dtype
-        self._storage = storage
-
-
-class _Reference:
-    """Facts about the current structure that a snapshot must match (see :func:`_reference`)."""
-
-    def __init__(self, att: Any):
-        from dynattn.structure import FIXED_STATE
-
-        letter = {size: axis for axis, size in _PROBE_SIZES.items()}
-        #: FIXED_STATE name -> (axes: axis letters, or a literal size; dtype)
-        self.fixed = {}
-        for name in FIXED_STATE:
-            array = np.asarray(getattr(att, name))
-            self.fixed[name] = (tuple(letter.get(k, k) for k in array.shape), array.dtype)
-        self.scalar_types = {name: type(getattr(att, f"_{name}")) for name in type(att)._SCALARS}
-        self.stats_keys = frozenset(att._stats)
-        self.size_keys = frozenset(att._size)
-
-
-@functools.cache
-def _reference(dtype: str) -> _Reference:
-    """A tiny structure of ``dtype`` with distinct sizes (H=3, n=5, m=7, d=11, e=13), read once.
-
-    The fixed-size state (``FIXED_STATE``) has no axes in the registries: its
-    expected axes and dtypes are read off this structure, so the checks follow
-    new entries without a second list. The same goes for the types of the
-    scalars, the counter names and the size names.
-    """
-    from dynattn.structure import DynamicAttention
-
-    H, n, m, d, e = (_PROBE_SIZES[a] for a in "Hnmde")
-    rng = np.random.default_rng(0)
-    Q, K, V = (0.1 * rng.standard_normal((H, rows, cols)) for rows, cols in ((n, d), (m, d), (m, e)))
-    return _Reference(DynamicAttention(Q, K, V, dtype=np.dtype(dtype), backend="numpy"))

@@ -1,20 +1,24 @@
-"""Storage strategies for the snapshot attention weights (SPEC section 2).
+"""Storage strategies for the snapshot attention weights (docs/accuracy.md).
 
 The structure needs, when a key/value row ``c`` first becomes pending, the
 stabilized weight column ``a0_c = exp(s * Q K_c^T - mu)`` *as it was folded*
 into the snapshot ``N = A0 V0``. A strategy decides where that column comes
-from:
+from, owns whatever arrays it keeps for that (declared as
+:class:`~dynattn.state.StateArray`, allocated and grown by
+:class:`~dynattn.state.AttentionState`), and says what its choice costs in the
+certificate (:meth:`mismatch_error`):
 
 ``dense``
-    Keep ``A`` itself, column-contiguous (stored as ``A^T: (m, n)`` in the
+    Keep ``A`` itself, column-contiguous (stored as ``A^T: (H, m, n)`` in the
     structure's dtype). Getting a column is an O(n) copy, and it is bit-for-bit
-    the column that was folded, so taking it out again cancels exactly.
-    Memory O(n*m).
+    the column that was folded, so taking it out again cancels exactly: no
+    mismatch term. Memory O(n*m) per head.
 ``implicit``
     Keep nothing: recompute the column from ``Q`` and ``K_c`` (an O(n*d)
-    matrix-vector product). Memory O((n+m)*d + n*T) for the whole structure.
-    The recomputation can differ from the folded column by rounding, which the
-    structure charges to its per-row error bound.
+    matrix-vector product, done in one pass with the new key's logits when a
+    key row is replaced). The recomputation can differ from the folded column
+    by rounding, which is charged to the per-row bound for the slots opened
+    since the row was last recomputed exactly. Memory O((n+m)*d + n*T).
 
 Strategies live in :data:`STORAGES`, a plain name -> class registry.
 """
@@ -26,74 +30,120 @@ from typing import Any
 
 import numpy as np
 
+from dynattn.state import StateArray
+
+#: ``compute(c, new_key)``: column c of every head as folded ``(H, n)`` and, when
+#: ``new_key: (H, d)`` is given, the masked logits of that new key ``(H, n)`` (else None).
+ColumnFunction = Callable[[int, Any], tuple[Any, Any]]
+
 
 class DenseStorage:
     """Keep the stabilized weights ``A^T: (H, m, n)`` (the paper's O(n*m) space per head).
 
-    The arrays are owned by the structure's buffer registry (they grow with
-    ``append``); :attr:`LAYOUT` names their axes. Runtime complexity:
-    ``snapshot_column`` O(H*n); ``commit_columns`` O(H*n*t); ``rescale_rows`` /
-    ``set_rows`` O(m) per row.
+    Runtime complexity: ``snapshot_column`` O(H*n); ``commit_columns`` O(H*n*t);
+    ``rescale_rows`` / ``set_rows`` O(m) per row; ``append_column`` O(H*n).
     """
 
     name = "dense"
-    #: a column taken out is exactly the column that was folded in
-    exact_snapshot = True
-    #: arrays the structure allocates on this object: name -> (axes, dtype or None for the
-    #: structure's dtype, on the backend's device?). ``column_error`` bounds each stored
-    #: column's relative error (host bookkeeping).
-    LAYOUT = {"weights_t": ("Hmn", None, True), "column_error": ("Hm", np.float64, False)}
-
-    weights_t: Any
-    column_error: np.ndarray
+    weights_t = StateArray("Hmn")  # A^T in the storage dtype
+    column_error = StateArray("Hm", np.float64, device=False)  # relative error of each stored column
 
     def __init__(self, xp: Any):
         self.xp = xp
 
-    def snapshot_column(self, c: int, compute: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, and
-        each head's relative error bound ``(H,)``."""
-        return self.xp.astype(self.weights_t[:, c], np.float64), self.column_error[:, c].copy()
+    def snapshot_column(
+        self, c: int, compute: ColumnFunction, new_key: Any = None
+    ) -> tuple[Any, np.ndarray, Any]:
+        """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, each
+        head's relative error bound ``(H,)``, and None (no logits computed here)."""
+        return self.xp.astype(self.weights_t[:, c], np.float64), self.column_error[:, c].copy(), None
 
-    def commit_columns(self, key_rows: np.ndarray, columns: np.ndarray, errors: np.ndarray) -> None:
-        """Store new snapshot columns ``columns: (H, t, n)`` of ``key_rows: (t,)`` at a fold."""
+    def commit_columns(self, key_rows: np.ndarray, columns: Any, errors: np.ndarray) -> None:
+        """Store new snapshot columns ``columns: (H, t, n)`` of ``key_rows: (t,)`` at a fold
+        (exact: they are already rounded to the dtype)."""
         self.weights_t[:, key_rows] = self.xp.astype(columns, self.weights_t.dtype)
         self.column_error[:, key_rows] = errors
 
-    def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: np.ndarray) -> None:
-        """Multiply weight rows ``(heads[k], rows[k])`` by ``factors[k]``."""
+    def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: Any) -> None:
+        """Multiply weight rows ``(heads[k], rows[k])`` by ``factors[k]`` (rounded to the dtype)."""
         block = self.weights_t[heads, :, rows] * factors[:, None]  # (k, m), float64
         self.weights_t[heads, :, rows] = self.xp.astype(block, self.weights_t.dtype)
 
-    def set_rows(self, head: int, rows: np.ndarray, weights: np.ndarray) -> None:
+    def set_rows(self, head: int, rows: np.ndarray, weights: Any) -> None:
         """Overwrite weight rows ``rows`` of ``head`` with ``weights: (len(rows), m)``."""
         self.weights_t[head][:, rows] = self.xp.astype(self.xp.swap_last(weights), self.weights_t.dtype)
+
+    def append_column(self, c: int) -> None:
+        """A new key row ``c``: its folded weights are zero."""
+        self.weights_t[:, c] = 0
+        self.column_error[:, c] = 0
+
+    def mismatch_error(self, old_weights: Any, first_recomputed: Any, slot_axis: int, rate: Any) -> Any:
+        """A stored column cancels exactly what was folded: no mismatch."""
+        return 0.0
+
+    def check(self, state: Any, fresh_weights: np.ndarray, slack: np.ndarray, floor: float) -> None:
+        """Invariants (numpy state): stored weights agree with a fresh computation, and the
+        pending old columns are exactly the stored ones."""
+        t = state.t
+        stored = self.weights_t.astype(np.float64)
+        pending = state.pending_rows[:t]
+        old = state.pending_old_columns[:, :t]
+        assert np.array_equal(old, stored[:, pending]), "pending old columns differ from stored A"
+        limit = float(np.finfo(self.weights_t.dtype).max) ** 0.25 * (1 + 1e-12)
+        assert np.all(stored >= 0) and np.all(stored <= limit), "stored weights out of range"
+        stable = np.ones(stored.shape[1], dtype=bool)
+        stable[pending] = False
+        stored_rows = stored.transpose(0, 2, 1)  # (H, n, m)
+        allowed = (self.column_error[:, None, :] + slack) * np.maximum(fresh_weights, stored_rows)
+        diff = np.abs(stored_rows - fresh_weights)
+        bad = diff[:, :, stable] > allowed[:, :, stable] * 1.01 + floor
+        assert not bad.any(), f"stored weights drifted: (head, row, key) {np.argwhere(bad)[:3].tolist()}"
 
 
 class ImplicitStorage:
     """Keep no weights; recompute a snapshot column when it is needed.
 
-    Runtime complexity: ``snapshot_column`` O(H*n*d); everything else O(1).
+    Runtime complexity: ``snapshot_column`` O(H*n*d); everything else O(1)
+    (``mismatch_error`` O(size of ``old_weights``)).
     """
 
     name = "implicit"
-    exact_snapshot = False
-    LAYOUT: dict[str, tuple[str, Any, bool]] = {}
 
     def __init__(self, xp: Any):
         self.xp = xp
 
-    def snapshot_column(self, c: int, compute: Callable[[int], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        column = compute(c)
-        return column, np.zeros(column.shape[0])
+    def snapshot_column(
+        self, c: int, compute: ColumnFunction, new_key: Any = None
+    ) -> tuple[Any, np.ndarray, Any]:
+        column, new_logits = compute(c, new_key)
+        return column, np.zeros(column.shape[0]), new_logits
 
-    def commit_columns(self, key_rows: np.ndarray, columns: np.ndarray, errors: np.ndarray) -> None:
+    def commit_columns(self, key_rows: np.ndarray, columns: Any, errors: np.ndarray) -> None:
         pass
 
-    def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: np.ndarray) -> None:
+    def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: Any) -> None:
         pass
 
-    def set_rows(self, head: int, rows: np.ndarray, weights: np.ndarray) -> None:
+    def set_rows(self, head: int, rows: np.ndarray, weights: Any) -> None:
+        pass
+
+    def append_column(self, c: int) -> None:
+        pass
+
+    def mismatch_error(self, old_weights: Any, first_recomputed: Any, slot_axis: int, rate: Any) -> Any:
+        """``rate`` times the old weights of the slots at or after ``first_recomputed``
+        along ``slot_axis`` (those were recomputed, not folded by this row's last exact
+        refresh); ``first_recomputed`` has ``old_weights``' shape without that axis."""
+        t = old_weights.shape[slot_axis]
+        if t == 0:
+            return 0.0
+        shape = [1] * old_weights.ndim
+        shape[slot_axis] = t
+        recomputed = np.arange(t).reshape(shape) >= np.expand_dims(first_recomputed, slot_axis)
+        return rate * self.xp.sum(old_weights * self.xp.asarray(recomputed, np.float64), slot_axis)
+
+    def check(self, state: Any, fresh_weights: np.ndarray, slack: np.ndarray, floor: float) -> None:
         pass
 
 

@@ -1,8 +1,10 @@
 """The dynamic attention structure: lazy updates with certified answers.
 
-Math (SPEC sections 1-3). With stabilized weights ``a_c[i] = exp(s*Q_i.K_c - mu_i)``
-(``mu_i`` the row's stabilizer; 0 where a mask hides key c from query i), the
-structure keeps a *snapshot*
+After van den Brand, Song and Zhou, *Algorithm and Hardness for Dynamic
+Attention Maintenance in Large Language Models* (arXiv 2304.02207). With
+stabilized weights ``a_c[i] = exp(s*Q_i.K_c - mu_i)`` (``mu_i`` the row's
+stabilizer; 0 where a mask hides key c from query i), the structure keeps a
+*snapshot*
 
     N = A0 V0  (n, e),   Z = A0 1  (n,)      -- float64, as of the last fold
 
@@ -13,34 +15,30 @@ folded (``v0_c``) and now (``v_c``). Every answer is
     O[i, j] = (N[i, j] + sum_c a_c[i] v_c[j] - a0_c[i] v0_c[j])
               / (Z[i] + sum_c a_c[i] - a0_c[i])
 
-which costs O(t) for t pending rows. When t reaches the threshold
-``T = ceil(m**tau)`` a *fold* adds the pending columns into N and Z with two
-BLAS-3 products, ``(a - a0)^T V_C`` over key-changed rows and
+which costs O(t) for t pending rows. When t reaches the *threshold*
+``ceil(m**tau)`` a *fold* (the paper's rebuild) adds the pending columns into N
+and Z with two BLAS-3 products, ``(a - a0)^T V_C`` over key-changed rows and
 ``a0^T (v - v0)`` over value-changed rows: 2*n*e flops per pending change.
 
-Heads. Inputs may carry leading axes ``(*batch, n, d)`` (heads, batches): they
-are flattened to H independent problems that share the pending-row bookkeeping,
-so a token edit is one vectorized operation over all heads.
-
-Certification. Each row carries ``drift``, a bound on the rounding error that
-incremental maintenance has accumulated in ``N`` and ``Z`` (in units of ``Z``
-times the column's value scale). Every answer is checked against a first-order
-bound built from it; when the bound exceeds ``tol`` (cancellation: a key that
-held most of a row's weight moved away; values that shrank by orders of
-magnitude; drift after many folds), the row is recomputed exactly instead.
-See ``docs/accuracy.md``.
+Where things live: every state array is declared in :mod:`dynattn.state`; the
+error terms of the certificate are in :mod:`dynattn.certificate` (derivation
+in ``docs/accuracy.md``); where folded weight columns come from is the storage
+strategy's business (:mod:`dynattn.storage`); snapshots on disk are
+:mod:`dynattn.persistence`. This module keeps the public operations and the
+lazy algorithm, read top-down: the paper's operations and the fold first, then
+answers, token edits, weight maintenance, persistence and invariants.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from typing import Any
 
 import numpy as np
 
-from dynattn._base import AttentionMaintainer
+from dynattn import certificate as cert
+from dynattn._base import ValidatedInputs
 from dynattn._validation import (
     as_index,
     check_choice,
@@ -51,93 +49,21 @@ from dynattn._validation import (
     check_scalar,
 )
 from dynattn.backends import NumpyBackend
+from dynattn.certificate import UNIT_ROUNDOFF, scalar_where
+from dynattn.state import AttentionState
 from dynattn.storage import STORAGES, choose_storage
 
-UNIT_ROUNDOFF = 2.0**-53
-#: Default certification tolerance (relative to max|V[:, j]|), a tenth of SPEC's target.
-DEFAULT_TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 1e-5}
-#: Rows are refreshed at a fold once drift exceeds this fraction of ``tol`` (the rest is
-#: headroom for the pending terms of the answers until the next fold).
-DRIFT_FRACTION = 0.5
+#: Pending slots allocated up front; more are added by doubling, up to the threshold.
+INITIAL_SLOTS = 64
 #: A stabilizer jump beyond this (natural log) would make the rescale factor exp(-jump) a
 #: float64 subnormal, losing its relative precision: such rows are recomputed instead.
 FAR_SHIFT = 700.0
-#: Refresh block: at most this many float64 weights are materialized at once.
+#: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
-#: Pending slots allocated up front; more are added by doubling, up to the threshold.
-INITIAL_SLOTS = 64
 #: Saved-file format version (``save`` / ``load``).
 FORMAT_VERSION = 2
-
-#: Every state array: its axes (H heads, n queries, m keys, d, e, T pending slots),
-#: dtype (None: the structure's storage dtype) and whether it lives on the backend's
-#: device (True) or in host numpy (bookkeeping). n, m and T can grow.
-LAYOUT: dict[str, tuple[str, Any, bool]] = {
-    "_Qh": ("Hnd", None, True),
-    "_Kh": ("Hmd", None, True),
-    "_Vh": ("Hme", None, True),
-    "_QT64": ("Hdn", np.float64, True),
-    "_q_norm": ("Hn", np.float64, True),
-    "_mu": ("Hn", np.float64, True),
-    "_Z": ("Hn", np.float64, True),
-    "_drift": ("Hn", np.float64, True),
-    "_N": ("Hne", np.float64, True),
-    "_pending_new_columns": ("HTn", np.float64, True),
-    "_pending_old_columns": ("HTn", np.float64, True),
-    "_pending_new_values": ("HTe", np.float64, True),
-    "_pending_old_values": ("HTe", np.float64, True),
-    "_query_pos": ("n", np.int64, False),
-    "_exact_slots": ("Hn", np.int64, False),
-    "_k_norms": ("Hm", np.float64, False),
-    "_visible_keys": ("n", np.int64, False),
-    "_key_visible": ("m", bool, False),
-    "_key_pos": ("m", np.int64, False),
-    "_pending_rows": ("T", np.int64, False),
-    "_key_changed": ("T", bool, False),
-    "_value_changed": ("T", bool, False),
-    "_column_error": ("HT", np.float64, False),
-    "_column_max": ("HT", np.float64, False),
-}
-#: float64 working copies, separate arrays only when the storage dtype is float32.
-FLOAT64_COPIES = {"_Q64": "_Qh", "_K64": "_Kh", "_V64": "_Vh"}
-#: Fixed-size host arrays (no growable axis).
-FIXED_STATE = ("_q_col_absmax", "_value_max", "_value_max_stale", "_value_scale", "_value_unit")
-GROWABLE = "nmT"
-#: host-side operations (bookkeeping arrays are always numpy)
+#: Host-side operations (bookkeeping arrays are always numpy).
 HOST = NumpyBackend()
-
-
-def _gamma(k: int) -> float:
-    """Higham's gamma_k = k u / (1 - k u) for float64 arithmetic."""
-    ku = k * UNIT_ROUNDOFF
-    return ku / (1.0 - ku)
-
-
-def _norms(x: np.ndarray) -> np.ndarray:
-    """Euclidean norms along the last axis, without overflow or underflow of the squares."""
-    x = np.asarray(x, dtype=np.float64)
-    biggest = np.abs(x).max(axis=-1, keepdims=True, initial=0.0)
-    safe = np.where(biggest > 0, biggest, 1.0)
-    scaled = x / safe
-    return np.sqrt(np.einsum("...d,...d->...", scaled, scaled)) * safe[..., 0]
-
-
-def _updated_norm(norm: float, old: float, new: float) -> float:
-    """An upper bound on ``|k'|`` when one entry of ``k`` (``|k| = norm``) moves from ``old`` to
-    ``new``: O(1), scaled so that no square overflows, with the float64 rounding of the
-    update (which can cancel) added. Folds recompute the norms of pending rows exactly."""
-    biggest = max(norm, abs(old), abs(new))
-    if biggest == 0:
-        return 0.0
-    a, b, c = norm / biggest, old / biggest, new / biggest
-    square = a * a - b * b + c * c + 4 * UNIT_ROUNDOFF * (a * a + b * b + c * c)
-    return biggest * math.sqrt(max(square, 0.0))
-
-
-def _power_of_two_units(scale: np.ndarray) -> np.ndarray:
-    """The power of two ``2**k <= scale < 2**(k+1)`` per entry (1 where ``scale`` is 0)."""
-    exponent = np.frexp(scale)[1]
-    return np.where(scale > 0, np.ldexp(1.0, exponent - 1), 1.0)
 
 
 def _slots(flags: np.ndarray) -> Any:
@@ -145,11 +71,12 @@ def _slots(flags: np.ndarray) -> Any:
     return slice(None) if flags.all() else flags
 
 
-def _threshold(m: int, tau: float) -> int:
+def fold_threshold(m: int, tau: float) -> int:
+    """Pending rows that trigger a fold: ``ceil(m**tau)``, between 1 and m."""
     return min(m, max(1, math.ceil(m**tau * (1 - 1e-12))))
 
 
-class DynamicAttention(AttentionMaintainer):
+class DynamicAttention(ValidatedInputs):
     """Softmax attention ``O = D^-1 exp(scale * Q K^T) V`` kept current under edits.
 
     Parameters
@@ -225,13 +152,13 @@ class DynamicAttention(AttentionMaintainer):
         device: Any = None,
     ):
         super().__init__(Q, K, V, scale=scale, dtype=dtype, backend=backend, device=device)
-        xp = self._xp
-        self._tau = check_scalar("tau", tau, low=0.0, high=1.0)
+        tau = check_scalar("tau", tau, low=0.0, high=1.0)
         budget = check_scalar("memory_budget", memory_budget, low=0.0)
         check_choice("storage", storage, (*STORAGES, "auto"))
-        self._tol = DEFAULT_TOL[self._dtype] if tol is None else check_scalar("tol", tol, low=0.0)
-        if self._tol <= 0:
-            raise ValueError(f"tol: expected a positive number, got {tol!r}")
+        if tol is not None:
+            tol = check_scalar("tol", tol, low=0.0)
+            if tol <= 0:
+                raise ValueError(f"tol: expected a positive number, got {tol!r}")
         certify = check_flag("certify", certify)
         causal = check_flag("causal", causal)
         n, m, d, e = self.n, self.m, self.d, self.e
@@ -244,177 +171,85 @@ class DynamicAttention(AttentionMaintainer):
                     f"{mask.dtype} array of shape {mask.shape}"
                 )
             visible = mask.copy()
-        self._certify = certify
-        self._causal = causal
-        self._H = H = int(np.prod(self.batch_shape, dtype=np.int64))
-
-        self._storage_name = choose_storage(storage, H * n, m, self._dtype, int(budget))
-        self._storage = STORAGES[self._storage_name](xp)
-        self._unit = float(np.finfo(self._dtype).eps) / 2
-        self._log_weight_limit = float(np.log(np.finfo(self._dtype).max)) / 4
-        self._weight_limit = math.exp(self._log_weight_limit)
-        #: relative error a weight column may carry from multiplicative updates before it is
-        #: recomputed from its logits (it enters every bound times the row's weight mass)
-        self._column_error_limit = max(8 * self._unit + 64 * UNIT_ROUNDOFF, self._tol / 32)
-
-        # state arrays live in growable buffers; attributes are views of them
-        self._threshold = _threshold(m, self._tau)
+        H = int(np.prod(self.batch_shape, dtype=np.int64))
+        storage_name = choose_storage(storage, H * n, m, self._dtype, int(budget))
+        self._configure(
+            tau=tau,
+            tol=tol,
+            certify=certify,
+            causal=causal,
+            storage=storage_name,
+            batch_shape=self.batch_shape,
+        )
+        threshold = fold_threshold(m, tau)
         # pending slots are allocated as they fill (capacity doubles up to the threshold)
-        slots = min(self._threshold, INITIAL_SLOTS)
-        self._size = {"H": H, "n": n, "m": m, "d": d, "e": e, "T": slots}
-        self._capacity = {"n": n, "m": m, "T": slots}
-        given = {"Q": self._Q, "K": self._K, "V": self._V}
-        self._buffers: dict[str, tuple[Any, Any]] = {}
-        for name, (axes, kind, on_device) in self._layout().items():
-            owner = self._storage if name in self._storage.LAYOUT else self
-            shape = tuple(self._size[a] for a in axes)
-            zeros = xp.zeros if on_device else np.zeros
-            self._buffers[name] = (owner, zeros(shape, kind or self._dtype))
-        self._reslice()
-        host = {k: v.reshape(H, *v.shape[-2:]) for k, v in given.items()}
-        self._Qh[...] = xp.asarray(host["Q"])
-        self._Kh[...] = xp.asarray(host["K"])
-        self._Vh[...] = xp.asarray(host["V"])
-        self._sync_float64_copies(Q=slice(None), K=slice(None), V=slice(None))
-        self._QT64[...] = xp.swap_last(self._Q64)
-        q64, k64 = host["Q"].astype(np.float64), host["K"].astype(np.float64)
-        q_norm = _norms(q64)
-        self._q_norm[...] = xp.asarray(q_norm)
-        self._q_col_absmax = np.abs(q64).max(axis=1)  # (H, d), an upper bound
-        self._q_norm_max = float(q_norm.max())
-        self._k_norms[...] = _norms(k64)
-        self._k_norm_max = float(self._k_norms.max())
-        self._check_logit_range("K", self._k_norm_max)
-        self._key_visible[...] = visible
-        self._all_keys_visible = bool(visible.all())
-        self._query_pos[...] = np.arange(n)
-        self._key_pos[...] = np.arange(m)
-        self._visible_keys[...] = self._count_visible_keys(np.arange(n))
-        self._next_position = max(n, m)
-        self._slot_of: dict[int, int] = {}
-        self._t = 0
-        self._stats = {
-            "folds": 0,
-            "rows_refreshed": 0,
-            "query_fallbacks": 0,
-            "full_refreshes": 0,
-            "rows_rescaled": 0,
-            "fresh_columns": 0,
-        }
+        sizes = {"H": H, "n": n, "m": m, "d": d, "e": e, "S": min(threshold, INITIAL_SLOTS)}
+        given = [x.reshape(H, *x.shape[-2:]) for x in (self._Q, self._K, self._V)]
+        self._state = s = AttentionState(self._xp, self._dtype, sizes, self._storage)
+        self._after_resize()
+        s.threshold = threshold
+        xp = self._xp
+        s.Q[...], s.K[...], s.V[...] = (xp.asarray(x) for x in given)
+        s.sync_float64_copies(Q=slice(None), K=slice(None), V=slice(None))
+        s.Q64_T[...] = xp.swap_last(s.Q64)
+        q_norm = cert.norms(given[0])
+        s.q_norm[...] = xp.asarray(q_norm)
+        s.q_col_absmax[...] = np.abs(given[0].astype(np.float64)).max(axis=1)
+        s.q_norm_max = float(q_norm.max())
+        s.k_norms[...] = cert.norms(given[1])
+        s.k_norm_max = float(s.k_norms.max())
+        self._check_logit_range("K", s.k_norm_max)
+        s.key_visible[...] = visible
+        s.all_keys_visible = bool(visible.all())
+        s.query_pos[...] = np.arange(n)
+        s.key_pos[...] = np.arange(m)
+        s.visible_keys[...] = self._count_visible_keys(np.arange(n))
+        s.next_position = max(n, m)
         self._full_refresh()
 
-    # ------------------------------------------------------------------ buffers
-    def _layout(self) -> dict[str, tuple[str, Any, bool]]:
-        layout = dict(LAYOUT)
-        if self._dtype != np.float64:
-            layout.update({copy: (LAYOUT[src][0], np.float64, True) for copy, src in FLOAT64_COPIES.items()})
-        layout.update(self._storage.LAYOUT)
-        return layout
+    def _configure(
+        self,
+        *,
+        tau: float,
+        tol: float | None,
+        certify: bool,
+        causal: bool,
+        storage: str,
+        batch_shape: tuple[int, ...],
+    ) -> None:
+        """Options and the constants derived from them (shared by ``__init__`` and ``load``)."""
+        self._tau, self._certify, self._causal = tau, certify, causal
+        self._tol = cert.DEFAULT_TOL[self._dtype] if tol is None else tol
+        self.batch_shape = tuple(batch_shape)
+        self._H = int(np.prod(self.batch_shape, dtype=np.int64))
+        self._storage = STORAGES[storage](self._xp)
+        info = np.finfo(self._dtype)
+        self._unit = float(info.eps) / 2
+        #: weights are kept below e^L: L = ln(max)/4 (177 for float64, 22 for float32)
+        self._log_weight_limit = float(np.log(info.max)) / 4
+        self._weight_limit = math.exp(self._log_weight_limit)
+        self._column_error_limit = cert.column_error_limit(self._unit, self._tol)
+        self._dtype_max = float(info.max)
 
-    def _reslice(self) -> None:
-        """Point every state attribute at the live part of its buffer."""
-        layout = self._layout()
-        for name, (owner, buffer) in self._buffers.items():
-            index = tuple(slice(0, self._size[a]) for a in layout[name][0])
-            setattr(owner, name, buffer[index])
-        if self._dtype == np.float64:
-            for copy, src in FLOAT64_COPIES.items():
-                setattr(self, copy, getattr(self, src))
-        n, m = self._size["n"], self._size["m"]
-        self.n, self.m = n, m
+    def _after_resize(self) -> None:
+        """Sizes and size-dependent constants after the state grew or shrank."""
+        sizes = self._state.sizes
+        self.n, self.m, self.d, self.e = sizes["n"], sizes["m"], sizes["d"], sizes["e"]
+        info = np.finfo(self._dtype)
         #: absolute error of weights that underflow the dtype, summed over a row
-        self._underflow_error = 2 * (m + 1) * float(np.finfo(self._dtype).tiny)
+        self._underflow_error = 2 * (self.m + 1) * float(info.tiny)
         #: absolute error of re-rounding a row's stored weights when they are subnormal
-        self._subnormal_error = (m + 2 * self._size["T"]) * float(np.finfo(self._dtype).smallest_subnormal)
-        self._Q = self._Qh.reshape(*self.batch_shape, n, self.d)
-        self._K = self._Kh.reshape(*self.batch_shape, m, self.d)
-        self._V = self._Vh.reshape(*self.batch_shape, m, self.e)
+        self._subnormal_error = (self.m + 2 * sizes["S"]) * float(info.smallest_subnormal)
+        s = self._state
+        self._Q = s.Q.reshape(*self.batch_shape, self.n, self.d)
+        self._K = s.K.reshape(*self.batch_shape, self.m, self.d)
+        self._V = s.V.reshape(*self.batch_shape, self.m, self.e)
 
     def _resize(self, **sizes: int) -> None:
-        """Set sizes of growable axes, doubling buffers that are too small (amortized O(1))."""
-        grow = {a: max(s, 2 * self._capacity[a]) for a, s in sizes.items() if s > self._capacity[a]}
-        if grow:
-            layout = self._layout()
-            self._capacity.update(grow)
-            for name, (owner, buffer) in self._buffers.items():
-                axes, _, on_device = layout[name]
-                if not any(a in grow for a in axes):
-                    continue
-                shape = tuple(self._capacity.get(a, self._size[a]) for a in axes)
-                bigger = (self._xp.zeros if on_device else np.zeros)(shape, buffer.dtype)
-                bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
-                self._buffers[name] = (owner, bigger)
-        self._size.update(sizes)
-        self._reslice()
+        self._state.resize(**sizes)
+        self._after_resize()
 
-    def _sync_float64_copies(self, **where: Any) -> None:
-        """Refresh the float64 copies of Q/K/V at ``where`` (no-op for float64 storage)."""
-        if self._dtype == np.float64:
-            return
-        for letter, index in where.items():
-            src = getattr(self, f"_{letter}h")
-            getattr(self, f"_{letter}64")[:, index] = src[:, index]
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def tau(self) -> float:
-        """Laziness exponent."""
-        return self._tau
-
-    @property
-    def threshold(self) -> int:
-        """Pending key/value rows that trigger a fold, ``ceil(m**tau)``."""
-        return self._threshold
-
-    @property
-    def pending(self) -> int:
-        """Key/value rows changed since the last fold."""
-        return self._t
-
-    @property
-    def storage(self) -> str:
-        """Storage strategy in use (``"dense"`` or ``"implicit"``)."""
-        return self._storage_name
-
-    @property
-    def tol(self) -> float:
-        """Certification tolerance, relative to ``max|V[:, j]|``."""
-        return self._tol
-
-    @property
-    def heads(self) -> int:
-        """Number of independent problems (product of the leading axes; 1 without them)."""
-        return self._H
-
-    @property
-    def causal(self) -> bool:
-        return self._causal
-
-    @property
-    def key_mask(self) -> np.ndarray:
-        """Which keys are visible ``(m,)`` (a copy)."""
-        return self._key_visible.copy()
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters: folds, rows refreshed exactly, query fallbacks, full refreshes,
-        rows rescaled (stabilizer moved), fresh column computations."""
-        return dict(self._stats)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the state buffers (including spare capacity)."""
-        return int(sum(self._xp.nbytes(buffer) for _, buffer in self._buffers.values()))
-
-    # ------------------------------------------------------------------ public operations
-    def rebuild(self) -> None:
-        """Fold all pending rows into the snapshot now.
-
-        Runtime complexity: O(H*n*e*t) for t pending rows (batched GEMMs), plus
-        O(m*(d+e)) per row whose error bound forces an exact refresh.
-        """
-        self._fold()
-
+    # ================================================================== the paper's operations
     def update_k(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
         """Paper's UpdateK: ``K[head][i, j] += delta``.
 
@@ -424,7 +259,7 @@ class DynamicAttention(AttentionMaintainer):
         h = self._check_head(head)
         i = check_index("i", i, self.m, axis="key rows, m")
         j = check_index("j", j, self.d, axis="key columns, d")
-        self._apply_k(h, i, j, self._checked_sum("delta", self._Kh[h, i, j], delta, "K"))
+        self._apply_k(h, i, j, self._checked_sum("delta", self._state.K[h, i, j], delta, "K"))
 
     def update_v(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
         """Paper's UpdateV: ``V[head][i, j] += delta``.
@@ -434,22 +269,7 @@ class DynamicAttention(AttentionMaintainer):
         h = self._check_head(head)
         i = check_index("i", i, self.m, axis="value rows, m")
         j = check_index("j", j, self.e, axis="value columns, e")
-        self._apply_v(h, i, j, self._checked_sum("delta", self._Vh[h, i, j], delta, "V"))
-
-    def update_k_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
-        """``K[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order.
-
-        All-or-nothing: every index and delta is checked before anything changes.
-        Runtime complexity: that of ``len(rows)`` single updates, without their
-        per-call validation.
-        """
-        for h, c, j, new in self._checked_batch("K", rows, cols, deltas, heads, self.d):
-            self._apply_k(h, c, j, new)
-
-    def update_v_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
-        """``V[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order (all-or-nothing)."""
-        for h, c, j, new in self._checked_batch("V", rows, cols, deltas, heads, self.e):
-            self._apply_v(h, c, j, new)
+        self._apply_v(h, i, j, self._checked_sum("delta", self._state.V[h, i, j], delta, "V"))
 
     def query(self, i: int, j: int, *, head: Any = None) -> float:
         """Paper's Query: ``O[head][i, j]`` as a Python float.
@@ -461,6 +281,155 @@ class DynamicAttention(AttentionMaintainer):
         j = check_index("j", j, self.e, axis="output columns, e")
         return float(self._answer_entry(h, i, j))
 
+    def fold(self) -> None:
+        """Fold all pending rows into the snapshot now (the paper's rebuild).
+
+        Runtime complexity: O(H*n*e*t) for t pending rows (batched GEMMs), plus
+        O(m*(d+e)) per row whose error bound forces an exact refresh.
+        """
+        self._fold()
+
+    #: The paper's name for :meth:`fold`.
+    rebuild = fold
+
+    # ------------------------------------------------------------------ the lazy core
+    def _apply_k(self, h: int, c: int, j: int, new_value: Any) -> None:
+        """K[h, c, j] = new_value (validated). Runtime complexity: O(n) (dense; O(H*n*d) on
+        a first touch in implicit storage), plus an amortized fold."""
+        s = self._state
+        old = float(s.K64[h, c, j])
+        new = float(new_value)
+        row_norm = cert.updated_norm(float(s.k_norms[h, c]), old, new)
+        self._check_logit_range("delta", row_norm)
+        slot = self._slot_for(c)
+        s.K[h, c, j] = new
+        s.K64[h, c, j] = new
+        s.k_norms[h, c] = row_norm
+        if row_norm > s.k_norm_max:
+            s.k_norm_max = row_norm
+        step = self._scale * (new - old)
+        growth = abs(step) * float(s.q_col_absmax[h, j])
+        error = float(s.column_error[h, slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
+        if growth > self._log_weight_limit / 2 or error > self._column_error_limit:
+            self._set_fresh_columns(slot, c, np.array([h]))
+        else:
+            # the paper's Hadamard update of one column: a[:, c] *= exp(s * delta * Q[:, j])
+            column = s.pending_new_columns[h, slot]
+            column *= self._xp.exp(s.Q64_T[h, j] * step)
+            self._round_to_dtype(column)
+            s.column_error[h, slot] = error
+            s.column_max[h, slot] *= math.exp(growth) * (1 + 4 * self._unit)
+            if s.column_max[h, slot] > self._weight_limit:
+                self._restabilize_column(h, slot)
+        s.key_changed[slot] = True
+        self._fold_if_full()
+
+    def _apply_v(self, h: int, c: int, j: int, new_value: Any) -> None:
+        """V[h, c, j] = new_value (validated). Runtime complexity: O(1) (O(H*n) or O(H*n*d)
+        on a first touch), plus an amortized fold."""
+        s = self._state
+        slot = self._slot_for(c)
+        old = np.float64(abs(float(s.V64[h, c, j])))
+        new = float(new_value)
+        s.V[h, c, j] = new
+        s.V64[h, c, j] = new
+        if cert.note_new_values(s, (h, j), old, np.float64(abs(new))):
+            self._raise_value_units()
+        s.pending_new_values[h, slot, j] = new / s.value_unit[h, j]
+        s.value_changed[slot] = True
+        self._fold_if_full()
+
+    def _slot_for(self, c: int, new_key: Any = None) -> tuple[int, Any] | int:
+        """The pending slot of key/value row ``c``, opening one (O(H*n) / O(H*n*d)) if needed.
+
+        With ``new_key: (H, d)`` returns ``(slot, logits)``: the storage may compute the new
+        key's masked logits ``(H, n)`` in the same pass as the folded column (else None).
+        """
+        s = self._state
+        slot = s.slot_of.get(c)
+        logits = None
+        if slot is None:
+            column, error, logits = self._storage.snapshot_column(c, self._snapshot_column, new_key)
+            slot = self._open_slot(c, column, error)
+        return slot if new_key is None else (slot, logits)
+
+    def _open_slot(self, c: int, column: Any, error: np.ndarray, *, new_row: bool = False) -> int:
+        """A pending slot for row ``c`` whose folded weights are ``column: (H, n)`` (relative
+        error ``error: (H,)``) and whose folded values are today's (zero for a ``new_row``)."""
+        s = self._state
+        slot = s.t
+        if slot == s.sizes["S"]:
+            self._resize(S=min(s.threshold, 2 * slot))
+        values = self._xp.zeros((self._H, self.e), np.float64) if new_row else self._scaled_values(c)
+        s.pending_old_columns[:, slot] = column
+        s.pending_new_columns[:, slot] = column
+        s.pending_old_values[:, slot] = values
+        s.pending_new_values[:, slot] = values
+        s.pending_rows[slot] = c
+        s.key_changed[slot] = False
+        s.value_changed[slot] = False
+        s.column_error[:, slot] = error
+        s.column_max[:, slot] = self._xp.to_numpy(self._xp.amax(column, 1))
+        s.slot_of[c] = slot
+        s.t += 1
+        return slot
+
+    def _fold_if_full(self) -> None:
+        if self._state.t >= self._state.threshold:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold pending rows into N and Z (batched BLAS-3), then refresh rows whose drift is
+        too big. Runtime complexity: O(H*n*e*t) plus O(m*(d+e)) per refreshed row."""
+        s, xp = self._state, self._xp
+        t = s.t
+        if t == 0:
+            return
+        rows = s.pending_rows[:t]
+        s.k_norms[:, rows] = cert.norms(xp.to_numpy(s.K64[:, rows]))
+        key_changed = s.key_changed[:t]
+        value_changed = s.value_changed[:t]
+        new_columns = s.pending_new_columns[:, :t]
+        old_columns = s.pending_old_columns[:, :t]
+        new_values = s.pending_new_values[:, :t]
+        old_values = s.pending_old_values[:, :t]
+        mass = xp.sum(new_columns, 1) + xp.sum(old_columns, 1)
+        rate = cert.mismatch_rate(self._unit, self._column_error_limit, self._logit_error(s.q_norm))
+        drift = 2 * cert.gamma(t + 3) * mass
+        drift = drift + self._storage.mismatch_error(old_columns, s.refreshed_slots, 1, rate)
+        if key_changed.any():
+            which = _slots(key_changed)
+            delta = new_columns[:, which] - old_columns[:, which]
+            self._add_transposed_products(delta, new_values[:, which])
+            s.Z += xp.sum(delta, 1)
+            self._storage.commit_columns(rows[which], new_columns[:, which], s.column_error[:, :t][:, which])
+        values_moved = bool(value_changed.any())
+        if values_moved:
+            which = _slots(value_changed)
+            self._add_transposed_products(old_columns[:, which], new_values[:, which] - old_values[:, which])
+        s.drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(s.Z)
+        s.slot_of.clear()
+        s.t = 0
+        s.refreshed_slots[...] = 0
+        s.stats["folds"] += 1
+        if values_moved:
+            s.value_max[...] = xp.to_numpy(xp.amax(xp.abs(s.V64), 1))
+            s.value_max_stale[...] = False
+            if np.any(s.value_scale / 2 > s.value_max):
+                self._full_refresh()  # values shrank: reset the value scales
+                return
+        if self._certify:
+            heads, doubtful = xp.nonzero(~(s.drift <= cert.DRIFT_FRACTION * self._tol * s.Z))
+            if doubtful.size:
+                self._refresh(heads, doubtful)
+
+    def _add_transposed_products(self, columns: Any, values: Any) -> None:
+        """``N[h] += columns[h]^T @ values[h]`` for every head: one BLAS-3 GEMM per head
+        (numpy's stacked matmul does not call BLAS for a transposed operand)."""
+        for h in range(self._H):
+            self._state.N[h] += columns[h].T @ values[h]
+
+    # ================================================================== answers
     def query_row(self, i: int) -> np.ndarray:
         """``O[..., i, :]`` for every head, a new ``(*batch, e)`` array.
 
@@ -476,10 +445,6 @@ class DynamicAttention(AttentionMaintainer):
         """
         rows = check_index_array("rows", rows, self.n, axis="query rows, n")
         return self._rows_all_heads(rows)
-
-    def _rows_all_heads(self, rows: np.ndarray) -> np.ndarray:
-        out = self._answer_rows(rows)
-        return self._xp.astype(out.reshape(*self.batch_shape, rows.size, self.e), self._output_dtype)
 
     def query_many(self, rows: Any, cols: Any, *, heads: Any = None) -> np.ndarray:
         """``O[heads[k]][rows[k], cols[k]]`` for every k, a new ``(len(rows),)`` array.
@@ -508,31 +473,204 @@ class DynamicAttention(AttentionMaintainer):
         It is what :meth:`query` certifies: the incremental part is at most
         ``tol`` (otherwise the row is answered exactly), plus the error that a
         from-scratch float64 evaluation of the row from the stored inputs has
-        (logit rounding, ``m``-term sums, rounding of weights to the dtype).
-        Runtime complexity: O(t + e).
+        (logit rounding, ``m``-term sums, rounding of weights to the dtype),
+        plus the rounding of answers returned in the output dtype. 0 for a row
+        that sees no key. Runtime complexity: O(t + e).
         """
         h = self._check_head(head)
         i = check_index("i", i, self.n, axis="query rows, n")
-        if self._visible_keys[i] == 0:
+        s = self._state
+        if s.visible_keys[i] == 0:
             return 0.0  # the row sees no key: its answer is exactly 0
         row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
         ratio = float(self._column_ratio(np.full(self.e, h), np.arange(self.e)).max())
         incremental = row_bound * (ratio + 1)
         if incremental > self._tol:
             incremental = 0.0  # queries would answer from an exact recomputation
-        # answers returned as arrays are rounded once more, to the output dtype
+        fresh = float(cert.fresh_error(self._logit_error(float(s.q_norm[h, i])), self._unit, self.m))
         output_rounding = self._xp.unit_roundoff(self._output_dtype)
-        return (incremental + self._fresh_error(h, i)) * (1 + output_rounding) + output_rounding
+        return (incremental + fresh) * (1 + output_rounding) + output_rounding
 
-    # ------------------------------------------------------------------ row / token operations
+    def _rows_all_heads(self, rows: np.ndarray) -> np.ndarray:
+        out = self._answer_rows(rows)
+        return self._xp.astype(out.reshape(*self.batch_shape, rows.size, self.e), self._output_dtype)
+
+    def _answer_entry(self, h: int, i: int, j: int) -> float:
+        """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
+        s = self._state
+        if s.visible_keys[i] == 0:
+            return 0.0  # the row sees no key
+        t = s.t
+        numerator = float(s.N[h, i, j])
+        z = float(s.Z[h, i])
+        new_sum = old_sum = 0.0
+        if t:
+            new_weights = s.pending_new_columns[h, :t, i]
+            old_weights = s.pending_old_columns[h, :t, i]
+            numerator += float(new_weights @ s.pending_new_values[h, :t, j]) - float(
+                old_weights @ s.pending_old_values[h, :t, j]
+            )
+            new_sum = float(new_weights.sum())
+            old_sum = float(old_weights.sum())
+        denominator = z + new_sum - old_sum
+        if self._certify:
+            mismatch = 0.0
+            if t:
+                rate = self._mismatch_rate(float(s.q_norm[h, i]))
+                mismatch = float(self._storage.mismatch_error(old_weights, s.refreshed_slots[h, i], 0, rate))
+            error = self._row_error(float(s.drift[h, i]), z + new_sum + old_sum, mismatch)
+            bound = cert.row_bound(error, denominator, scalar_where) * (self._column_ratio_of(h, j) + 1)
+            if not bound <= self._tol:
+                return float(self._fallback(np.array([h]), np.array([i]))[0, j])
+        return float(s.value_unit[h, j]) * (numerator / denominator) if denominator > 0 else 0.0
+
+    def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
+        s, xp = self._state, self._xp
+        t = s.t
+        numerator = xp.copy(s.N[heads, rows, cols])
+        if t:
+            new_w = s.pending_new_columns[heads, :t, rows]  # (k, t)
+            old_w = s.pending_old_columns[heads, :t, rows]
+            numerator += xp.einsum("kt,kt->k", new_w, s.pending_new_values[heads, :t, cols])
+            numerator -= xp.einsum("kt,kt->k", old_w, s.pending_old_values[heads, :t, cols])
+        row_bound, denominator = self._row_bounds(heads, rows)
+        bound = xp.to_numpy(row_bound) * (self._column_ratio(heads, cols) + 1)
+        seen = xp.asarray(s.visible_keys[rows] > 0)
+        units = xp.asarray(s.value_unit[heads, cols])
+        answer = xp.where(seen, units * (numerator / xp.where(denominator > 0, denominator, 1.0)), 0.0)
+        doubtful = ~(bound <= self._tol)
+        if doubtful.any():
+            pairs, where = np.unique(np.stack([heads[doubtful], rows[doubtful]]), axis=1, return_inverse=True)
+            exact = self._fallback(pairs[0], pairs[1])
+            answer[xp.index(np.flatnonzero(doubtful))] = exact[where.ravel(), cols[doubtful]]
+        return answer
+
+    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
+        """O[:, rows, :] for every head, ``(H, k, e)``. Runtime complexity: O(H*k*t*e):
+        one einsum for few rows, one BLAS-3 GEMM per head for many."""
+        s, xp = self._state, self._xp
+        t, H, k = s.t, self._H, rows.size
+        numerator = s.N[:, rows]
+        if t:
+            new_w = s.pending_new_columns[:, :t][:, :, rows]  # (H, t, k)
+            old_w = s.pending_old_columns[:, :t][:, :, rows]
+            new_v, old_v = s.pending_new_values[:, :t], s.pending_old_values[:, :t]
+            if H * k * t * self.e < 1 << 20:
+                numerator = numerator + xp.einsum("htk,hte->hke", new_w, new_v)
+                numerator -= xp.einsum("htk,hte->hke", old_w, old_v)
+            else:
+                numerator = xp.copy(numerator)
+                for h in range(H):
+                    numerator[h] += new_w[h].T @ new_v[h]
+                    numerator[h] -= old_w[h].T @ old_v[h]
+        heads = np.repeat(np.arange(H), k)
+        row_bound, denominator = self._row_bounds(heads, np.tile(rows, H))
+        answer = numerator / xp.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
+        answer *= xp.asarray(s.value_unit)[:, None, :]
+        if not s.visible_keys[rows].all():
+            answer[:, xp.index(np.flatnonzero(s.visible_keys[rows] == 0))] = 0.0
+        row_bound = xp.to_numpy(row_bound).reshape(H, k)
+        doubtful = ~(row_bound * (self._head_ratios()[:, None] + 1) <= self._tol)
+        if doubtful.any():
+            bad_heads, bad_rows = np.nonzero(doubtful)
+            answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
+        return answer
+
+    # ------------------------------------------------------------------ the certificate
+    def _row_bounds(self, heads: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
+        """``r/(1-r)`` with ``r = E/den`` (inf when not certifiable) and ``den``, per (head,
+        row); multiplied by ``rho_j + 1`` this bounds the error relative to max|V[:, j]|
+        (:func:`dynattn.certificate.row_bound`). Rows that see no key are exact (0)."""
+        s, xp = self._state, self._xp
+        t = s.t
+        z = s.Z[heads, rows]
+        new_sum = xp.sum(s.pending_new_columns[heads, :t, rows], 1)
+        old_weights = s.pending_old_columns[heads, :t, rows]  # (k, t)
+        old_sum = xp.sum(old_weights, 1)
+        denominator = z + new_sum - old_sum
+        rate = self._mismatch_rate(s.q_norm[heads, rows])
+        mismatch = self._storage.mismatch_error(old_weights, s.refreshed_slots[heads, rows], 1, rate)
+        error = self._row_error(s.drift[heads, rows], z + new_sum + old_sum, mismatch)
+        bound = cert.row_bound(error, denominator, xp.where)
+        if not self._certify:
+            bound = bound * 0
+        elif not s.visible_keys[rows].all():
+            bound = xp.where(xp.asarray(s.visible_keys[rows] > 0), bound, 0.0)
+        return bound, denominator
+
+    def _row_error(self, drift: Any, mass: Any, mismatch: Any) -> Any:
+        rate = cert.mass_rate(self._column_error_limit, self._unit, self._state.t)
+        return cert.row_error(drift, rate, mass, self._underflow_error, mismatch)
+
+    def _logit_error(self, q_norm: Any) -> Any:
+        return cert.logit_error(self.d, self._scale, q_norm, self._state.k_norm_max)
+
+    def _mismatch_rate(self, q_norm: Any) -> Any:
+        return cert.mismatch_rate(self._unit, self._column_error_limit, self._logit_error(q_norm))
+
+    def _column_ratio_of(self, h: int, j: int) -> float:
+        """Scalar :meth:`_column_ratio` for the entry-query hot path."""
+        s = self._state
+        if s.value_max_stale[h, j]:
+            return float(self._column_ratio(np.array([h]), np.array([j]))[0])
+        return float(cert.value_ratio(float(s.value_scale[h, j]), float(s.value_max[h, j]), scalar_where))
+
+    def _column_ratio(self, heads: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """``rho_j`` per (head, column) (:func:`dynattn.certificate.value_ratio`), after
+        recomputing the stale maxima among them."""
+        s = self._state
+        stale = s.value_max_stale[heads, cols]
+        if stale.any():
+            for h, j in set(zip(heads[stale].tolist(), cols[stale].tolist(), strict=True)):
+                s.value_max[h, j] = float(self._xp.amax(self._xp.abs(s.V64[h, :, j]), 0))
+                s.value_max_stale[h, j] = False
+        return cert.value_ratio(s.value_scale[heads, cols], s.value_max[heads, cols], np.where)
+
+    def _head_ratios(self) -> np.ndarray:
+        """Worst column ratio of each head ``(H,)``."""
+        s = self._state
+        if s.value_max_stale.any():
+            heads, cols = np.nonzero(s.value_max_stale)
+            self._column_ratio(heads, cols)  # recomputes the stale maxima
+        return cert.value_ratio(s.value_scale, s.value_max, np.where).max(axis=1)
+
+    # ------------------------------------------------------------------ value units
+    def _scaled_values(self, c: int) -> Any:
+        """Value row ``c`` of every head in units of ``value_unit``, ``(H, e)`` float64."""
+        return self._state.V64[:, c] / self._xp.asarray(self._state.value_unit)
+
+    def _raise_value_units(self) -> None:
+        """Move each column's value unit up to the power of two below its ``value_scale``.
+
+        The value side of the state (``N`` and the pending values) is kept in units of
+        a per-column power of two ``2**k <= value_scale < 2**(k+1)``, so no product or
+        sum of weights and values can overflow for any finite ``V``. Rescaling by a
+        power of two is exact except for results in float64's subnormal range, whose
+        rounding (half a subnormal step) is added to the drift of the head's rows.
+        Runtime complexity: O(H*(n + S)*e).
+        """
+        s = self._state
+        units = np.maximum(s.value_unit, cert.power_of_two_units(s.value_scale))
+        moved = units != s.value_unit
+        if not moved.any():
+            return
+        factors = self._xp.asarray(s.value_unit / units)  # powers of two <= 1
+        s.N *= factors[:, None, :]
+        s.pending_new_values *= factors[:, None, :]
+        s.pending_old_values *= factors[:, None, :]
+        for h in np.flatnonzero(moved.any(axis=1)).tolist():
+            s.drift[h] += float(np.finfo(np.float64).smallest_subnormal)
+        s.value_unit[...] = units
+
+    # ================================================================== row / token operations
     def set_key(self, c: int, k: Any) -> None:
         """``K[..., c, :] = k`` for every head; ``k: (*batch, d)``.
 
         Runtime complexity: O(H*n*d) (one column of scores per head), plus the fold.
         """
         c = check_index("c", c, self.m, axis="key rows, m")
-        k = self._checked_row("k", k, self.d).reshape(self._H, self.d)
-        self._check_logit_range("k", float(_norms(k).max()))
+        k = self._checked_key_row("k", k)
         self._apply_key_row(c, k)
         self._fold_if_full()
 
@@ -552,8 +690,7 @@ class DynamicAttention(AttentionMaintainer):
         Runtime complexity: O(H*m*(d+e)).
         """
         i = check_index("i", i, self.n, axis="query rows, n")
-        q = self._checked_row("q", q, self.d).reshape(self._H, self.d)
-        self._check_query_range(q)
+        q = self._checked_query_row("q", q)
         self._apply_query_row(i, q)
 
     def set_token(self, i: int, q: Any = None, k: Any = None, v: Any = None) -> None:
@@ -564,24 +701,19 @@ class DynamicAttention(AttentionMaintainer):
         """
         if q is None and k is None and v is None:
             raise ValueError("set_token: expected at least one of q, k, v; got none")
-        rows = {}
         if k is not None or v is not None:
             i = check_index("i", i, self.m, axis="key/value rows, m")
         if q is not None:
             i = check_index("i", i, self.n, axis="query rows, n")
-            rows["q"] = self._checked_row("q", q, self.d).reshape(self._H, self.d)
-            self._check_query_range(rows["q"])
-        if k is not None:
-            rows["k"] = self._checked_row("k", k, self.d).reshape(self._H, self.d)
-            self._check_logit_range("k", float(_norms(rows["k"]).max()))
-        if v is not None:
-            rows["v"] = self._checked_row("v", v, self.e).reshape(self._H, self.e)
-        if "k" in rows:
-            self._apply_key_row(i, rows["k"])
-        if "v" in rows:
-            self._apply_value_row(i, rows["v"])
-        if "q" in rows:
-            self._apply_query_row(i, rows["q"])
+        q_row = None if q is None else self._checked_query_row("q", q)
+        k_row = None if k is None else self._checked_key_row("k", k)
+        v_row = None if v is None else self._checked_row("v", v, self.e).reshape(self._H, self.e)
+        if k_row is not None:
+            self._apply_key_row(i, k_row)
+        if v_row is not None:
+            self._apply_value_row(i, v_row)
+        if q_row is not None:
+            self._apply_query_row(i, q_row)
         self._fold_if_full()
 
     def append(self, q: Any = None, k: Any = None, v: Any = None) -> tuple[int | None, int | None]:
@@ -599,15 +731,13 @@ class DynamicAttention(AttentionMaintainer):
             raise ValueError("append: expected q, or k and v, or all three; got none")
         if self._causal and (q is None or k is None):
             raise ValueError("append: a causal structure appends whole tokens; expected q, k and v")
-        q_row = None if q is None else self._checked_row("q", q, self.d).reshape(self._H, self.d)
-        if q_row is not None:
-            self._check_query_range(q_row)
+        q_row = None if q is None else self._checked_query_row("q", q)
         if k is not None:
-            k_row = self._checked_row("k", k, self.d).reshape(self._H, self.d)
+            k_row = self._checked_key_row("k", k)
             v_row = self._checked_row("v", v, self.e).reshape(self._H, self.e)
-            self._check_logit_range("k", float(_norms(k_row).max()))
-        position = self._next_position
-        self._next_position += 1
+        s = self._state
+        position = s.next_position
+        s.next_position += 1
         key_index = None
         if k is not None:
             key_index = self.m
@@ -616,8 +746,8 @@ class DynamicAttention(AttentionMaintainer):
         if q_row is not None:
             query_index = self.n
             self._resize(n=self.n + 1)
-            self._query_pos[query_index] = position
-            self._visible_keys[query_index] = self._count_visible_keys(np.array([query_index]))[0]
+            s.query_pos[query_index] = position
+            s.visible_keys[query_index] = self._count_visible_keys(np.array([query_index]))[0]
             self._apply_query_row(query_index, q_row)
         self._fold_if_full()
         return query_index, key_index
@@ -633,222 +763,93 @@ class DynamicAttention(AttentionMaintainer):
         """Show or hide key c (a key padding mask update). Runtime complexity: O(H*n*d), plus the fold."""
         c = check_index("c", c, self.m, axis="key rows, m")
         visible = check_flag("visible", visible)
-        if bool(self._key_visible[c]) == bool(visible):
+        s = self._state
+        if bool(s.key_visible[c]) == visible:
             return
         slot = self._slot_for(c)
-        self._key_visible[c] = visible
-        self._all_keys_visible = bool(self._key_visible.all())
-        self._visible_keys[self._rows_seeing_position(int(self._key_pos[c]))] += 1 if visible else -1
+        s.key_visible[c] = visible
+        s.all_keys_visible = bool(s.key_visible.all())
+        s.visible_keys[self._rows_seeing_position(int(s.key_pos[c]))] += 1 if visible else -1
         self._set_fresh_columns(slot, c, np.arange(self._H))
-        self._key_changed[slot] = True
+        s.key_changed[slot] = True
         self._fold_if_full()
 
     def delete_query(self, i: int) -> None:
         """Remove query row i; rows after it move up by one.
 
-        Runtime complexity: O(H*n*(d+e+T)) (plus O(H*n*m) in dense storage) of
+        Runtime complexity: O(H*n*(d+e+S)) (plus O(H*n*m) in dense storage) of
         memory moves; nothing is recomputed.
         """
         i = check_index("i", i, self.n, axis="query rows, n")
         if self.n == 1:
             raise ValueError("delete_query: the structure needs at least one query row")
-        layout = self._layout()
-        for name, (owner, _buffer) in self._buffers.items():
-            axes, _, on_device = layout[name]
-            if "n" not in axes:
-                continue
-            ops = self._xp if on_device else HOST
-            view = ops.move_to_front(getattr(owner, name), axes.index("n"))
-            view[i:-1] = ops.copy(view[i + 1 :])
-        self._resize(n=self.n - 1)
-
-    # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the whole structure to ``path`` (``.npz``), atomically.
-
-        The file is written to a temporary file in the same folder and renamed
-        over ``path``, so a crash never leaves a half-written file. Temporary
-        files left by killed writers (on this host) are removed; see
-        :func:`dynattn.persistence.save`.
-        Runtime complexity: O(size of the state).
-        """
-        from dynattn import persistence
-
-        persistence.save(self, path)
-
-    _SCALARS = (
-        "tau",
-        "scale",
-        "tol",
-        "certify",
-        "causal",
-        "threshold",
-        "t",
-        "unit",
-        "log_weight_limit",
-        "weight_limit",
-        "column_error_limit",
-        "q_norm_max",
-        "k_norm_max",
-        "all_keys_visible",
-        "next_position",
-        "H",
-    )
-
-    @classmethod
-    def load(
-        cls, path: str | os.PathLike[str], *, backend: str | None = None, device: Any = None
-    ) -> DynamicAttention:
-        """Read a structure written by :meth:`save` onto ``backend`` (and ``device``);
-        it answers exactly as the saved one.
-
-        The whole file is checked before anything is built.
-        Raises :class:`dynattn.persistence.SnapshotError` (a ValueError) saying
-        what is wrong when ``path`` is not a valid snapshot, OSError when it
-        cannot be opened. Runtime complexity: O(size of the state).
-        """
-        from dynattn import persistence
-
-        return persistence.load(cls, path, backend=backend, device=device)
-
-    # ------------------------------------------------------------------ updates (validated)
-    def _apply_k(self, h: int, c: int, j: int, new_value: Any) -> None:
-        """K[h, c, j] = new_value. Runtime complexity: O(n) (dense; O(H*n*d) on a
-        first touch in implicit storage), plus an amortized fold."""
-        old = float(self._K64[h, c, j])
-        new = float(new_value)
-        row_norm = _updated_norm(float(self._k_norms[h, c]), old, new)
-        self._check_logit_range("delta", row_norm)
-        slot = self._slot_for(c)
-        self._Kh[h, c, j] = new
-        self._K64[h, c, j] = new
-        self._k_norms[h, c] = row_norm
-        if row_norm > self._k_norm_max:
-            self._k_norm_max = row_norm
-        step = self._scale * (new - old)
-        growth = abs(step) * float(self._q_col_absmax[h, j])
-        error = float(self._column_error[h, slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
-        if growth > self._log_weight_limit / 2 or error > self._column_error_limit:
-            self._set_fresh_columns(slot, c, np.array([h]))
-        else:
-            column = self._pending_new_columns[h, slot]
-            column *= self._xp.exp(self._QT64[h, j] * step)
-            self._round_to_dtype(column)
-            self._column_error[h, slot] = error
-            self._column_max[h, slot] *= math.exp(growth) * (1 + 4 * self._unit)
-            if self._column_max[h, slot] > self._weight_limit:
-                self._restabilize_column(h, slot)
-        self._key_changed[slot] = True
-        self._fold_if_full()
-
-    def _apply_v(self, h: int, c: int, j: int, new_value: Any) -> None:
-        """V[h, c, j] = new_value. Runtime complexity: O(1) (O(H*n) or O(H*n*d) on a
-        first touch), plus an amortized fold."""
-        slot = self._slot_for(c)
-        old = abs(float(self._V64[h, c, j]))
-        new = float(new_value)
-        self._Vh[h, c, j] = new
-        self._V64[h, c, j] = new
-        magnitude = abs(new)
-        if magnitude >= self._value_max[h, j]:
-            self._value_max[h, j] = magnitude
-            self._value_max_stale[h, j] = False
-        elif old >= self._value_max[h, j]:
-            self._value_max_stale[h, j] = True
-        if magnitude > self._value_scale[h, j]:
-            self._value_scale[h, j] = magnitude
-            if magnitude >= 2 * float(self._value_unit[h, j]):
-                self._raise_value_units()
-        self._pending_new_values[h, slot, j] = new / self._value_unit[h, j]
-        self._value_changed[slot] = True
-        self._fold_if_full()
+        self._state.remove_index("n", i)
+        self._after_resize()
 
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
         """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head."""
-        xp, heads = self._xp, np.arange(self._H)
-        new_logits = None
-        if c in self._slot_of or self._storage.exact_snapshot:
-            slot = self._slot_for(c)
-        else:
-            # implicit storage, first touch: one pass over Q gives the folded column and the new one
-            pair = xp.zeros((self._H, 2, self.d), np.float64)
-            pair[:, 0] = self._K64[:, c]
-            pair[:, 1] = xp.asarray(k.astype(np.float64))
-            logits = self._hide_from_masked_rows((pair @ self._QT64) * self._scale, c)
-            old_column = xp.exp(logits[:, 0] - self._mu)
-            self._round_to_dtype(old_column)
-            slot = self._open_slot(c, old_column, np.zeros(self._H))
-            new_logits = logits[:, 1]
-        self._Kh[:, c] = xp.asarray(k)
-        self._sync_float64_copies(K=c)
+        s = self._state
+        slot, new_logits = self._slot_for(c, new_key=k)
+        s.K[:, c] = self._xp.asarray(k)
+        s.sync_float64_copies(K=c)
         self._note_key_row(c, k)
-        self._set_fresh_columns(slot, c, heads, new_logits)
-        self._key_changed[slot] = True
+        self._set_fresh_columns(slot, c, np.arange(self._H), new_logits)
+        s.key_changed[slot] = True
 
     def _apply_value_row(self, c: int, v: np.ndarray) -> None:
         """V[:, c] = v (validated ``(H, e)``)."""
+        s = self._state
         slot = self._slot_for(c)
-        old = np.abs(self._xp.to_numpy(self._V64[:, c]))
-        self._Vh[:, c] = self._xp.asarray(v)
-        self._sync_float64_copies(V=c)
+        old = np.abs(self._xp.to_numpy(s.V64[:, c]))
+        s.V[:, c] = self._xp.asarray(v)
+        s.sync_float64_copies(V=c)
         self._note_new_values(old, np.abs(v.astype(np.float64)))
-        self._pending_new_values[:, slot] = self._scaled_values(c)
-        self._value_changed[slot] = True
-
-    def _note_key_row(self, c: int, k: np.ndarray) -> None:
-        """Host bookkeeping after key row c became ``k: (H, d)``: squared norms and their max."""
-        self._k_norms[:, c] = _norms(k)
-        self._k_norm_max = max(self._k_norm_max, float(self._k_norms[:, c].max()))
-
-    def _note_new_values(self, old: np.ndarray, new: np.ndarray) -> None:
-        """Keep ``value_max`` (exact or marked stale) and ``value_scale`` after a value row
-        changed from ``|old|`` to ``|new|`` ``(H, e)``."""
-        rises = new >= self._value_max
-        falls = ~rises & (old >= self._value_max)
-        self._value_max = np.where(rises, new, self._value_max)
-        self._value_max_stale = (self._value_max_stale & ~rises) | falls
-        np.maximum(self._value_scale, new, out=self._value_scale)
-        if np.any(self._value_scale / 2 >= self._value_unit):
-            self._raise_value_units()
-
-    def _scaled_values(self, c: int) -> Any:
-        """Value row ``c`` of every head in units of :attr:`_value_unit`, ``(H, e)`` float64."""
-        return self._V64[:, c] / self._xp.asarray(self._value_unit)
-
-    def _raise_value_units(self) -> None:
-        """Move each column's value unit up to the power of two below its ``value_scale``.
-
-        The value side of the state (``N`` and the pending values) is kept in units of
-        a per-column power of two ``2**k <= value_scale < 2**(k+1)``, so no product or
-        sum of weights and values can overflow for any finite ``V``. Rescaling by a
-        power of two is exact except for results in float64's subnormal range, whose
-        rounding (half a subnormal step) is added to the drift of the head's rows.
-        Runtime complexity: O(H*(n + T)*e).
-        """
-        units = np.maximum(self._value_unit, _power_of_two_units(self._value_scale))
-        moved = units != self._value_unit
-        if not moved.any():
-            return
-        factors = self._xp.asarray(self._value_unit / units)  # powers of two <= 1
-        self._N *= factors[:, None, :]
-        self._pending_new_values *= factors[:, None, :]
-        self._pending_old_values *= factors[:, None, :]
-        for h in np.flatnonzero(moved.any(axis=1)).tolist():
-            self._drift[h] += float(np.finfo(np.float64).smallest_subnormal)
-        self._value_unit = units
+        s.pending_new_values[:, slot] = self._scaled_values(c)
+        s.value_changed[slot] = True
 
     def _apply_query_row(self, i: int, q: np.ndarray) -> None:
         """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly."""
-        xp = self._xp
-        self._Qh[:, i] = xp.asarray(q)
-        self._sync_float64_copies(Q=i)
-        self._QT64[:, :, i] = self._Q64[:, i]
-        q64 = q.astype(np.float64)
-        q_norm = np.sqrt(np.einsum("hd,hd->h", q64, q64))
-        self._q_norm[:, i] = xp.asarray(q_norm)
-        np.maximum(self._q_col_absmax, np.abs(q64), out=self._q_col_absmax)
-        self._q_norm_max = max(self._q_norm_max, float(q_norm.max()))
+        s, xp = self._state, self._xp
+        s.Q[:, i] = xp.asarray(q)
+        s.sync_float64_copies(Q=i)
+        s.Q64_T[:, :, i] = s.Q64[:, i]
+        q_norm = cert.norms(q)
+        s.q_norm[:, i] = xp.asarray(q_norm)
+        np.maximum(s.q_col_absmax, np.abs(q.astype(np.float64)), out=s.q_col_absmax)
+        s.q_norm_max = max(s.q_norm_max, float(q_norm.max()))
         self._refresh(np.arange(self._H), np.full(self._H, i))
+
+    def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
+        """A new key-value row: a pending row whose folded column and values are zero."""
+        s, xp = self._state, self._xp
+        c = self.m
+        self._resize(m=c + 1)
+        s.threshold = max(s.threshold, fold_threshold(c + 1, self._tau))
+        s.K[:, c] = xp.asarray(k)
+        s.V[:, c] = xp.asarray(v)
+        s.sync_float64_copies(K=c, V=c)
+        self._note_key_row(c, k)
+        s.key_visible[c] = True
+        s.key_pos[c] = position
+        s.visible_keys[self._rows_seeing_position(position)] += 1
+        self._storage.append_column(c)
+        H = self._H
+        slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), new_row=True)
+        self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
+        s.pending_new_values[:, slot] = self._scaled_values(c)
+        self._set_fresh_columns(slot, c, np.arange(H))
+        s.key_changed[slot] = s.value_changed[slot] = True
+
+    def _note_key_row(self, c: int, k: np.ndarray) -> None:
+        """Host bookkeeping after key row c became ``k: (H, d)``: norms and their max."""
+        s = self._state
+        s.k_norms[:, c] = cert.norms(k)
+        s.k_norm_max = max(s.k_norm_max, float(s.k_norms[:, c].max()))
+
+    def _note_new_values(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Value-scale bookkeeping after a value row changed from ``|old|`` to ``|new|`` ``(H, e)``."""
+        if cert.note_new_values(self._state, (slice(None), slice(None)), old, new):
+            self._raise_value_units()
 
     def _count_visible_keys(self, rows: np.ndarray) -> np.ndarray:
         """How many keys each query row in ``rows`` sees, ``(len(rows),)``."""
@@ -857,32 +858,310 @@ class DynamicAttention(AttentionMaintainer):
 
     def _rows_seeing_position(self, position: int) -> Any:
         """Index of the query rows that the causal mask lets see a key at ``position``."""
-        return self._query_pos >= position if self._causal else slice(None)
+        return self._state.query_pos >= position if self._causal else slice(None)
 
-    def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
-        """A new key-value row: a pending row whose folded column and values are zero."""
-        c = self.m
-        self._resize(m=c + 1)
-        self._threshold = max(self._threshold, _threshold(c + 1, self._tau))
-        xp = self._xp
-        self._Kh[:, c] = xp.asarray(k)
-        self._Vh[:, c] = xp.asarray(v)
-        self._sync_float64_copies(K=c, V=c)
-        self._note_key_row(c, k)
-        self._key_visible[c] = True
-        self._key_pos[c] = position
-        self._visible_keys[self._rows_seeing_position(position)] += 1
-        if self._storage.exact_snapshot:
-            self._storage.weights_t[:, c] = 0
-            self._storage.column_error[:, c] = 0
-        H = self._H
-        slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), new_row=True)
-        self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
-        self._pending_new_values[:, slot] = self._scaled_values(c)
-        self._set_fresh_columns(slot, c, np.arange(self._H))
-        self._key_changed[slot] = self._value_changed[slot] = True
+    def _visibility(self, rows: np.ndarray) -> np.ndarray | None:
+        """Which keys each query row in ``rows`` sees, ``(len(rows), m)``; None if all of them."""
+        s = self._state
+        if s.all_keys_visible and not self._causal:
+            return None
+        visible = np.broadcast_to(s.key_visible, (rows.size, self.m))
+        if self._causal:
+            visible = visible & (s.key_pos[None, :] <= s.query_pos[rows][:, None])
+        return visible
 
-    # ------------------------------------------------------------------ validation helpers
+    # ================================================================== weight maintenance
+    def _round_to_dtype(self, array: Any) -> None:
+        if self._dtype != np.float64:
+            array[...] = self._xp.astype(self._xp.astype(array, self._dtype), np.float64)
+
+    def _masked_logits(self, heads: np.ndarray, c: int) -> Any:
+        """``s * Q K_c^T`` for ``heads`` as ``(len(heads), n)``, -inf where key c is hidden."""
+        s = self._state
+        if heads.size == 1:
+            logits = (s.K64[heads[0], c] @ s.Q64_T[heads[0]])[None] * self._scale
+        else:
+            columns = s.Q64_T if heads.size == self._H else s.Q64_T[heads]
+            logits = (s.K64[heads, c][:, None, :] @ columns)[:, 0] * self._scale
+        return self._hide_from_masked_rows(logits, c)
+
+    def _hide_from_masked_rows(self, logits: Any, c: int) -> Any:
+        """Set to -inf the logits ``(..., n)`` of the query rows that may not see key c."""
+        s = self._state
+        if not s.key_visible[c]:
+            logits[...] = -np.inf
+        elif self._causal:
+            logits[..., s.query_pos < s.key_pos[c]] = -np.inf
+        return logits
+
+    def _snapshot_column(self, c: int, new_key: Any = None) -> tuple[Any, Any]:
+        """Column ``c`` of every head as folded ``(H, n)``, recomputed from its logits; with
+        ``new_key: (H, d)`` also that key's masked logits ``(H, n)``, in the same pass over Q."""
+        s, xp = self._state, self._xp
+        if new_key is None:
+            old_logits, new_logits = self._masked_logits(np.arange(self._H), c), None
+        else:
+            keys = xp.zeros((self._H, 2, self.d), np.float64)
+            keys[:, 0] = s.K64[:, c]
+            keys[:, 1] = xp.asarray(new_key.astype(np.float64))
+            logits = self._hide_from_masked_rows((keys @ s.Q64_T) * self._scale, c)
+            old_logits, new_logits = logits[:, 0], logits[:, 1]
+        column = xp.exp(old_logits - s.mu)
+        self._round_to_dtype(column)
+        return column, new_logits
+
+    def _set_fresh_columns(self, slot: int, c: int, heads: np.ndarray, logits: Any = None) -> None:
+        """Pending column of row c for ``heads``, from its (masked) logits against the current
+        ``mu`` (computed here unless given); moves ``mu`` up first where a weight would exceed
+        the limit."""
+        s, xp = self._state, self._xp
+        if logits is None:
+            logits = self._masked_logits(heads, c)
+        exponent = logits - s.mu[heads]
+        too_big = exponent > self._log_weight_limit
+        if bool(too_big.any()):
+            which, rows = xp.nonzero(too_big)
+            self._rescale_rows(heads[which], rows, logits[which, rows])
+            exponent = logits - s.mu[heads]
+        weights = xp.exp(exponent)
+        self._round_to_dtype(weights)
+        s.pending_new_columns[heads, slot] = weights
+        s.column_error[heads, slot] = 0.0
+        s.column_max[heads, slot] = xp.to_numpy(xp.amax(weights, 1))
+        s.stats["fresh_columns"] += 1
+
+    def _restabilize_column(self, h: int, slot: int) -> None:
+        """A multiplicatively updated column may hold weights above the limit: move those rows' mu."""
+        s, xp = self._state, self._xp
+        column = s.pending_new_columns[h, slot]
+        (rows,) = xp.nonzero(column > self._weight_limit)
+        if rows.size:
+            self._rescale_rows(np.full(rows.size, h), rows, s.mu[h, rows] + xp.log(column[rows]))
+        s.column_max[h, slot] = float(xp.amax(column, 0))
+
+    def _rescale_rows(self, heads: np.ndarray, rows: np.ndarray, new_mu: Any) -> None:
+        """Raise the stabilizer of (head, row) pairs to ``new_mu``; everything stored for them
+        is multiplied by ``exp(mu - new_mu) <= 1`` and the roundings this does are charged to
+        the drift (:func:`dynattn.certificate.rescale_drift`). Runtime complexity:
+        O(m + e + S) per row; O(m*(d+e)) for a row whose stabilizer jumps so far that the
+        factor would be subnormal (its old weights are negligible: it is recomputed)."""
+        s, xp = self._state, self._xp
+        shift = new_mu - s.mu[heads, rows]  # >= 0
+        far = xp.to_numpy(shift) > FAR_SHIFT
+        if far.any():
+            self._refresh(heads[far], rows[far])
+            heads, rows, new_mu, shift = heads[~far], rows[~far], new_mu[~far], shift[~far]
+        factors = xp.exp(-shift)
+        s.N[heads, rows] *= factors[:, None]
+        s.Z[heads, rows] *= factors
+        pending_mass = 0
+        for block in (s.pending_new_columns, s.pending_old_columns):
+            part = block[heads, :, rows] * factors[:, None]  # (k, S)
+            self._round_to_dtype(part)
+            block[heads, :, rows] = part
+            pending_mass = pending_mass + xp.sum(part, 1)
+        self._storage.rescale_rows(heads, rows, factors)
+        s.drift[heads, rows] = cert.rescale_drift(
+            s.drift[heads, rows],
+            s.Z[heads, rows],
+            pending_mass,
+            factors,
+            shift,
+            self._unit,
+            self._subnormal_error,
+        )
+        s.mu[heads, rows] = new_mu
+        s.stats["rows_rescaled"] += int(rows.size)
+
+    def _full_refresh(self) -> None:
+        """Recompute every row exactly and reset the value scales (init, or values shrank)."""
+        s, xp = self._state, self._xp
+        s.value_max[...] = xp.to_numpy(xp.amax(xp.abs(s.V64), 1))
+        s.value_max_stale[...] = False
+        s.value_scale[...] = s.value_max
+        # every row is recomputed below (and nothing is pending), so the units may move down too
+        s.value_unit[...] = cert.power_of_two_units(s.value_scale)
+        s.k_norms[...] = cert.norms(xp.to_numpy(s.K64))
+        s.k_norm_max = float(s.k_norms.max())
+        H, n = self._H, self.n
+        self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
+        s.stats["full_refreshes"] += 1
+
+    def _fallback(self, heads: np.ndarray, rows: np.ndarray) -> Any:
+        self._state.stats["query_fallbacks"] += int(rows.size)
+        return self._refresh(heads, rows)
+
+    def _refresh(self, heads: np.ndarray, rows: np.ndarray) -> Any:
+        """Recompute (head, row) pairs exactly from Q, K, V; return their outputs ``(k, e)``.
+
+        The snapshot of each row is rebuilt so that the pending terms cancel
+        (old and new weight columns both set to today's weights; values as
+        folded). Runtime complexity: O(m*(d+e)) per row.
+        """
+        s, xp = self._state, self._xp
+        t = s.t
+        pending_rows = s.pending_rows[:t]
+        value_changed = s.value_changed[:t]
+        value_rows = pending_rows[value_changed]
+        out = xp.zeros((rows.size, self.e), np.float64)
+        block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
+        for h in np.unique(heads).tolist():
+            (positions,) = np.nonzero(heads == h)
+            value_delta = (
+                s.pending_new_values[h, :t][value_changed] - s.pending_old_values[h, :t][value_changed]
+            )
+            units = xp.asarray(s.value_unit[h])
+            values = s.V64[h] / units  # the value side is kept in units (no overflow)
+            for start in range(0, positions.size, block):
+                where = positions[start : start + block]
+                part = rows[where]
+                logits = (s.Q64[h, part] @ xp.swap_last(s.K64[h])) * self._scale
+                visible = self._visibility(part)
+                if visible is not None:
+                    logits = xp.where(visible, logits, -math.inf)
+                mu = xp.amax(logits, 1)
+                mu = xp.where(xp.isfinite(mu), mu, 0.0)
+                weights = xp.exp(logits - mu[:, None])
+                self._round_to_dtype(weights)
+                z = xp.sum(weights, 1)
+                full = weights @ values
+                out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
+                if value_rows.size:
+                    full -= weights[:, value_rows] @ value_delta
+                s.mu[h, part] = mu
+                s.Z[h, part] = z
+                s.N[h, part] = full
+                s.drift[h, part] = 4 * UNIT_ROUNDOFF * z
+                s.refreshed_slots[h, part] = t
+                if t:
+                    current = weights[:, pending_rows].T
+                    s.pending_new_columns[h, :t][:, part] = current
+                    s.pending_old_columns[h, :t][:, part] = current
+                    np.maximum(s.column_max[h, :t], xp.to_numpy(xp.amax(current, 1)), out=s.column_max[h, :t])
+                self._storage.set_rows(h, part, weights)
+        s.stats["rows_refreshed"] += int(rows.size)
+        return out
+
+    # ================================================================== properties
+    @property
+    def tau(self) -> float:
+        """Laziness exponent."""
+        return self._tau
+
+    @property
+    def threshold(self) -> int:
+        """Pending key/value rows that trigger a fold, ``ceil(m**tau)``."""
+        return self._state.threshold
+
+    @property
+    def pending(self) -> int:
+        """Key/value rows changed since the last fold."""
+        return self._state.t
+
+    @property
+    def storage(self) -> str:
+        """Storage strategy in use (``"dense"`` or ``"implicit"``)."""
+        return self._storage.name
+
+    @property
+    def tol(self) -> float:
+        """Certification tolerance, relative to ``max|V[:, j]|``."""
+        return self._tol
+
+    @property
+    def certify(self) -> bool:
+        """Whether answers are certified (and doubtful rows recomputed)."""
+        return self._certify
+
+    @property
+    def heads(self) -> int:
+        """Number of independent problems (product of the leading axes; 1 without them)."""
+        return self._H
+
+    @property
+    def causal(self) -> bool:
+        return self._causal
+
+    @property
+    def key_mask(self) -> np.ndarray:
+        """Which keys are visible ``(m,)`` (a copy)."""
+        return self._state.key_visible.copy()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: folds, rows refreshed exactly, query fallbacks, full refreshes,
+        rows rescaled (stabilizer moved), fresh column computations."""
+        return dict(self._state.stats)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state buffers (including spare capacity)."""
+        return self._state.nbytes
+
+    # ================================================================== persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole structure to ``path`` (``.npz``), atomically.
+
+        The file is written to a temporary file in the same folder and renamed
+        over ``path``, so a crash never leaves a half-written file; temporary
+        files of writers that were killed (on this host) are removed by later
+        saves and loads in that folder. See :func:`dynattn.persistence.save`.
+        Runtime complexity: O(size of the state).
+        """
+        from dynattn import persistence
+
+        persistence.save(self, path)
+
+    def config(self) -> dict[str, Any]:
+        """The options that, with the state, make up the structure (saved with it)."""
+        return {
+            "tau": self._tau,
+            "scale": self._scale,
+            "tol": self._tol,
+            "certify": self._certify,
+            "causal": self._causal,
+            "dtype": self._dtype.name,
+            "storage": self._storage.name,
+            "batch_shape": list(self.batch_shape),
+        }
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], *, backend: str | None = None, device: Any = None
+    ) -> DynamicAttention:
+        """Read a structure written by :meth:`save` onto ``backend`` (and ``device``);
+        it answers exactly as the saved one.
+
+        The whole file is checked before anything is built. Raises
+        :class:`dynattn.persistence.SnapshotError` (a ValueError) saying what is
+        wrong for a file that is not a valid snapshot, and ``OSError`` when it
+        cannot be opened. Runtime complexity: O(size of the state).
+        """
+        from dynattn import persistence
+
+        return persistence.load(cls, path, backend=backend, device=device)
+
+    @classmethod
+    def _restore(cls, xp: Any, config: dict[str, Any], arrays: dict[str, np.ndarray], numbers: dict) -> Any:
+        """A structure from a checked snapshot (:mod:`dynattn.persistence`)."""
+        self = cls.__new__(cls)
+        self._xp = xp
+        self._dtype = np.dtype(config["dtype"])
+        self._output_dtype = xp.storage_dtype(self._dtype)
+        self._scale = float(config["scale"])
+        self._configure(
+            tau=float(config["tau"]),
+            tol=float(config["tol"]),
+            certify=bool(config["certify"]),
+            causal=bool(config["causal"]),
+            storage=config["storage"],
+            batch_shape=tuple(config["batch_shape"]),
+        )
+        self._state = AttentionState.restore(xp, self._dtype, self._storage, arrays, numbers)
+        self._after_resize()
+        return self
+
+    # ================================================================== validation helpers
     def _check_head(self, head: Any) -> int:
         """The flat head index named by ``head=``.
 
@@ -936,10 +1215,49 @@ class DynamicAttention(AttentionMaintainer):
         """A validated host copy of a row argument (one row per head)."""
         return check_rows(name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width))
 
-    def _check_query_range(self, q: np.ndarray) -> None:
-        self._check_reach("q", float(_norms(q).max()), self._k_norm_max)
+    def _checked_key_row(self, name: str, value: Any) -> np.ndarray:
+        """A validated key row ``(H, d)`` whose logits stay in float64's range."""
+        k = self._checked_row(name, value, self.d).reshape(self._H, self.d)
+        self._check_logit_range(name, float(cert.norms(k).max()))
+        return k
 
-    def _checked_batch(self, target: str, rows: Any, cols: Any, deltas: Any, heads: Any, width: int):
+    def _checked_query_row(self, name: str, value: Any) -> np.ndarray:
+        """A validated query row ``(H, d)`` whose logits stay in float64's range."""
+        q = self._checked_row(name, value, self.d).reshape(self._H, self.d)
+        self._check_reach(name, float(cert.norms(q).max()), self._state.k_norm_max)
+        return q
+
+    def _check_logit_range(self, name: str, k_norm: float) -> None:
+        self._check_reach(name, self._state.q_norm_max, k_norm)
+
+    def _check_reach(self, name: str, q_norm: float, k_norm: float) -> None:
+        """Reject inputs whose dot products ``q.k`` or logits ``scale*q.k`` could leave
+        float64's range (a zero norm gives exact zeros, whatever the other norm is)."""
+        reach = 0.0 if q_norm == 0 or k_norm == 0 else q_norm * k_norm * max(1.0, abs(self._scale))
+        if reach > 1e300:
+            raise ValueError(
+                f"{name}: dot products |Q_i||K_c| times max(1, |scale|) could reach {reach:.3g}, "
+                "beyond float64's range; expected inputs whose (scaled) dot products stay below 1e300"
+            )
+
+    def update_k_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
+        """``K[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order.
+
+        All-or-nothing: every index and delta is checked before anything changes.
+        Runtime complexity: that of ``len(rows)`` single updates, without their
+        per-call validation.
+        """
+        for h, c, j, new in self._checked_batch("K", rows, cols, deltas, heads, self.d):
+            self._apply_k(h, c, j, new)
+
+    def update_v_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
+        """``V[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order (all-or-nothing)."""
+        for h, c, j, new in self._checked_batch("V", rows, cols, deltas, heads, self.e):
+            self._apply_v(h, c, j, new)
+
+    def _checked_batch(
+        self, target: str, rows: Any, cols: Any, deltas: Any, heads: Any, width: int
+    ) -> list[tuple[int, int, int, Any]]:
         """Validate a batch of entry updates; return ``[(h, c, j, new_value), ...]`` to apply."""
         rows = check_index_array("rows", rows, self.m, axis="key/value rows, m")
         cols = check_index_array("cols", cols, width, axis="columns")
@@ -955,7 +1273,8 @@ class DynamicAttention(AttentionMaintainer):
             raise TypeError(f"deltas: expected real numbers, got dtype {values.dtype}")
         if values.size and not np.isfinite(values.astype(np.float64)).all():
             raise ValueError("deltas: expected finite values, got NaN or inf")
-        array = self._Kh if target == "K" else self._Vh
+        s = self._state
+        array = s.K if target == "K" else s.V
         current: dict[tuple[int, int, int], Any] = {}
         plan = []
         for h, c, j, delta in zip(heads.tolist(), rows.tolist(), cols.tolist(), values.tolist(), strict=True):
@@ -965,538 +1284,88 @@ class DynamicAttention(AttentionMaintainer):
             plan.append((h, c, j, new))
         if target == "K" and plan:
             touched = np.unique(rows)
-            trial = self._xp.to_numpy(self._K64[:, touched]).copy()
+            trial = self._xp.to_numpy(s.K64[:, touched]).copy()
             where = np.searchsorted(touched, rows)
             for (h, _c, j, new), w in zip(plan, where, strict=True):
                 trial[h, w, j] = float(new)
-            self._check_logit_range("deltas", float(_norms(trial).max()))
+            self._check_logit_range("deltas", float(cert.norms(trial).max()))
         return plan
 
-    # ------------------------------------------------------------------ answers
-    def _answer_entry(self, h: int, i: int, j: int) -> float:
-        """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
-        if self._visible_keys[i] == 0:
-            return 0.0  # the row sees no key
-        t = self._t
-        numerator = float(self._N[h, i, j])
-        z = float(self._Z[h, i])
-        new_sum = old_sum = 0.0
-        if t:
-            new_weights = self._pending_new_columns[h, :t, i]
-            old_weights = self._pending_old_columns[h, :t, i]
-            numerator += float(new_weights @ self._pending_new_values[h, :t, j]) - float(
-                old_weights @ self._pending_old_values[h, :t, j]
-            )
-            new_sum = float(new_weights.sum())
-            old_sum = float(old_weights.sum())
-        denominator = z + new_sum - old_sum
-        if self._certify:
-            recomputed = old_sum
-            exact = int(self._exact_slots[h, i])
-            if exact and not self._storage.exact_snapshot:
-                recomputed = float(self._pending_old_columns[h, exact:t, i].sum())
-            error = float(self._row_error(h, i, z + new_sum + old_sum, recomputed))
-            relative = error / denominator if denominator > 0 else math.inf
-            if not relative < 0.5 or (
-                relative / (1 - relative) * (self._column_ratio_of(h, j) + 1) > self._tol
-            ):
-                return float(self._fallback(np.array([h]), np.array([i]))[0, j])
-        return float(self._value_unit[h, j]) * (numerator / denominator) if denominator > 0 else 0.0
-
-    def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
-        t = self._t
-        xp = self._xp
-        numerator = xp.copy(self._N[heads, rows, cols])
-        if t:
-            new_w = self._pending_new_columns[heads, :t, rows]  # (k, t)
-            old_w = self._pending_old_columns[heads, :t, rows]
-            numerator += xp.einsum("kt,kt->k", new_w, self._pending_new_values[heads, :t, cols])
-            numerator -= xp.einsum("kt,kt->k", old_w, self._pending_old_values[heads, :t, cols])
-        row_bound, denominator = self._row_bounds(heads, rows)
-        bound = xp.to_numpy(row_bound) * (self._column_ratio(heads, cols) + 1)
-        seen = xp.asarray(self._visible_keys[rows] > 0)
-        units = xp.asarray(self._value_unit[heads, cols])
-        answer = xp.where(seen, units * (numerator / xp.where(denominator > 0, denominator, 1.0)), 0.0)
-        doubtful = ~(bound <= self._tol)
-        if doubtful.any():
-            pairs, where = np.unique(np.stack([heads[doubtful], rows[doubtful]]), axis=1, return_inverse=True)
-            exact = self._fallback(pairs[0], pairs[1])
-            answer[xp.index(np.flatnonzero(doubtful))] = exact[where.ravel(), cols[doubtful]]
-        return answer
-
-    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
-        """O[:, rows, :] for every head, ``(H, k, e)``. Runtime complexity: O(H*k*t*e):
-        one einsum for few rows, one BLAS-3 GEMM per head for many."""
-        t, H, k = self._t, self._H, rows.size
-        numerator = self._N[:, rows]
-        if t:
-            new_w = self._pending_new_columns[:, :t][:, :, rows]  # (H, t, k)
-            old_w = self._pending_old_columns[:, :t][:, :, rows]
-            new_v, old_v = self._pending_new_values[:, :t], self._pending_old_values[:, :t]
-            if H * k * t * self.e < 1 << 20:
-                numerator = numerator + self._xp.einsum("htk,hte->hke", new_w, new_v)
-                numerator -= self._xp.einsum("htk,hte->hke", old_w, old_v)
-            else:
-                numerator = self._xp.copy(numerator)
-                for h in range(H):
-                    numerator[h] += new_w[h].T @ new_v[h]
-                    numerator[h] -= old_w[h].T @ old_v[h]
-        heads = np.repeat(np.arange(H), k)
-        row_bound, denominator = self._row_bounds(heads, np.tile(rows, H))
-        xp = self._xp
-        answer = numerator / xp.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
-        answer *= xp.asarray(self._value_unit)[:, None, :]
-        if not self._visible_keys[rows].all():
-            answer[:, xp.index(np.flatnonzero(self._visible_keys[rows] == 0))] = 0.0
-        row_bound = xp.to_numpy(row_bound).reshape(H, k)
-        doubtful = ~(row_bound * (self._head_ratios()[:, None] + 1) <= self._tol)
-        if doubtful.any():
-            bad_heads, bad_rows = np.nonzero(doubtful)
-            answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
-        return answer
-
-    # ------------------------------------------------------------------ error bounds
-    def _row_bounds(self, heads: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``r/(1-r)`` with ``r = E/den`` (inf when not certifiable), and ``den``, per (head, row).
-        Multiplied by ``rho_j + 1`` this bounds the error relative to max|V[:, j]|."""
-        t, xp = self._t, self._xp
-        z = self._Z[heads, rows]
-        new_sum = xp.sum(self._pending_new_columns[heads, :t, rows], 1)
-        old_weights = self._pending_old_columns[heads, :t, rows]  # (k, t)
-        old_sum = xp.sum(old_weights, 1)
-        denominator = z + new_sum - old_sum
-        recomputed = old_sum
-        if not self._storage.exact_snapshot:
-            mask = np.arange(t)[None, :] >= self._exact_slots[heads, rows][:, None]
-            recomputed = xp.sum(old_weights * xp.asarray(mask, np.float64), 1)
-        error = self._row_error(heads, rows, z + new_sum + old_sum, recomputed)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            relative = xp.where(denominator > 0, error / denominator, math.inf)
-            bound = xp.where(relative < 0.5, relative / (1 - relative), math.inf)
-        if not self._certify:
-            bound = bound * 0
-        elif not self._visible_keys[rows].all():
-            bound = xp.where(xp.asarray(self._visible_keys[rows] > 0), bound, 0.0)
-        return bound, denominator
-
-    def _row_error(self, h: Any, i: Any, mass: Any, recomputed: Any) -> Any:
-        """E (docs/accuracy.md) for (head, row) pairs given the summed weight ``mass`` and the
-        pending old weights that were recomputed rather than taken from storage
-        (``recomputed``: implicit storage, slots opened since the row was last exact);
-        works on scalars and arrays alike."""
-        error = self._drift[h, i] + self._persistent_error(self._t) * mass + self._underflow_error
-        if not self._storage.exact_snapshot:
-            error = error + self._mismatch_error(self._q_norm[h, i]) * recomputed
-        return error
-
-    def _persistent_error(self, t: int) -> float:
-        """Relative error per unit of weight mass that is not drift: stored
-        weights against a fresh computation, and the O(t) sums of an answer."""
-        # 2**-1074: values divided by their column unit may round in the subnormal range
-        return self._column_error_limit + self._unit + _gamma(2 * t + 4) + 2.0**-1074
-
-    def _logit_error(self, q_norm: Any) -> Any:
-        """Bound on |computed - exact| float64 logit for query rows of norm ``q_norm``."""
-        # an infinite key norm passes the range checks only when every query row is 0
-        # (then every logit is exactly 0)
-        k_norm = self._k_norm_max if math.isfinite(self._k_norm_max) else 0.0
-        return _gamma(self.d + 2) * abs(self._scale) * q_norm * k_norm
-
-    def _mismatch_error(self, q_norm: Any) -> Any:
-        """Implicit storage: a recomputed old column against the folded one."""
-        return 4 * self._unit + self._column_error_limit + 2 * self._logit_error(q_norm)
-
-    def _fresh_error(self, h: int, i: int) -> float:
-        return float(2 * (self._logit_error(self._q_norm[h, i]) + self._unit + _gamma(self.m + 2)))
-
-    def _column_ratio_of(self, h: int, j: int) -> float:
-        """Scalar :meth:`_column_ratio` for the entry-query hot path."""
-        if self._value_max_stale[h, j]:
-            return float(self._column_ratio(np.array([h]), np.array([j]))[0])
-        current = float(self._value_max[h, j])
-        scale = float(self._value_scale[h, j])
-        return scale / current if current > 0 else (math.inf if scale > 0 else 1.0)
-
-    def _column_ratio(self, heads: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """``value_scale / max|V[:, j]|`` per (head, column): how much bigger than today's
-        values the values summed into the snapshot may have been."""
-        stale = self._value_max_stale[heads, cols]
-        if stale.any():
-            for h, j in set(zip(heads[stale].tolist(), cols[stale].tolist(), strict=True)):
-                self._value_max[h, j] = float(self._xp.amax(self._xp.abs(self._V64[h, :, j]), 0))
-                self._value_max_stale[h, j] = False
-        current = self._value_max[heads, cols]
-        scale = self._value_scale[heads, cols]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(current > 0, scale / current, np.where(scale > 0, np.inf, 1.0))
-
-    def _head_ratios(self) -> np.ndarray:
-        """Worst column ratio of each head ``(H,)``."""
-        if self._value_max_stale.any():
-            heads, cols = np.nonzero(self._value_max_stale)
-            self._column_ratio(heads, cols)  # recomputes the stale maxima
-        current, scale = self._value_max, self._value_scale
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios = np.where(current > 0, scale / current, np.where(scale > 0, np.inf, 1.0))
-        return ratios.max(axis=1)
-
-    # ------------------------------------------------------------------ internals
-    def _check_logit_range(self, name: str, k_norm: float) -> None:
-        self._check_reach(name, self._q_norm_max, k_norm)
-
-    def _check_reach(self, name: str, q_norm: float, k_norm: float) -> None:
-        """Reject inputs whose dot products ``q.k`` or logits ``scale*q.k`` could leave
-        float64's range (a zero norm gives exact zeros, whatever the other norm is)."""
-        reach = 0.0 if q_norm == 0 or k_norm == 0 else q_norm * k_norm * max(1.0, abs(self._scale))
-        if reach > 1e300:
-            raise ValueError(
-                f"{name}: dot products |Q_i||K_c| times max(1, |scale|) could reach {reach:.3g}, "
-                "beyond float64's range; expected inputs whose (scaled) dot products stay below 1e300"
-            )
-
-    def _round_to_dtype(self, array: Any) -> None:
-        if self._dtype != np.float64:
-            array[...] = self._xp.astype(self._xp.astype(array, self._dtype), np.float64)
-
-    def _masked_logits(self, heads: np.ndarray, c: int) -> np.ndarray:
-        """``s * Q K_c^T`` for ``heads`` as ``(len(heads), n)``, -inf where key c is hidden."""
-        if heads.size == 1:
-            logits = (self._K64[heads[0], c] @ self._QT64[heads[0]])[None] * self._scale
-        else:
-            columns = self._QT64 if heads.size == self._H else self._QT64[heads]
-            logits = (self._K64[heads, c][:, None, :] @ columns)[:, 0] * self._scale
-        return self._hide_from_masked_rows(logits, c)
-
-    def _hide_from_masked_rows(self, logits: Any, c: int) -> Any:
-        """Set to -inf the logits ``(..., n)`` of the query rows that may not see key c."""
-        if not self._key_visible[c]:
-            logits[...] = -np.inf
-        elif self._causal:
-            logits[..., self._query_pos < self._key_pos[c]] = -np.inf
-        return logits
-
-    def _set_fresh_columns(self, slot: int, c: int, heads: np.ndarray, logits: Any = None) -> None:
-        """Pending column of row c for ``heads``, from its (masked) logits against the current
-        ``mu`` (computed here unless given); moves ``mu`` up first where a weight would exceed
-        the limit."""
-        xp = self._xp
-        if logits is None:
-            logits = self._masked_logits(heads, c)
-        exponent = logits - self._mu[heads]
-        too_big = exponent > self._log_weight_limit
-        if bool(too_big.any()):
-            which, rows = xp.nonzero(too_big)
-            self._rescale_rows(heads[which], rows, logits[which, rows])
-            exponent = logits - self._mu[heads]
-        weights = xp.exp(exponent)
-        self._round_to_dtype(weights)
-        self._pending_new_columns[heads, slot] = weights
-        self._column_error[heads, slot] = 0.0
-        self._column_max[heads, slot] = xp.to_numpy(xp.amax(weights, 1))
-        self._stats["fresh_columns"] += 1
-
-    def _snapshot_column(self, c: int) -> np.ndarray:
-        """Implicit storage: recompute column ``c`` of every head as folded ``(H, n)``."""
-        column = self._xp.exp(self._masked_logits(np.arange(self._H), c) - self._mu)
-        self._round_to_dtype(column)
-        return column
-
-    def _restabilize_column(self, h: int, slot: int) -> None:
-        """A multiplicatively updated column may hold weights above the limit: move those rows' mu."""
-        xp = self._xp
-        column = self._pending_new_columns[h, slot]
-        (rows,) = xp.nonzero(column > self._weight_limit)
-        if rows.size:
-            self._rescale_rows(np.full(rows.size, h), rows, self._mu[h, rows] + xp.log(column[rows]))
-        self._column_max[h, slot] = float(xp.amax(column, 0))
-
-    def _rescale_rows(self, heads: np.ndarray, rows: np.ndarray, new_mu: np.ndarray) -> None:
-        """Raise the stabilizer of (head, row) pairs to ``new_mu``; everything stored for them
-        is multiplied by ``exp(mu - new_mu) <= 1``. Runtime complexity: O(m + e + T) per row;
-        O(m*(d+e)) for a row whose stabilizer jumps so far that the factor would be subnormal
-        (its old weights are then negligible, and the row is recomputed exactly instead)."""
-        xp = self._xp
-        shift = new_mu - self._mu[heads, rows]  # >= 0
-        far = xp.to_numpy(shift) > FAR_SHIFT
-        if far.any():
-            self._refresh(heads[far], rows[far])
-            heads, rows, new_mu, shift = heads[~far], rows[~far], new_mu[~far], shift[~far]
-        factors = xp.exp(-shift)
-        self._N[heads, rows] *= factors[:, None]
-        self._Z[heads, rows] *= factors
-        z = self._Z[heads, rows]
-        pending_mass = 0
-        for block in (self._pending_new_columns, self._pending_old_columns):
-            part = block[heads, :, rows] * factors[:, None]  # (k, T)
-            self._round_to_dtype(part)
-            block[heads, :, rows] = part
-            pending_mass = pending_mass + xp.sum(part, 1)
-        self._storage.rescale_rows(heads, rows, factors)
-        drift = self._drift[heads, rows] * factors * (1 + 4 * UNIT_ROUNDOFF)
-        # (docs/accuracy.md, "Stabilizers"): the computed factor is off by the rounding of
-        # the shift and of exp; N and Z took one more rounding each; every stored weight
-        # of the row (dense storage, pending columns) was rounded again to the dtype and no
-        # longer cancels exactly what N and Z hold, by u relative or half a subnormal step.
-        factor_error = 2 * UNIT_ROUNDOFF * (shift + 4)
-        restored = (self._unit + UNIT_ROUNDOFF) * (z + drift + pending_mass)
-        self._drift[heads, rows] = (
-            drift + (factor_error + 2 * UNIT_ROUNDOFF) * z + restored + self._subnormal_error
-        )
-        self._mu[heads, rows] = new_mu
-        self._stats["rows_rescaled"] += int(rows.size)
-
-    def _slot_for(self, c: int) -> int:
-        """The pending slot of key/value row ``c``, opening one (O(H*n) / O(H*n*d)) if needed."""
-        slot = self._slot_of.get(c)
-        if slot is not None:
-            return slot
-        column, error = self._storage.snapshot_column(c, self._snapshot_column)
-        return self._open_slot(c, column, error)
-
-    def _open_slot(self, c: int, column: Any, error: np.ndarray, *, new_row: bool = False) -> int:
-        """A pending slot for row ``c`` whose folded weights are ``column: (H, n)`` (relative
-        error ``error: (H,)``) and whose folded values are today's (zero for a ``new_row``)."""
-        slot = self._t
-        values = self._xp.zeros((self._H, self.e), np.float64) if new_row else self._scaled_values(c)
-        if slot == self._size["T"]:
-            self._resize(T=min(self._threshold, 2 * slot))
-        self._pending_old_columns[:, slot] = column
-        self._pending_new_columns[:, slot] = column
-        self._pending_old_values[:, slot] = values
-        self._pending_new_values[:, slot] = values
-        self._pending_rows[slot] = c
-        self._key_changed[slot] = False
-        self._value_changed[slot] = False
-        self._column_error[:, slot] = error
-        self._column_max[:, slot] = self._xp.to_numpy(self._xp.amax(column, 1))
-        self._slot_of[c] = slot
-        self._t += 1
-        return slot
-
-    def _fold_if_full(self) -> None:
-        if self._t >= self._threshold:
-            self._fold()
-
-    def _fold(self) -> None:
-        """Fold pending rows into N and Z (batched BLAS-3), then refresh rows whose drift is too big."""
-        t, xp = self._t, self._xp
-        if t == 0:
-            return
-        rows = self._pending_rows[:t]
-        self._k_norms[:, rows] = _norms(xp.to_numpy(self._K64[:, rows]))
-        key_changed = self._key_changed[:t]
-        value_changed = self._value_changed[:t]
-        new_columns = self._pending_new_columns[:, :t]
-        old_columns = self._pending_old_columns[:, :t]
-        new_values = self._pending_new_values[:, :t]
-        old_sum = xp.sum(old_columns, 1)
-        mass = xp.sum(new_columns, 1) + old_sum
-        drift = 2 * _gamma(t + 3) * mass
-        if not self._storage.exact_snapshot:
-            recomputed = old_sum
-            if self._exact_slots.any():
-                mask = np.arange(t)[None, :, None] >= self._exact_slots[:, None, :]  # (H, t, n)
-                recomputed = xp.sum(old_columns * xp.asarray(mask, np.float64), 1)
-            drift += self._mismatch_error(self._q_norm) * recomputed
-        old_values = self._pending_old_values[:, :t]
-        if key_changed.any():
-            which = _slots(key_changed)
-            delta = new_columns[:, which] - old_columns[:, which]
-            self._add_transposed_products(delta, new_values[:, which])
-            self._Z += xp.sum(delta, 1)
-            self._storage.commit_columns(
-                rows[which], new_columns[:, which], self._column_error[:, :t][:, which]
-            )
-        values_moved = bool(value_changed.any())
-        if values_moved:
-            which = _slots(value_changed)
-            self._add_transposed_products(old_columns[:, which], new_values[:, which] - old_values[:, which])
-        self._drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(self._Z)
-        self._slot_of.clear()
-        self._t = 0
-        self._exact_slots[...] = 0
-        self._stats["folds"] += 1
-        if values_moved:
-            self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
-            self._value_max_stale[:] = False
-            if np.any(self._value_scale / 2 > self._value_max):
-                self._full_refresh()
-                return
-        if self._certify:
-            heads, doubtful = xp.nonzero(~(self._drift <= DRIFT_FRACTION * self._tol * self._Z))
-            if doubtful.size:
-                self._refresh(heads, doubtful)
-
-    def _add_transposed_products(self, columns: Any, values: Any) -> None:
-        """``N[h] += columns[h]^T @ values[h]`` for every head: one BLAS-3 GEMM per head
-        (numpy's stacked matmul does not call BLAS for a transposed operand)."""
-        for h in range(self._H):
-            self._N[h] += columns[h].T @ values[h]
-
-    def _full_refresh(self) -> None:
-        """Recompute every row exactly and reset the value scales (init, or values shrank)."""
-        xp = self._xp
-        self._value_max = xp.to_numpy(xp.amax(xp.abs(self._V64), 1))
-        self._value_max_stale = np.zeros((self._H, self.e), dtype=bool)
-        self._value_scale = self._value_max.copy()
-        # every row is recomputed below (and nothing is pending), so the units may move down too
-        self._value_unit = _power_of_two_units(self._value_scale)
-        self._k_norms[...] = _norms(xp.to_numpy(self._K64))
-        self._k_norm_max = float(self._k_norms.max())
-        H, n = self._H, self.n
-        self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
-        self._stats["full_refreshes"] += 1
-
-    def _fallback(self, heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        self._stats["query_fallbacks"] += int(rows.size)
-        return self._refresh(heads, rows)
-
-    def _refresh(self, heads: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Recompute (head, row) pairs exactly from Q, K, V; return their outputs ``(k, e)``.
-
-        The snapshot of each row is rebuilt so that the pending terms cancel
-        (old and new weight columns both set to today's weights; values as
-        folded). Runtime complexity: O(m*(d+e)) per row.
-        """
-        t, xp = self._t, self._xp
-        pending_rows = self._pending_rows[:t]
-        value_changed = self._value_changed[:t]
-        value_rows = pending_rows[value_changed]
-        out = xp.zeros((rows.size, self.e), np.float64)
-        block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
-        for h in np.unique(heads).tolist():
-            (positions,) = np.nonzero(heads == h)
-            value_delta = (
-                self._pending_new_values[h, :t][value_changed]
-                - self._pending_old_values[h, :t][value_changed]
-            )
-            units = xp.asarray(self._value_unit[h])
-            values = self._V64[h] / units  # the value side is kept in units (no overflow)
-            for start in range(0, positions.size, block):
-                where = positions[start : start + block]
-                part = rows[where]
-                logits = (self._Q64[h, part] @ xp.swap_last(self._K64[h])) * self._scale
-                visible = self._visibility(part)
-                if visible is not None:
-                    logits = xp.where(visible, logits, -math.inf)
-                mu = xp.amax(logits, 1)
-                mu = xp.where(xp.isfinite(mu), mu, 0.0)
-                weights = xp.exp(logits - mu[:, None])
-                self._round_to_dtype(weights)
-                z = xp.sum(weights, 1)
-                full = weights @ values
-                out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
-                if value_rows.size:
-                    full -= weights[:, value_rows] @ value_delta
-                self._mu[h, part] = mu
-                self._Z[h, part] = z
-                self._N[h, part] = full
-                self._drift[h, part] = 4 * UNIT_ROUNDOFF * z
-                self._exact_slots[h, part] = t
-                if t:
-                    current = weights[:, pending_rows].T
-                    self._pending_new_columns[h, :t][:, part] = current
-                    self._pending_old_columns[h, :t][:, part] = current
-                    np.maximum(
-                        self._column_max[h, :t],
-                        xp.to_numpy(xp.amax(current, 1)),
-                        out=self._column_max[h, :t],
-                    )
-                self._storage.set_rows(h, part, weights)
-        self._stats["rows_refreshed"] += int(rows.size)
-        return out
-
-    def _visibility(self, rows: np.ndarray) -> np.ndarray | None:
-        """Which keys each query row in ``rows`` sees, ``(len(rows), m)``; None if all of them."""
-        if self._all_keys_visible and not self._causal:
-            return None
-        visible = np.broadcast_to(self._key_visible, (rows.size, self.m))
-        if self._causal:
-            visible = visible & (self._key_pos[None, :] <= self._query_pos[rows][:, None])
-        return visible
-
-    # ------------------------------------------------------------------ invariants
+    # ================================================================== invariants
     def _on_backend(self, xp: Any) -> DynamicAttention:
-        """A shallow twin whose device arrays are copies on backend ``xp`` (host arrays shared)."""
-        twin = copy.copy(self)
+        """A copy whose state lives on backend ``xp`` (for checking a torch structure)."""
+        twin = self.__class__.__new__(self.__class__)
+        twin.__dict__.update(self.__dict__)
         twin._xp = xp
-        twin._storage = copy.copy(self._storage)
-        twin._storage.xp = xp
-        layout = self._layout()
-        twin._buffers = {}
-        for name, (owner, buffer) in self._buffers.items():
-            moved = xp.asarray(self._xp.to_numpy(buffer)) if layout[name][2] else buffer
-            twin._buffers[name] = (twin._storage if owner is self._storage else twin, moved)
-        twin._reslice()
+        twin._storage = type(self._storage)(xp)
+        twin._state = self._state.on_backend(xp, twin._storage)
+        twin._after_resize()
         return twin
 
     def _check(self, *, deep: bool = True) -> None:
-        """Assert every invariant (for tests; O(H*n*m*d) when ``deep``)."""
+        """Assert every invariant (for tests; O(H*n*m*d) when ``deep``), sortedcontainers
+        style: each block states what it checks, and a failure names the offending state."""
         if self._xp.name != "numpy":
             self._on_backend(HOST)._check(deep=deep)
             return
-        t, T, n, m = self._t, self._threshold, self.n, self.m
-        assert 0 <= t < T or (T == 1 and t == 0), (t, T)
-        assert t <= self._size["T"] <= T and self._size["n"] == n and self._size["m"] == m
-        assert len(self._slot_of) == t
-        for c, slot in self._slot_of.items():
-            assert self._pending_rows[slot] == c
-        assert np.array_equal(self._K64, self._Kh.astype(np.float64))
-        assert np.array_equal(self._V64, self._Vh.astype(np.float64))
-        assert np.array_equal(self._Q64, self._Qh.astype(np.float64))
-        assert np.array_equal(self._QT64, self._Q64.transpose(0, 2, 1))
-        assert np.shares_memory(self._Q, self._Qh) and self._Q.shape == (
-            *self.batch_shape,
-            n,
-            self.d,
+        s = self._state
+        t, threshold, n = s.t, s.threshold, self.n
+        s.check_fields()
+        # pending slots: fewer than the threshold, each row in one slot
+        assert 0 <= t < threshold or (threshold == 1 and t == 0), f"t={t}, threshold={threshold}"
+        assert t <= s.sizes["S"] <= threshold, f"slots allocated {s.sizes['S']}, t={t}, threshold={threshold}"
+        assert len(s.slot_of) == t and all(s.pending_rows[slot] == c for c, slot in s.slot_of.items()), (
+            f"slot_of={s.slot_of}, pending_rows={s.pending_rows[:t]}"
         )
-        for name in ("_mu", "_N", "_Z", "_drift"):
-            assert np.all(np.isfinite(getattr(self, name))), name
-        assert np.all(self._drift >= 0)
-        assert self._all_keys_visible == bool(self._key_visible.all())
-        new, old = self._pending_new_columns[:, :t], self._pending_old_columns[:, :t]
-        for block in (new, old):
-            assert np.all(block >= 0) and np.all(block <= self._weight_limit * (1 + 1e-12))
-            assert np.array_equal(block, block.astype(self._dtype).astype(np.float64))
-        assert np.all(self._column_max[:, :t] >= new.max(axis=2, initial=0) * (1 - 1e-12))
-        assert np.all(self._column_error[:, :t] <= self._column_error_limit)
-        units = self._value_unit
-        assert np.array_equal(units, _power_of_two_units(units)) and np.all(self._value_scale / 2 < units)
-        scaled = self._V64[:, self._pending_rows[:t]] / units[:, None, :]
-        assert np.array_equal(self._pending_new_values[:, :t], scaled)
-        assert np.array_equal(self._visible_keys, self._count_visible_keys(np.arange(n)))
-        true_max = np.abs(self._V64).max(axis=1)
-        fresh = ~self._value_max_stale
-        assert np.array_equal(self._value_max[fresh], true_max[fresh])
-        assert np.all(self._value_max >= true_max)
-        assert np.all(self._value_scale >= true_max)
-        assert self._k_norm_max >= _norms(self._K64).max() * (1 - 1e-12)
-        q_norms = _norms(self._Q64)
-        assert np.allclose(self._q_norm, q_norms, rtol=1e-12, atol=0)
-        assert np.all(self._q_col_absmax >= np.abs(self._Q64).max(axis=1))
-        if self._storage.exact_snapshot:
-            stored = self._storage.weights_t
-            assert np.array_equal(old, stored[:, self._pending_rows[:t]].astype(np.float64))
-            assert np.all(stored >= 0) and np.all(stored <= self._weight_limit * (1 + 1e-12))
+        # float64 copies equal the stored inputs
+        for name in ("Q", "K", "V"):
+            stored, copy64 = getattr(s, name), getattr(s, f"{name}64")
+            assert np.array_equal(copy64, stored.astype(np.float64)), f"{name}64 differs from {name}"
+        assert np.array_equal(s.Q64_T, s.Q64.transpose(0, 2, 1)), "Q64_T is not Q64 transposed"
+        assert np.shares_memory(self._Q, s.Q) and self._Q.shape == (*self.batch_shape, n, self.d)
+        # the snapshot is finite, drift bounds are non-negative
+        for name in ("mu", "N", "Z", "drift"):
+            bad = ~np.isfinite(getattr(s, name))
+            assert not bad.any(), f"{name} not finite at {np.argwhere(bad)[:3].tolist()}"
+        assert np.all(s.drift >= 0), f"negative drift at {np.argwhere(s.drift < 0)[:3].tolist()}"
+        # masks and positions
+        assert s.all_keys_visible == bool(s.key_visible.all())
+        assert np.array_equal(s.visible_keys, self._count_visible_keys(np.arange(n))), "visible_keys"
+        # pending weight columns: in range, rounded to the dtype, bounded by column_max
+        new, old = s.pending_new_columns[:, :t], s.pending_old_columns[:, :t]
+        for label, block in (("new", new), ("old", old)):
+            assert np.all(block >= 0) and np.all(block <= self._weight_limit * (1 + 1e-12)), label
+            assert np.array_equal(block, block.astype(self._dtype).astype(np.float64)), f"{label} not rounded"
+        assert np.all(s.column_max[:, :t] >= new.max(axis=2, initial=0) * (1 - 1e-12)), "column_max"
+        assert np.all(s.column_error[:, :t] <= self._column_error_limit), "column_error over its limit"
+        # value side: units are powers of two at the value scale, pending values in units
+        units = s.value_unit
+        assert np.array_equal(units, cert.power_of_two_units(units)) and np.all(s.value_scale / 2 < units)
+        scaled = s.V64[:, s.pending_rows[:t]] / units[:, None, :]
+        assert np.array_equal(s.pending_new_values[:, :t], scaled), "pending values differ from V / unit"
+        true_max = np.abs(s.V64).max(axis=1)
+        fresh = ~s.value_max_stale
+        assert np.array_equal(s.value_max[fresh], true_max[fresh]), "value_max"
+        assert np.all(s.value_max >= true_max) and np.all(s.value_scale >= true_max), "value_scale"
+        # norms are upper bounds (query norms exact)
+        assert s.k_norm_max >= cert.norms(s.K64).max() * (1 - 1e-12), "k_norm_max"
+        assert np.allclose(s.q_norm, cert.norms(s.Q64), rtol=1e-12, atol=0), "q_norm"
+        assert np.all(s.q_col_absmax >= np.abs(s.Q64).max(axis=1)), "q_col_absmax"
         if not deep:
             return
-        # pending (and, for dense storage, all stored) weights agree with a fresh computation
-        logits = np.matmul(self._Q64, self._K64.transpose(0, 2, 1)) * self._scale
+        # pending (and, in dense storage, all stored) weights agree with a fresh computation
+        logits = np.matmul(s.Q64, s.K64.transpose(0, 2, 1)) * self._scale
         visible = self._visibility(np.arange(n))
         if visible is not None:
             logits = np.where(visible[None], logits, -np.inf)
-        fresh_weights = np.exp(logits - self._mu[:, :, None])  # (H, n, m)
-        slack = 2 * self._logit_error(self._q_norm)[:, :, None] + 4 * self._unit
+        fresh_weights = np.exp(logits - s.mu[:, :, None])  # (H, n, m)
+        slack = 2 * self._logit_error(s.q_norm)[:, :, None] + 4 * self._unit
         floor = float(np.finfo(self._dtype).tiny)
         if t:
-            expected = fresh_weights[:, :, self._pending_rows[:t]].transpose(0, 2, 1)
-            allowed = (self._column_error[:, :t, None] + slack.transpose(0, 2, 1)) * np.maximum(expected, new)
-            assert np.all(np.abs(new - expected) <= allowed * 1.01 + floor)
-        if self._storage.exact_snapshot:
-            stored = self._storage.weights_t.transpose(0, 2, 1).astype(np.float64)
-            stable = np.ones(m, dtype=bool)
-            stable[self._pending_rows[:t]] = False
-            allowed = (self._storage.column_error[:, None, :] + slack) * np.maximum(fresh_weights, stored)
-            diff = np.abs(stored - fresh_weights)
-            assert np.all(diff[:, :, stable] <= allowed[:, :, stable] * 1.01 + floor)
+            expected = fresh_weights[:, :, s.pending_rows[:t]].transpose(0, 2, 1)
+            allowed = (s.column_error[:, :t, None] + slack.transpose(0, 2, 1)) * np.maximum(expected, new)
+            bad = np.abs(new - expected) > allowed * 1.01 + floor
+            assert not bad.any(), (
+                f"pending columns drifted: (head, slot, row) {np.argwhere(bad)[:3].tolist()}"
+            )
+        self._storage.check(s, fresh_weights, slack, floor)

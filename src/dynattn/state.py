@@ -1,0 +1,306 @@
+"""The state of a :class:`~dynattn.DynamicAttention`: every array and number, declared once.
+
+Every array is declared as a :class:`StateArray` in the body of
+:class:`AttentionState` (or of a storage strategy, :mod:`dynattn.storage`) with
+its axes, dtype and home:
+
+=====  ==========================================================
+axis   meaning
+=====  ==========================================================
+``H``  heads (the product of the leading axes of Q, K, V)
+``n``  query rows (grows with ``append``, shrinks with ``delete_query``)
+``m``  key/value rows (grows with ``append``)
+``d``  key width
+``e``  value width
+``S``  pending slots allocated (grows by doubling up to the fold threshold)
+=====  ==========================================================
+
+Arrays live in buffers whose growable axes have spare capacity (doubling, as a
+list does); each declared name is a view of the live part of its buffer,
+re-pointed by :meth:`AttentionState.resize`. Device arrays live on the
+backend's device; host arrays (bookkeeping) are always numpy. Saving is
+:meth:`AttentionState.export`, loading :meth:`AttentionState.restore`: a field
+declared here is saved, checked and restored without being named anywhere
+else. See ``docs/accuracy.md`` for what each quantity means.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+
+from dynattn.backends import NumpyBackend
+
+#: Axes that can grow; the others are fixed at construction.
+GROWABLE = "nmS"
+#: Host-side operations (bookkeeping arrays are always numpy).
+HOST = NumpyBackend()
+
+
+class StateArray:
+    """Declaration of one state array (a class attribute of a state holder).
+
+    Parameters
+    ----------
+    axes : str
+        One letter per axis (module docstring).
+    dtype : numpy dtype or None
+        None: the structure's storage dtype (float32 or float64).
+    device : bool, keyword-only
+        True: on the backend's device; False: host numpy (bookkeeping).
+    float64_copy_of : str, keyword-only
+        This array is the float64 working copy of that array: the same array when
+        the storage dtype is float64, a separate float64 one otherwise.
+
+    The holder's instance attribute of the same name is a view of the live part of
+    the buffer (this non-data descriptor only answers on the class).
+    """
+
+    def __init__(self, axes: str, dtype: Any = None, *, device: bool = True, float64_copy_of: str = ""):
+        self.axes = axes
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.device = device
+        self.float64_copy_of = float64_copy_of
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self
+        raise AttributeError(f"state array {self.name!r} is not allocated")
+
+    def resolved_dtype(self, storage_dtype: np.dtype) -> np.dtype:
+        return storage_dtype if self.dtype is None else self.dtype
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[axis] for axis in self.axes)
+
+
+def declared_arrays(holder: type) -> dict[str, StateArray]:
+    """The :class:`StateArray` declarations of a holder class, base classes first."""
+    found: dict[str, StateArray] = {}
+    for klass in reversed(holder.__mro__):
+        found.update({k: v for k, v in vars(klass).items() if isinstance(v, StateArray)})
+    return found
+
+
+class AttentionState:
+    """All arrays and numbers of one structure, in growable buffers.
+
+    Runtime complexity: construction O(size); :meth:`resize` amortized O(1) per
+    added row (capacity doubles); :meth:`export` O(size).
+    """
+
+    # -- inputs, in the storage dtype, and their float64 working copies --------------
+    Q = StateArray("Hnd")  # queries
+    K = StateArray("Hmd")  # keys
+    V = StateArray("Hme")  # values
+    Q64 = StateArray("Hnd", np.float64, float64_copy_of="Q")
+    K64 = StateArray("Hmd", np.float64, float64_copy_of="K")
+    V64 = StateArray("Hme", np.float64, float64_copy_of="V")
+    Q64_T = StateArray("Hdn", np.float64)  # Q64 transposed: one key's logits are k @ Q64_T
+    q_norm = StateArray("Hn", np.float64)  # |Q_i|
+    # -- the snapshot as of the last fold (float64) ----------------------------------
+    mu = StateArray("Hn", np.float64)  # row stabilizers: weights are exp(logit - mu)
+    Z = StateArray("Hn", np.float64)  # A0 1
+    N = StateArray("Hne", np.float64)  # A0 (V0 / value_unit)
+    drift = StateArray("Hn", np.float64)  # bound on the rounding error accumulated in N and Z
+    # -- pending rows: weights and values as folded (old) and as they are now (new) --
+    pending_new_columns = StateArray("HSn", np.float64)
+    pending_old_columns = StateArray("HSn", np.float64)
+    pending_new_values = StateArray("HSe", np.float64)  # in value units
+    pending_old_values = StateArray("HSe", np.float64)
+    pending_rows = StateArray("S", np.int64, device=False)  # key/value row of each slot
+    key_changed = StateArray("S", bool, device=False)
+    value_changed = StateArray("S", bool, device=False)
+    column_error = StateArray("HS", np.float64, device=False)  # relative error of each new column
+    column_max = StateArray("HS", np.float64, device=False)  # upper bound of each new column
+    # -- masks and positions -----------------------------------------------------------
+    query_pos = StateArray("n", np.int64, device=False)
+    key_pos = StateArray("m", np.int64, device=False)
+    key_visible = StateArray("m", bool, device=False)
+    visible_keys = StateArray("n", np.int64, device=False)  # how many keys each query row sees
+    # -- certificate bookkeeping (docs/accuracy.md) ---------------------------------------
+    refreshed_slots = StateArray("Hn", np.int64, device=False)  # slots set by the row's last refresh
+    k_norms = StateArray("Hm", np.float64, device=False)  # upper bounds of |K_c|
+    q_col_absmax = StateArray("Hd", np.float64, device=False)  # upper bound of max_i |Q[i, j]|
+    value_max = StateArray("He", np.float64, device=False)  # max|V[:, j]| (exact unless stale)
+    value_max_stale = StateArray("He", bool, device=False)
+    value_scale = StateArray("He", np.float64, device=False)  # largest |V[c, j]| since a full refresh
+    value_unit = StateArray("He", np.float64, device=False)  # power of two <= value_scale
+
+    #: Numbers saved with the arrays, with their types (checked by :meth:`_check` to be
+    #: exactly the public non-array attributes, so none can be forgotten).
+    SCALARS: dict[str, type] = {
+        "t": int,
+        "threshold": int,
+        "next_position": int,
+        "k_norm_max": float,
+        "q_norm_max": float,
+        "all_keys_visible": bool,
+    }
+
+    def __init__(self, xp: Any, dtype: np.dtype, sizes: dict[str, int], storage: Any):
+        self._xp = xp
+        self._dtype = np.dtype(dtype)
+        self._storage = storage
+        #: current sizes of every axis, and allocated sizes of the growable ones
+        self.sizes = dict(sizes)
+        self._capacity = {axis: self.sizes[axis] for axis in GROWABLE}
+        self.t = 0  # pending rows (slots 0..t-1 are in use)
+        self.threshold = 1  # t that triggers a fold: ceil(m**tau)
+        self.next_position = 0  # position (causal mask) of the next appended token
+        self.k_norm_max = 0.0  # upper bound of every |K_c| (does not decrease between full refreshes)
+        self.q_norm_max = 0.0
+        self.all_keys_visible = True
+        self.slot_of: dict[int, int] = {}  # key/value row -> its pending slot
+        self.stats = dict.fromkeys(STAT_NAMES, 0)
+        self._buffers: dict[str, tuple[Any, StateArray, Any]] = {}
+        for key, owner, spec in self._declarations():
+            self._buffers[key] = (owner, spec, self._zeros(spec, spec.shape(self.sizes)))
+        self._reslice()
+
+    # ------------------------------------------------------------------ layout
+    def _declarations(self) -> list[tuple[str, Any, StateArray]]:
+        """(key, owner, declaration) of every array that has a buffer of its own; the key is
+        the name, prefixed ``storage.`` for the storage strategy's arrays."""
+        out = []
+        for prefix, owner in (("", self), ("storage.", self._storage)):
+            for name, spec in declared_arrays(type(owner)).items():
+                if spec.float64_copy_of and self._dtype == np.float64:
+                    continue  # the same array as its source
+                out.append((prefix + name, owner, spec))
+        return out
+
+    @classmethod
+    def expected_arrays(
+        cls, sizes: dict[str, int], dtype: np.dtype, storage_class: type
+    ) -> dict[str, tuple[str, tuple[int, ...], np.dtype]]:
+        """Name -> (axes, shape, dtype) of every array :meth:`export` writes for these sizes."""
+        out = {}
+        for prefix, holder in (("", cls), ("storage.", storage_class)):
+            for name, spec in declared_arrays(holder).items():
+                if spec.float64_copy_of and np.dtype(dtype) == np.float64:
+                    continue
+                out[prefix + name] = (spec.axes, spec.shape(sizes), spec.resolved_dtype(np.dtype(dtype)))
+        return out
+
+    def _zeros(self, spec: StateArray, shape: tuple[int, ...]) -> Any:
+        zeros = self._xp.zeros if spec.device else np.zeros
+        return zeros(shape, spec.resolved_dtype(self._dtype))
+
+    def _reslice(self) -> None:
+        """Point every declared attribute at the live part of its buffer."""
+        for owner, spec, buffer in self._buffers.values():
+            owner.__dict__[spec.name] = buffer[tuple(slice(0, self.sizes[a]) for a in spec.axes)]
+        if self._dtype == np.float64:
+            for name, spec in declared_arrays(type(self)).items():
+                if spec.float64_copy_of:
+                    self.__dict__[name] = self.__dict__[spec.float64_copy_of]
+
+    def resize(self, **sizes: int) -> None:
+        """Set the sizes of growable axes, doubling buffers that are too small."""
+        grow = {a: max(s, 2 * self._capacity[a]) for a, s in sizes.items() if s > self._capacity[a]}
+        if grow:
+            self._capacity.update(grow)
+            allocated = {**self.sizes, **self._capacity}
+            for key, (owner, spec, buffer) in self._buffers.items():
+                if any(a in grow for a in spec.axes):
+                    bigger = self._zeros(spec, spec.shape(allocated))
+                    bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
+                    self._buffers[key] = (owner, spec, bigger)
+        self.sizes.update(sizes)
+        self._reslice()
+
+    def remove_index(self, axis: str, index: int) -> None:
+        """Delete entry ``index`` of ``axis`` from every array (later entries move down one)."""
+        for owner, spec, _buffer in self._buffers.values():
+            if axis in spec.axes:
+                ops = self._xp if spec.device else HOST
+                view = ops.move_to_front(owner.__dict__[spec.name], spec.axes.index(axis))
+                view[index:-1] = ops.copy(view[index + 1 :])
+        self.resize(**{axis: self.sizes[axis] - 1})
+
+    def sync_float64_copies(self, **where: Any) -> None:
+        """Refresh the float64 copies of Q/K/V at ``where`` (no-op for float64 storage)."""
+        if self._dtype == np.float64:
+            return
+        for letter, index in where.items():
+            self.__dict__[f"{letter}64"][:, index] = self.__dict__[letter][:, index]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (including spare capacity)."""
+        return int(sum(self._xp.nbytes(buffer) for _, _, buffer in self._buffers.values()))
+
+    # ------------------------------------------------------------------ export / restore
+    def export(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Host copies of every array (storage arrays prefixed ``storage.``) and the numbers:
+        ``SCALARS``, ``sizes``, ``slot_of`` and ``stats``."""
+        arrays = {}
+        for key, (owner, spec, _buffer) in self._buffers.items():
+            arrays[key] = np.array(self._xp.to_numpy(owner.__dict__[spec.name]))
+        numbers = {name: getattr(self, name) for name in self.SCALARS}
+        numbers.update(sizes=dict(self.sizes), slot_of=dict(self.slot_of), stats=dict(self.stats))
+        return arrays, numbers
+
+    @classmethod
+    def restore(
+        cls, xp: Any, dtype: np.dtype, storage: Any, arrays: dict[str, np.ndarray], numbers: dict[str, Any]
+    ) -> AttentionState:
+        """A state holding ``arrays`` and ``numbers`` as written by :meth:`export`
+        (checked by the caller: :mod:`dynattn.persistence`)."""
+        state = cls.__new__(cls)
+        state._xp, state._dtype, state._storage = xp, np.dtype(dtype), storage
+        state.sizes = dict(numbers["sizes"])
+        state._capacity = {axis: state.sizes[axis] for axis in GROWABLE}
+        for name, kind in cls.SCALARS.items():
+            setattr(state, name, kind(numbers[name]))
+        state.slot_of = {int(c): int(s) for c, s in numbers["slot_of"].items()}
+        state.stats = {name: int(numbers["stats"][name]) for name in STAT_NAMES}
+        state._buffers = {}
+        for key, owner, spec in state._declarations():
+            array = arrays[key]
+            state._buffers[key] = (owner, spec, xp.asarray(array) if spec.device else np.array(array))
+        state._reslice()
+        return state
+
+    def on_backend(self, xp: Any, storage: Any) -> AttentionState:
+        """A copy whose device arrays live on backend ``xp`` (host arrays copied too)."""
+        twin = copy.copy(self)
+        twin._xp, twin._storage = xp, storage
+        twin.slot_of, twin.stats, twin.sizes = dict(self.slot_of), dict(self.stats), dict(self.sizes)
+        twin._buffers = {}
+        for key, (owner, spec, buffer) in self._buffers.items():
+            moved = xp.asarray(self._xp.to_numpy(buffer)) if spec.device else buffer.copy()
+            twin._buffers[key] = (twin if owner is self else storage, spec, moved)
+        twin._reslice()
+        return twin
+
+    def check_fields(self) -> None:
+        """Assert that every array is a live view of its buffer and that the public numbers
+        are exactly the declared ones (so a new field cannot be left out of a snapshot)."""
+        for key, (owner, spec, buffer) in self._buffers.items():
+            view = owner.__dict__[spec.name]
+            assert tuple(view.shape) == spec.shape(self.sizes), (key, view.shape, self.sizes)
+            assert self._xp.shares_memory(view, buffer), f"{key} was rebound instead of written in place"
+        arrays = set(declared_arrays(type(self)))
+        public = {k for k in vars(self) if not k.startswith("_")} - arrays
+        assert public == {*self.SCALARS, "sizes", "slot_of", "stats"}, public
+        for name, kind in self.SCALARS.items():
+            assert type(getattr(self, name)) is kind, (name, type(getattr(self, name)))
+
+
+#: Counters of ``DynamicAttention.stats``.
+STAT_NAMES = (
+    "folds",
+    "rows_refreshed",
+    "query_fallbacks",
+    "full_refreshes",
+    "rows_rescaled",
+    "fresh_columns",
+)
