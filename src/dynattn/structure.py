@@ -198,7 +198,7 @@ class DynamicAttention(ValidatedInputs):
         s.q_norm_max = float(q_norm.max())
         s.k_norms[...] = cert.norms(given[1])
         s.k_norm_max = float(s.k_norms.max())
-        self._check_logit_range("K", s.k_norm_max)
+        self._guard_key_norm("K", s.k_norm_max)
         s.key_visible[...] = visible
         s.all_keys_visible = bool(visible.all())
         s.query_pos[...] = np.arange(n)
@@ -256,7 +256,7 @@ class DynamicAttention(ValidatedInputs):
         Runtime complexity: O(n) amortized plus the fold's 2*n*e flops per
         pending row (dense storage); O(n*d) on a row's first touch (implicit).
         """
-        h = self._check_head(head)
+        h = self._head_index(head)
         i = check_index("i", i, self.m, axis="key rows, m")
         j = check_index("j", j, self.d, axis="key columns, d")
         self._apply_k(h, i, j, self._checked_sum("delta", self._state.K[h, i, j], delta, "K"))
@@ -266,7 +266,7 @@ class DynamicAttention(ValidatedInputs):
 
         Runtime complexity: O(1) (O(H*n) or O(H*n*d) on a row's first touch), plus the fold.
         """
-        h = self._check_head(head)
+        h = self._head_index(head)
         i = check_index("i", i, self.m, axis="value rows, m")
         j = check_index("j", j, self.e, axis="value columns, e")
         self._apply_v(h, i, j, self._checked_sum("delta", self._state.V[h, i, j], delta, "V"))
@@ -276,7 +276,7 @@ class DynamicAttention(ValidatedInputs):
 
         Runtime complexity: O(t); O(m*(d+e)) when certification falls back.
         """
-        h = self._check_head(head)
+        h = self._head_index(head)
         i = check_index("i", i, self.n, axis="query rows, n")
         j = check_index("j", j, self.e, axis="output columns, e")
         return float(self._answer_entry(h, i, j))
@@ -300,7 +300,7 @@ class DynamicAttention(ValidatedInputs):
         old = float(s.K64[h, c, j])
         new = float(new_value)
         row_norm = cert.updated_norm(float(s.k_norms[h, c]), old, new)
-        self._check_logit_range("delta", row_norm)
+        self._guard_key_norm("delta", row_norm)
         slot = self._slot_for(c)
         s.K[h, c, j] = new
         s.K64[h, c, j] = new
@@ -457,7 +457,7 @@ class DynamicAttention(ValidatedInputs):
             raise ValueError(
                 f"rows and cols: expected the same length, got {rows.shape[0]} and {cols.shape[0]}"
             )
-        head_index = self._check_heads(heads, rows.size)
+        head_index = self._head_indices(heads, rows.size)
         return self._xp.astype(self._answer_entries(head_index, rows, cols), self._output_dtype)
 
     def output(self) -> np.ndarray:
@@ -477,7 +477,7 @@ class DynamicAttention(ValidatedInputs):
         plus the rounding of answers returned in the output dtype. 0 for a row
         that sees no key. Runtime complexity: O(t + e).
         """
-        h = self._check_head(head)
+        h = self._head_index(head)
         i = check_index("i", i, self.n, axis="query rows, n")
         s = self._state
         if s.visible_keys[i] == 0:
@@ -670,7 +670,7 @@ class DynamicAttention(ValidatedInputs):
         Runtime complexity: O(H*n*d) (one column of scores per head), plus the fold.
         """
         c = check_index("c", c, self.m, axis="key rows, m")
-        k = self._checked_key_row("k", k)
+        k = self._valid_key_row("k", k)
         self._apply_key_row(c, k)
         self._fold_if_full()
 
@@ -680,7 +680,7 @@ class DynamicAttention(ValidatedInputs):
         Runtime complexity: O(H*e) (O(H*n) or O(H*n*d) on a row's first touch), plus the fold.
         """
         c = check_index("c", c, self.m, axis="value rows, m")
-        v = self._checked_row("v", v, self.e).reshape(self._H, self.e)
+        v = self._valid_row("v", v, self.e).reshape(self._H, self.e)
         self._apply_value_row(c, v)
         self._fold_if_full()
 
@@ -690,7 +690,7 @@ class DynamicAttention(ValidatedInputs):
         Runtime complexity: O(H*m*(d+e)).
         """
         i = check_index("i", i, self.n, axis="query rows, n")
-        q = self._checked_query_row("q", q)
+        q = self._valid_query_row("q", q)
         self._apply_query_row(i, q)
 
     def set_token(self, i: int, q: Any = None, k: Any = None, v: Any = None) -> None:
@@ -705,9 +705,9 @@ class DynamicAttention(ValidatedInputs):
             i = check_index("i", i, self.m, axis="key/value rows, m")
         if q is not None:
             i = check_index("i", i, self.n, axis="query rows, n")
-        q_row = None if q is None else self._checked_query_row("q", q)
-        k_row = None if k is None else self._checked_key_row("k", k)
-        v_row = None if v is None else self._checked_row("v", v, self.e).reshape(self._H, self.e)
+        q_row = None if q is None else self._valid_query_row("q", q)
+        k_row = None if k is None else self._valid_key_row("k", k)
+        v_row = None if v is None else self._valid_row("v", v, self.e).reshape(self._H, self.e)
         if k_row is not None:
             self._apply_key_row(i, k_row)
         if v_row is not None:
@@ -731,10 +731,10 @@ class DynamicAttention(ValidatedInputs):
             raise ValueError("append: expected q, or k and v, or all three; got none")
         if self._causal and (q is None or k is None):
             raise ValueError("append: a causal structure appends whole tokens; expected q, k and v")
-        q_row = None if q is None else self._checked_query_row("q", q)
+        q_row = None if q is None else self._valid_query_row("q", q)
         if k is not None:
-            k_row = self._checked_key_row("k", k)
-            v_row = self._checked_row("v", v, self.e).reshape(self._H, self.e)
+            k_row = self._valid_key_row("k", k)
+            v_row = self._valid_row("v", v, self.e).reshape(self._H, self.e)
         s = self._state
         position = s.next_position
         s.next_position += 1
@@ -1161,8 +1161,8 @@ class DynamicAttention(ValidatedInputs):
         self._after_resize()
         return self
 
-    # ================================================================== validation helpers
-    def _check_head(self, head: Any) -> int:
+    # ================================================================== argument validation and range guards
+    def _head_index(self, head: Any) -> int:
         """The flat head index named by ``head=``.
 
         Without a head axis: None or the integer index 0. With one: an integer
@@ -1197,7 +1197,7 @@ class DynamicAttention(ValidatedInputs):
             return int(np.ravel_multi_index(parts, self.batch_shape))
         return check_index("head", head, self._H, axis=f"flattened leading axes {self.batch_shape}")
 
-    def _check_heads(self, heads: Any, size: int) -> np.ndarray:
+    def _head_indices(self, heads: Any, size: int) -> np.ndarray:
         """``heads=`` as an int64 array of ``size`` flat head indices (None: head 0, without a head axis)."""
         if heads is None:
             if self.batch_shape:
@@ -1211,26 +1211,26 @@ class DynamicAttention(ValidatedInputs):
             raise ValueError(f"heads: expected {size} head indices, got {heads.size}")
         return heads
 
-    def _checked_row(self, name: str, value: Any, width: int) -> np.ndarray:
+    def _valid_row(self, name: str, value: Any, width: int) -> np.ndarray:
         """A validated host copy of a row argument (one row per head)."""
         return check_rows(name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width))
 
-    def _checked_key_row(self, name: str, value: Any) -> np.ndarray:
+    def _valid_key_row(self, name: str, value: Any) -> np.ndarray:
         """A validated key row ``(H, d)`` whose logits stay in float64's range."""
-        k = self._checked_row(name, value, self.d).reshape(self._H, self.d)
-        self._check_logit_range(name, float(cert.norms(k).max()))
+        k = self._valid_row(name, value, self.d).reshape(self._H, self.d)
+        self._guard_key_norm(name, float(cert.norms(k).max()))
         return k
 
-    def _checked_query_row(self, name: str, value: Any) -> np.ndarray:
+    def _valid_query_row(self, name: str, value: Any) -> np.ndarray:
         """A validated query row ``(H, d)`` whose logits stay in float64's range."""
-        q = self._checked_row(name, value, self.d).reshape(self._H, self.d)
-        self._check_reach(name, float(cert.norms(q).max()), self._state.k_norm_max)
+        q = self._valid_row(name, value, self.d).reshape(self._H, self.d)
+        self._guard_logit_reach(name, float(cert.norms(q).max()), self._state.k_norm_max)
         return q
 
-    def _check_logit_range(self, name: str, k_norm: float) -> None:
-        self._check_reach(name, self._state.q_norm_max, k_norm)
+    def _guard_key_norm(self, name: str, k_norm: float) -> None:
+        self._guard_logit_reach(name, self._state.q_norm_max, k_norm)
 
-    def _check_reach(self, name: str, q_norm: float, k_norm: float) -> None:
+    def _guard_logit_reach(self, name: str, q_norm: float, k_norm: float) -> None:
         """Reject inputs whose dot products ``q.k`` or logits ``scale*q.k`` could leave
         float64's range (a zero norm gives exact zeros, whatever the other norm is)."""
         reach = 0.0 if q_norm == 0 or k_norm == 0 else q_norm * k_norm * max(1.0, abs(self._scale))
@@ -1247,15 +1247,15 @@ class DynamicAttention(ValidatedInputs):
         Runtime complexity: that of ``len(rows)`` single updates, without their
         per-call validation.
         """
-        for h, c, j, new in self._checked_batch("K", rows, cols, deltas, heads, self.d):
+        for h, c, j, new in self._valid_batch("K", rows, cols, deltas, heads, self.d):
             self._apply_k(h, c, j, new)
 
     def update_v_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
         """``V[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order (all-or-nothing)."""
-        for h, c, j, new in self._checked_batch("V", rows, cols, deltas, heads, self.e):
+        for h, c, j, new in self._valid_batch("V", rows, cols, deltas, heads, self.e):
             self._apply_v(h, c, j, new)
 
-    def _checked_batch(
+    def _valid_batch(
         self, target: str, rows: Any, cols: Any, deltas: Any, heads: Any, width: int
     ) -> list[tuple[int, int, int, Any]]:
         """Validate a batch of entry updates; return ``[(h, c, j, new_value), ...]`` to apply."""
@@ -1266,7 +1266,7 @@ class DynamicAttention(ValidatedInputs):
             raise ValueError(
                 f"rows, cols, deltas: expected equal lengths, got {rows.shape}, {cols.shape}, {values.shape}"
             )
-        heads = self._check_heads(heads, rows.size)
+        heads = self._head_indices(heads, rows.size)
         if values.size and not (
             np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
         ):
@@ -1288,7 +1288,7 @@ class DynamicAttention(ValidatedInputs):
             where = np.searchsorted(touched, rows)
             for (h, _c, j, new), w in zip(plan, where, strict=True):
                 trial[h, w, j] = float(new)
-            self._check_logit_range("deltas", float(cert.norms(trial).max()))
+            self._guard_key_norm("deltas", float(cert.norms(trial).max()))
         return plan
 
     # ================================================================== invariants
