@@ -1,4 +1,4 @@
-"""Certified accuracy (SPEC section 3): adversarial workloads and a long soak.
+"""Certified accuracy (docs/accuracy.md): adversarial workloads and a long soak.
 
 Every answer is compared with the float64 reference (extended precision where
 the logits are so large that float64 rounding of the logit itself matters), with
@@ -373,3 +373,17 @@ def test_error_bound_is_never_nan():
     assert att.query(1, 0) == 1.0
     with pytest.raises(ValueError, match="dot products"):
         att.set_query(0, np.full(2, 1e200))  # q.k would overflow float64
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_append_whose_key_moves_a_stabilizer_beyond_a_subnormal_factor(storage, tau):
+    """A logit jump of 800 recomputes the row in the middle of ``append``: the appended
+    row is pending with folded values 0 and must not be counted twice."""
+    att = DynamicAttention(
+        np.array([[1.0], [-1.0]]), np.array([[0.0]]), np.array([[1.0, 2.0]]), tau=tau, storage=storage
+    )
+    att.append(k=np.array([800.0]), v=np.array([5.0, -3.0]))
+    att._check()
+    np.testing.assert_allclose(as_numpy(att.output()), [[5.0, -3.0], [1.0, 2.0]], rtol=1e-12)
+    assert att.query(0, 0) == pytest.approx(5.0, rel=1e-12)

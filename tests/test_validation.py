@@ -1,5 +1,6 @@
 """Bad input: a clear error naming the argument, and nothing changed."""
 
+import math
 import re
 
 import numpy as np
@@ -7,9 +8,13 @@ import pytest
 
 from conftest import assert_same_state, state_of
 from dynattn import DynamicAttention
+from dynattn._validation import check_choice, check_scalar, format_interval
 from dynattn.baselines import BASELINES
-from dynattn.hardness import HintedMvViaAttention
+from dynattn.hardness import HintedMvViaAttention, max_hint_nonzeros
+from dynattn.progress import make_progress
+from dynattn.sweep import BenchConfig, resolve_dtype
 from dynattn.testing import as_numpy, random_problem
+from dynattn.theory import omega_rect, query_exponent, update_exponent
 
 IMPLEMENTATIONS = {"dynamic": DynamicAttention, **BASELINES}
 
@@ -462,3 +467,67 @@ def test_hardness_check_flag_follows_the_policy():
     HintedMvViaAttention(M, M, tau=0.5, check=np.False_)
     with pytest.raises(TypeError, match="^check: expected True or False"):
         HintedMvViaAttention(M, M, tau=0.5, check=1)
+
+
+# ---------------------------------------------------------------------- scalars and names
+@pytest.mark.parametrize(
+    "boundaries, interval, inside, outside",
+    [
+        ("both", "[0, 1]", [0, 0.5, 1], [-0.1, 1.1]),
+        ("left", "[0, 1)", [0, 0.5], [1, -1e-300]),
+        ("right", "(0, 1]", [1, 1e-300], [0, 1.5]),
+        ("neither", "(0, 1)", [0.5], [0, 1]),
+    ],
+)
+def test_check_scalar_states_the_interval(boundaries, interval, inside, outside):
+    for value in inside:
+        assert check_scalar("x", value, low=0, high=1, include_boundaries=boundaries) == value
+    for value in outside:
+        with pytest.raises(ValueError, match=f"^x: expected a number in {re.escape(interval)}, got"):
+            check_scalar("x", value, low=0, high=1, include_boundaries=boundaries)
+
+
+def test_check_scalar_half_bounded_and_kinds():
+    assert check_scalar("x", np.float32(2.5), low=0) == 2.5
+    assert type(check_scalar("x", np.int64(3))) is float
+    with pytest.raises(ValueError, match=r"^x: expected a number in \[2, inf\), got 1$"):
+        check_scalar("x", 1, low=2)
+    with pytest.raises(ValueError, match=r"^x: expected a number in \(-inf, 0\.5\], got 0\.75$"):
+        check_scalar("x", 0.75, high=0.5)
+    with pytest.raises(ValueError, match=r"^x: expected a number in \(0\.6931471805599453, 1000000\]"):
+        check_scalar("x", 0.5, low=math.log(2), high=1e6, include_boundaries="right")
+    for bad in (float("nan"), float("inf"), -np.inf):
+        with pytest.raises(ValueError, match="^x: expected a finite number"):
+            check_scalar("x", bad, low=0)
+    for bad in (True, np.True_, "1", None, [1.0], 1j):
+        with pytest.raises(TypeError, match="^x: expected a real number"):
+            check_scalar("x", bad)
+    with pytest.raises(ValueError, match="^include_boundaries: expected one of 'both', 'left', 'right'"):
+        check_scalar("x", 1, low=0, include_boundaries="closed")
+    assert format_interval(None, None) == "(-inf, inf)"
+
+
+def test_check_choice_lists_the_names():
+    assert check_choice("storage", "dense", {"dense": 1, "implicit": 2}) == "dense"
+    for bad in ("sparse", None, 1, "Dense"):
+        with pytest.raises(ValueError, match="^storage: expected one of 'dense', 'implicit', got "):
+            check_choice("storage", bad, {"dense": 1, "implicit": 2})
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: omega_rect(2.5), ValueError, r"^k: expected a number in \[0, 2\], got 2\.5"),
+        (lambda: omega_rect(0.5, "nope"), ValueError, "^table: expected one of 'best', "),
+        (lambda: update_exponent(0.5, "fast"), ValueError, "^multiplication: expected one of "),
+        (lambda: query_exponent(1.5), ValueError, r"^tau: expected a number in \[0, 1\]"),
+        (lambda: query_exponent(0.5, "tight"), ValueError, "^bound: expected one of 'structure', 'paper'"),
+        (lambda: max_hint_nonzeros(4, 0), ValueError, r"^tau: expected a number in \(0, 1\], got 0$"),
+        (lambda: make_progress(3, "fancy"), ValueError, "^mode: expected one of 'auto', 'rich'"),
+        (lambda: resolve_dtype("float16"), ValueError, "^dtype: expected one of 'float64', 'float32'"),
+        (lambda: BenchConfig.preset(regime="gpu"), ValueError, "^regime: expected one of 'paper', 'llm'"),
+    ],
+)
+def test_module_functions_use_the_shared_checks(call, error, message):
+    with pytest.raises(error, match=message):
+        call()

@@ -1,12 +1,15 @@
-"""The interface shared by :class:`~dynattn.DynamicAttention` and the baselines.
+"""Validated inputs: the one constructor behind every attention implementation.
 
-:class:`AttentionMaintainer` validates every argument at the public boundary
-and then calls a private ``_apply_*`` / ``_answer_*`` method that subclasses
-implement. Subclasses therefore never see bad input, and a rejected call can
-never leave a half-applied change behind.
+:class:`ValidatedInputs` checks ``Q``, ``K``, ``V``, ``scale``, ``dtype`` and the
+backend once, at the public boundary, and holds the validated arrays with their
+read-only accessors. It has no update or query methods: the public operations
+belong to the implementations, :class:`~dynattn.DynamicAttention` and the
+baselines' own base in :mod:`dynattn.baselines`, and what they share is
+described by the :class:`~dynattn.interface.AttentionMaintainer` protocol.
 
-Notation (SPEC section 1): ``Q: (n, d)``, ``K: (m, d)``, ``V: (m, e)``,
-``A = exp(scale * Q K^T)``, ``O = D^-1 A V`` with ``D = diag(A 1)``.
+Notation (van den Brand, Song and Zhou, arXiv 2304.02207; README.md):
+``Q: (n, d)``, ``K: (m, d)``, ``V: (m, e)``, ``A = exp(scale * Q K^T)``,
+``O = D^-1 A V`` with ``D = diag(A 1)``.
 """
 
 from __future__ import annotations
@@ -16,18 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from dynattn._validation import (
-    check_dtype,
-    check_index,
-    check_index_array,
-    check_matrix,
-    check_scalar,
-)
+from dynattn._validation import check_dtype, check_matrix, check_scalar
 from dynattn.backends import resolve_backend
 
 
-class AttentionMaintainer:
-    """Common constructor, validation and read-only accessors.
+class ValidatedInputs:
+    """Validated ``Q``, ``K``, ``V`` and options, with read-only accessors.
 
     Parameters
     ----------
@@ -72,20 +69,25 @@ class AttentionMaintainer:
         self._dtype = check_dtype(dtype)
         #: dtype of the arrays handed back (the storage dtype, or a torch half dtype)
         self._output_dtype = output_dtype if output_dtype is not None else xp.storage_dtype(self._dtype)
-        self._Q = check_matrix("Q", Q, dtype=self._dtype, batch=None if self._batched else ())
-        batch = self._Q.shape[:-2]
-        n, d = self._Q.shape[-2:]
-        self._K = check_matrix(
-            "K", K, dtype=self._dtype, cols=d, col_name="columns (d, as Q has)", batch=batch
-        )
-        m = self._K.shape[-2]
-        self._V = check_matrix("V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)", batch=batch)
+        queries = check_matrix("Q", Q, dtype=self._dtype, batch=None if self._batched else ())
+        batch = queries.shape[:-2]
+        n, d = queries.shape[-2:]
+        keys = check_matrix("K", K, dtype=self._dtype, cols=d, col_name="columns (d, as Q has)", batch=batch)
+        m = keys.shape[-2]
+        values = check_matrix("V", V, dtype=self._dtype, rows=m, row_name="rows (m, as K has)", batch=batch)
+        #: the inputs: host numpy arrays here; subclasses may replace them with backend arrays
+        self._Q: Any = queries
+        self._K: Any = keys
+        self._V: Any = values
         #: leading head/batch axes (``()`` for a single head)
         self.batch_shape: tuple[int, ...] = batch
         self._scale = check_scalar("scale", scale)
         self._dtype_max = float(np.finfo(self._dtype).max)
-        self.n, self.d = n, d
-        self.m, self.e = m, self._V.shape[-1]
+        #: sizes: n queries, m keys, key width d, value width e
+        self.n: int = n
+        self.d: int = d
+        self.m: int = m
+        self.e: int = values.shape[-1]
 
     # ------------------------------------------------------------------ accessors
     @property
@@ -117,62 +119,6 @@ class AttentionMaintainer:
     def scale(self) -> float:
         """Softmax scale ``s``."""
         return self._scale
-
-    # ------------------------------------------------------------------ paper operations
-    def update_k(self, i: int, j: int, delta: float) -> None:
-        """Paper's UpdateK: ``K[i, j] += delta``."""
-        i = check_index("i", i, self.m, axis="key rows, m")
-        j = check_index("j", j, self.d, axis="key columns, d")
-        new = self._checked_sum("delta", float(self._K[i, j]), delta, "K")
-        self._apply_k(i, j, new)
-
-    def update_v(self, i: int, j: int, delta: float) -> None:
-        """Paper's UpdateV: ``V[i, j] += delta``."""
-        i = check_index("i", i, self.m, axis="value rows, m")
-        j = check_index("j", j, self.e, axis="value columns, e")
-        new = self._checked_sum("delta", float(self._V[i, j]), delta, "V")
-        self._apply_v(i, j, new)
-
-    def query(self, i: int, j: int) -> float:
-        """Paper's Query: ``O[i, j]`` as a Python float."""
-        i = check_index("i", i, self.n, axis="query rows, n")
-        j = check_index("j", j, self.e, axis="output columns, e")
-        return float(self._answer_entry(i, j))
-
-    def query_row(self, i: int) -> Any:
-        """``O[i, :]`` as a new ``(e,)`` array of the structure's dtype."""
-        i = check_index("i", i, self.n, axis="query rows, n")
-        return self._xp.astype(self._answer_rows(np.array([i]))[0], self._output_dtype)
-
-    def query_many(self, rows: Any, cols: Any) -> np.ndarray:
-        """``O[rows[k], cols[k]]`` for every k, as a new ``(len(rows),)`` array."""
-        rows = check_index_array("rows", rows, self.n, axis="query rows, n")
-        cols = check_index_array("cols", cols, self.e, axis="output columns, e")
-        if rows.shape != cols.shape:
-            raise ValueError(
-                f"rows and cols: expected the same length, got {rows.shape[0]} and {cols.shape[0]}"
-            )
-        return self._xp.astype(self._answer_entries(rows, cols), self._output_dtype)
-
-    def output(self) -> np.ndarray:
-        """The whole attention output ``O: (n, e)``, as a new array."""
-        return self._xp.astype(self._answer_rows(np.arange(self.n)), self._output_dtype)
-
-    # ------------------------------------------------------------------ hooks
-    def _apply_k(self, i: int, j: int, new_value: Any) -> None:
-        raise NotImplementedError
-
-    def _apply_v(self, i: int, j: int, new_value: Any) -> None:
-        raise NotImplementedError
-
-    def _answer_entry(self, i: int, j: int) -> float:
-        return float(self._answer_entries(np.array([i]), np.array([j]))[0])
-
-    def _answer_entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
     def _checked_sum(self, name: str, current: Any, delta: Any, target: str) -> Any:

@@ -274,7 +274,7 @@ def write_plots(result: Mapping[str, Any], directory: str) -> list[str]:
     records = result["records"]
     machine = result.get("machine", {})
     rates = machine.get("gemm_gflops", {})
-    out = []
+    out: list[str] = []
     for regime in sorted({r["regime"] for r in records}):
         recs = [r for r in records if r["regime"] == regime]
         dtype = recs[0]["dtype"]

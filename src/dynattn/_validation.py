@@ -14,6 +14,11 @@ The policy, the same for every method:
   dimensions; negative indices are out of range, not wrapped;
 * index arrays: 1-D lists, numpy integer arrays or integer torch tensors
   (:func:`check_index_array`); never boolean masks or floats;
+* scalars (``scale``, ``tau``, ``delta``, ...): Python or numpy real numbers,
+  finite, within a stated interval written in bracket notation, ``[0, 1]`` or
+  ``(0, 1]`` (:func:`check_scalar`, after scikit-learn's); never bools or strings;
+* names (``storage``, ``backend``, ...): one of a registry's keys, and the
+  message lists them (:func:`check_choice`);
 * errors: TypeError for the wrong kind of value, IndexError for an index out
   of range, ValueError for a wrong shape or value.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -283,27 +289,137 @@ def check_index_array(name: str, value: Any, size: int, *, axis: str) -> np.ndar
     return array.astype(np.int64, copy=True)
 
 
-def check_scalar(name: str, value: Any, *, low: float | None = None, high: float | None = None) -> float:
-    """Return ``value`` as a finite Python float, optionally within ``[low, high]``."""
+#: Accepted ``include_boundaries`` values of :func:`check_scalar`: whether (low, high) are included.
+_CLOSED_ENDS = {
+    "both": (True, True),
+    "left": (True, False),
+    "right": (False, True),
+    "neither": (False, False),
+}
+BOUNDARIES = tuple(_CLOSED_ENDS)
+
+
+def check_scalar(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    include_boundaries: str = "both",
+) -> float:
+    """Return ``value`` as a finite Python float, optionally within an interval.
+
+    In the manner of scikit-learn's ``check_scalar``: one call states the
+    type, the finiteness and the range of a scalar argument, and the message
+    names the argument and the interval in bracket notation.
+
+    Parameters
+    ----------
+    name : str
+        Argument name, used in the message.
+    value : object
+        A real number: a Python int or float or a numpy integer or float
+        scalar. Bools and strings are rejected (no truthiness, no parsing).
+    low, high : float, optional
+        Bounds of the interval; None leaves that side unbounded.
+    include_boundaries : {"both", "left", "right", "neither"}
+        Which bounds belong to the interval: ``"both"`` is ``[low, high]``,
+        ``"left"`` ``[low, high)``, ``"right"`` ``(low, high]``, ``"neither"``
+        ``(low, high)``. An unbounded side is always open.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not a real number.
+    ValueError
+        When it is NaN or infinite (``"{name}: expected a finite number, got inf"``)
+        or outside the interval (``"{name}: expected a number in (0, 1], got 1.5"``).
+
+    Examples
+    --------
+    >>> check_scalar("tau", 0.5, low=0, high=1, include_boundaries="right")
+    0.5
+    >>> check_scalar("tau", 0.0, low=0, high=1, include_boundaries="right")
+    Traceback (most recent call last):
+    ...
+    ValueError: tau: expected a number in (0, 1], got 0.0
+    """
     if type(value) is float or type(value) is int:
         number = float(value)
     elif isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name}: expected a real number, got {_describe(value)}")
     else:
         number = float(value)
     if not math.isfinite(number):
         raise ValueError(f"{name}: expected a finite number, got {number!r}")
-    if low is not None and number < low or high is not None and number > high:
-        raise ValueError(f"{name}: expected a number in [{low}, {high}], got {number!r}")
+    if low is None and high is None and include_boundaries == "both":
+        return number  # the fast path of every entry update's delta
+    closed_low, closed_high = _closed_ends(include_boundaries)
+    below = low is not None and (number < low if closed_low else number <= low)
+    above = high is not None and (number > high if closed_high else number >= high)
+    if below or above:
+        interval = format_interval(low, high, include_boundaries)
+        shown = int(value) if isinstance(value, numbers.Integral) else number
+        raise ValueError(f"{name}: expected a number in {interval}, got {shown!r}")
     return number
 
 
-def check_choice(name: str, value: Any, choices: dict[str, Any] | tuple[str, ...]) -> str:
-    """Return ``value`` if it is one of ``choices`` (a registry's names), else raise ValueError."""
+def format_interval(low: float | None, high: float | None, include_boundaries: str = "both") -> str:
+    """The interval in bracket notation: ``format_interval(0, None) == "[0, inf)"``."""
+    closed_low, closed_high = _closed_ends(include_boundaries)
+    left = "-inf" if low is None else _format_bound(low)
+    right = "inf" if high is None else _format_bound(high)
+    opening = "[" if closed_low and low is not None else "("
+    closing = "]" if closed_high and high is not None else ")"
+    return f"{opening}{left}, {right}{closing}"
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise ValueError listing them.
+
+    Parameters
+    ----------
+    name : str
+        Argument name, used in the message.
+    value : object
+        The candidate; only a string equal to one of the names is accepted.
+    choices : iterable of str
+        The valid names: a registry (its keys) or a tuple.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    ValueError
+        ``"{name}: expected one of 'dense', 'implicit', 'auto', got 'sparse'"``.
+    """
     valid = tuple(choices)
     if not isinstance(value, str) or value not in valid:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, valid))}, got {value!r}")
     return value
+
+
+def _closed_ends(include_boundaries: str) -> tuple[bool, bool]:
+    """Whether the (low, high) ends are closed under ``include_boundaries``."""
+    ends = _CLOSED_ENDS.get(include_boundaries) if isinstance(include_boundaries, str) else None
+    if ends is None:
+        check_choice("include_boundaries", include_boundaries, BOUNDARIES)  # raises
+        raise AssertionError  # pragma: no cover
+    return ends
+
+
+def _format_bound(bound: float) -> str:
+    """A bound for messages: integral values without ``.0`` (``1``, ``1000000``), others as repr."""
+    number = float(bound)
+    if number.is_integer() and abs(number) < 1e16:
+        return str(int(number))
+    return repr(number)
 
 
 def _as_real_array(name: str, value: Any) -> np.ndarray:

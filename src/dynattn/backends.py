@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dynattn._validation import check_choice
+
 
 class NumpyBackend:
     """numpy arrays on the host (always available)."""
@@ -292,9 +294,7 @@ def resolve_backend(name: str | None, *arrays: Any, device: Any = None) -> Numpy
     ``None`` is the default set by :class:`use_backend` (``"auto"`` unless changed)."""
     if name is None:
         name = _default["name"]
-    if not isinstance(name, str) or (name not in BACKENDS and name != "auto"):
-        valid = ", ".join(repr(k) for k in (*BACKENDS, "auto"))
-        raise ValueError(f"backend: expected one of {valid}, got {name!r}")
+    check_choice("backend", name, (*BACKENDS, "auto"))
     tensors = [a for a in arrays if is_torch_tensor(a)]
     if name == "auto":
         name = "torch" if tensors else "numpy"

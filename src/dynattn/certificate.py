@@ -9,9 +9,9 @@ and why each term is there, is in ``docs/accuracy.md``)::
     |answer - exact| / max|V[:, j]|  <=  (rho_j + 1) * r / (1 - r)
 
 The functions below compute those terms once, for the scalar entry path and the
-vectorized row/batch paths alike: they take a ``where`` function (``xp.where``
-for arrays, :func:`scalar_where` for Python floats) so the same formula serves
-both. Value-scale bookkeeping (``rho_j``, the column units) lives here too.
+vectorized row/batch paths alike: given ``where=xp.where`` they work on arrays,
+given ``where=None`` on Python floats (the entry hot path, same formula with plain
+conditionals). Value-scale bookkeeping (``rho_j``, the column units) lives here too.
 """
 
 from __future__ import annotations
@@ -34,11 +34,6 @@ DRIFT_FRACTION = 0.5
 MAX_RELATIVE = 0.5
 
 Where = Callable[[Any, Any, Any], Any]
-
-
-def scalar_where(condition: Any, a: Any, b: Any) -> Any:
-    """``where`` for Python scalars (the entry hot path)."""
-    return a if condition else b
 
 
 def gamma(k: int) -> float:
@@ -88,10 +83,13 @@ def row_error(drift: Any, rate: float, mass: Any, underflow: float, mismatch: An
     return drift + rate * mass + underflow + mismatch
 
 
-def row_bound(error: Any, denominator: Any, where: Where) -> Any:
+def row_bound(error: Any, denominator: Any, where: Where | None) -> Any:
     """``r / (1 - r)`` with ``r = E / den``: multiplied by ``rho_j + 1`` it bounds the
     error relative to max|V[:, j]|. Infinite (not certifiable) when ``den <= 0`` or
-    ``r >= 1/2``."""
+    ``r >= 1/2``. ``where=None``: Python floats."""
+    if where is None:
+        relative = error / denominator if denominator > 0 else math.inf
+        return relative / (1 - relative) if relative < MAX_RELATIVE else math.inf
     positive = denominator > 0
     relative = where(positive, error / where(positive, denominator, 1.0), math.inf)
     certifiable = relative < MAX_RELATIVE
@@ -99,9 +97,12 @@ def row_bound(error: Any, denominator: Any, where: Where) -> Any:
     return where(certifiable, safe / (1 - safe), math.inf)
 
 
-def value_ratio(scale: Any, current: Any, where: Where) -> Any:
+def value_ratio(scale: Any, current: Any, where: Where | None) -> Any:
     """``rho_j = value_scale_j / max|V[:, j]|``: how much larger than today's values the
-    values summed into the snapshot may have been (1 for an all-zero column)."""
+    values summed into the snapshot may have been (1 for an all-zero column).
+    ``where=None``: Python floats."""
+    if where is None:
+        return scale / current if current > 0 else (math.inf if scale > 0 else 1.0)
     positive = current > 0
     ratio = scale / where(positive, current, 1.0)
     return where(positive, ratio, where(scale > 0, math.inf, 1.0))
@@ -133,6 +134,8 @@ def norms(x: Any) -> np.ndarray:
     """Euclidean norms along the last axis, without overflow or underflow of the squares."""
     x = np.asarray(x, dtype=np.float64)
     biggest = np.abs(x).max(axis=-1, keepdims=True, initial=0.0)
+    if biggest.size and biggest.max() < 1e150:  # no square can overflow (underflow only loses < 1e-150)
+        return np.sqrt(np.einsum("...d,...d->...", x, x))
     safe = np.where(biggest > 0, biggest, 1.0)
     scaled = x / safe
     return np.sqrt(np.einsum("...d,...d->...", scaled, scaled)) * safe[..., 0]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import fields, replace
 from typing import Any
 
+from dynattn._validation import check_choice, check_scalar
 from dynattn.baselines import BASELINES
 from dynattn.demo import DemoConfig
 from dynattn.progress import PROGRESS_KINDS
@@ -30,46 +31,50 @@ from dynattn.storage import STORAGES
 from dynattn.sweep import DTYPES, QUICK_SETTINGS, REGIMES, UPDATE_KINDS, BenchConfig
 
 
+def _argument(check: Any, *args: Any, **kwargs: Any) -> Any:
+    """``check(*args, **kwargs)`` (a :mod:`dynattn._validation` helper), its error as argparse's."""
+    try:
+        return check(*args, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or any(v < 2 for v in values):
-        raise argparse.ArgumentTypeError(f"expected sizes >= 2, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one size")
+    for v in values:
+        _argument(check_scalar, "each size", v, low=2)
     return values
 
 
-def _float_list(text: str, low: float | None = None, high: float | None = None) -> list[float]:
+def _float_list(name: str, text: str, low: float | None = None, high: float | None = None) -> list[float]:
     try:
         values = [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
-    for v in values:
-        if (low is not None and v < low) or (high is not None and v > high):
-            raise argparse.ArgumentTypeError(f"expected numbers in [{low}, {high}], got {v}")
-    return values
+    return [_argument(check_scalar, name, v, low=low, high=high) for v in values]
 
 
 def _taus(text: str) -> list[float]:
-    return _float_list(text, 0.0, 1.0)
+    return _float_list("each tau", text, 0.0, 1.0)
 
 
 def _mixes(text: str) -> list[float]:
-    return _float_list(text, 0.0, None)
+    return _float_list("each mix", text, 0.0, None)
 
 
-def _choices_list(choices: Sequence[str]) -> Any:
+def _choices_list(name: str, choices: Sequence[str]) -> Any:
     def parse(text: str) -> list[str]:
         values = [x for x in text.replace(" ", "").split(",") if x]
-        bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(
-                f"expected a comma-separated subset of {', '.join(choices)}, got {text!r}"
-            )
-        return values
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}")
+        return [_argument(check_choice, name, v, choices) for v in values]
 
     return parse
 
@@ -138,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage",
         dest="storages",
         metavar="STORAGE",
-        type=_choices_list([*STORAGES, "auto"]),
+        type=_choices_list("each storage", [*STORAGES, "auto"]),
         help=f"comma-separated storage modes of DynamicAttention (default {','.join(defaults.storages)})",
     )
-    bench.add_argument("--baselines", type=_choices_list(list(BASELINES)), help="baselines to measure")
+    bench.add_argument(
+        "--baselines", type=_choices_list("each baseline", list(BASELINES)), help="baselines to measure"
+    )
     bench.add_argument(
         "--repeats",
         type=int,
@@ -233,19 +240,16 @@ def _bench_config(args: argparse.Namespace) -> BenchConfig:
     if args.quick:
         given.pop("recompute_updates", None)  # --quick has always used its own value
     cfg = BenchConfig.preset(quick=args.quick, **given)
-    if (
-        cfg.repeats < 1
-        or cfg.warmup < 0
-        or cfg.sample_s <= 0
-        or cfg.recompute_updates < 1
-        or cfg.burn_in < 0
-        or cfg.quiet_wait_s < 0
-        or cfg.noisy_retries < 0
+    for option, value, low, boundaries in (
+        ("--repeats", cfg.repeats, 1, "both"),
+        ("--recompute-updates", cfg.recompute_updates, 1, "both"),
+        ("--warmup", cfg.warmup, 0, "both"),
+        ("--burn-in", cfg.burn_in, 0, "both"),
+        ("--quiet-wait", cfg.quiet_wait_s, 0, "both"),
+        ("--noisy-retries", cfg.noisy_retries, 0, "both"),
+        ("--sample-s", cfg.sample_s, 0, "neither"),
     ):
-        raise ValueError(
-            "--repeats and --recompute-updates must be >= 1; --warmup, --burn-in, --quiet-wait "
-            "and --noisy-retries >= 0; --sample-s > 0"
-        )
+        check_scalar(option, value, low=low, include_boundaries=boundaries)
     if cfg.regime == "paper" and max(cfg.sizes) > 8192:
         raise ValueError(
             "--sizes: the paper regime has d = e = n; sizes above 8192 need "
@@ -308,10 +312,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dynattn.demo import format_demo, run_demo
 
     cfg = DemoConfig(**_given(args, DemoConfig))
-    if cfg.size < 2 or cfg.updates < 1 or cfg.queries_per_update < 0:
-        raise ValueError("--size must be >= 2, --updates >= 1, --queries-per-update >= 0")
-    if not 0.0 <= cfg.tau <= 1.0:
-        raise ValueError(f"--tau: expected a number in [0, 1], got {cfg.tau}")
+    check_scalar("--size", cfg.size, low=2)
+    check_scalar("--updates", cfg.updates, low=1)
+    check_scalar("--queries-per-update", cfg.queries_per_update, low=0)
+    check_scalar("--tau", cfg.tau, low=0, high=1)
     cfg = replace(
         cfg, recompute_updates=max(1, cfg.recompute_updates), eager_updates=max(1, cfg.eager_updates)
     )

@@ -112,7 +112,8 @@ class _DemoRunner:
 
     def finish(self) -> None:
         """Fold what is still pending, charged to the updates."""
-        if hasattr(self.obj, "rebuild") and getattr(self.obj, "pending", 0):
+        pending = getattr(self.obj, "pending", 0)
+        if hasattr(self.obj, "rebuild") and pending:
             t0 = time.perf_counter()
             self.obj.rebuild()
             self.update_time += time.perf_counter() - t0
@@ -166,11 +167,11 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
     rounds = max(1, cfg.rounds)
     monitor = LoadMonitor().start()
     with make_progress(rounds * len(runners) + 1, progress_mode) as progress:
-        for r in range(rounds):
+        for rnd in range(rounds):
             for idx in range(len(runners)):
-                runner = runners[(idx + r) % len(runners)]
+                runner = runners[(idx + rnd) % len(runners)]
                 runner.run(math.ceil(runner.max_updates / rounds))
-                progress.advance(f"round {r + 1}/{rounds} {runner.name}")
+                progress.advance(f"round {rnd + 1}/{rounds} {runner.name}")
             gemm_times.samples.append(time_call(probe.sample))
         rate = probe.rate(gemm_times)
         foreign = monitor.stop()
@@ -200,7 +201,7 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
                         worst[r.name] = err if math.isfinite(err) else math.inf
         progress.advance("checked answers")
     tolerance = TARGET[dtype]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in runners:
         rows.append(
             {
@@ -244,7 +245,7 @@ def format_demo(result: Mapping[str, Any]) -> str:
         "qry: ondemand/x",
         "worst err / max|V[:,j]|",
     ]
-    rows = []
+    rows: list[list[Any]] = []
     for row in result["rows"]:
         ratios = row["ratios"]
         rows.append(

@@ -1,13 +1,13 @@
-"""The paper's conditional lower bound, made executable (GitHub issue 6).
+"""The paper's conditional lower bound, made executable (docs/hardness.md).
 
 van den Brand, Song and Zhou (arXiv 2304.02207) show that a dynamic attention
 structure with amortized update time ``n^(omega(1,1,tau) - tau - eps)`` and query
 time ``n^(1 + tau - eps)`` would refute the Hinted Matrix-Vector (Hinted Mv)
 conjecture of Brand, Nanongkai and Saranurak. This module runs that reduction:
 :class:`HintedMvViaAttention` solves Hinted Mv over the Boolean semiring using
-*any* object with the :class:`~dynattn.DynamicAttention` interface as a black
-box, and :func:`hinted_mv_direct` is the plain Boolean computation it is checked
-against.
+*any* :class:`~dynattn.interface.AttentionMaintainer` (only ``update_k`` and
+``query`` are used) as a black box, and :func:`hinted_mv_direct` is the plain
+Boolean computation it is checked against.
 
 Hinted Mv (Boolean semiring, ``0 < tau <= 1``)
     Phase 1: 0/1 matrices ``M: (n, n)`` and ``V: (n, n)`` (polynomial
@@ -43,23 +43,23 @@ from one ``query(l, i)`` per row: ``n`` queries.
 
 Numeric margin. ``|O[l, i]| >= (1/2 - exp(-C)) / (2n + 1)`` (:attr:`HintedMvViaAttention.margin`)
 and ``max|V_att[:, i]| <= 1``, so the decision is right whenever the black
-box's absolute error is below that margin -- about ``1/(4n)`` in the SPEC's
-units of ``max|V[:, j]|``. The SPEC's guarantee (``1e-10`` in float64,
-``1e-4`` in float32) is therefore enough for ``n < 2.4e9`` in float64 and
-``n <= 2407`` in float32 (with the default ``C = 4``). Because the decision is a
-sign, it also tolerates any *relative* error below 100 %.
+box's absolute error is below that margin -- about ``1/(4n)`` in units of
+``max|V[:, j]|``. The accuracy target of :class:`~dynattn.DynamicAttention`
+(``1e-10`` in float64, ``1e-4`` in float32; docs/accuracy.md) is therefore
+enough for ``n < 2.4e9`` in float64 and ``n <= 2407`` in float32 (with the
+default ``C = 4``). Because the decision is a sign, it also tolerates any
+*relative* error below 100 %.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from dynattn._validation import check_flag, check_index
+from dynattn._validation import check_flag, check_index, check_scalar
 
 __all__ = [
     "DEFAULT_LOGIT_GAP",
@@ -114,12 +114,7 @@ def _boolean_matrix(name: str, value: Any, *, n: int | None = None) -> np.ndarra
 
 
 def _check_tau(tau: Any) -> float:
-    if isinstance(tau, (bool, np.bool_)) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau: expected a real number in (0, 1], got {type(tau).__name__} {tau!r}")
-    value = float(tau)
-    if not (0.0 < value <= 1.0):
-        raise ValueError(f"tau: expected a number in (0, 1], got {value!r}")
-    return value
+    return check_scalar("tau", tau, low=0.0, high=1.0, include_boundaries="right")
 
 
 def _check_column_index(i: Any, n: int) -> int:
@@ -201,14 +196,8 @@ def encode_phase1(
 
 
 def _check_gap(logit_gap: Any) -> float:
-    if isinstance(logit_gap, (bool, np.bool_)) or not isinstance(logit_gap, numbers.Real):
-        raise TypeError(
-            f"logit_gap: expected a real number > ln 2, got {type(logit_gap).__name__} {logit_gap!r}"
-        )
-    gap = float(logit_gap)
-    if not (math.isfinite(gap) and math.log(2.0) < gap <= 1e6):
-        raise ValueError(f"logit_gap: expected a finite number in (ln 2, 1e6], got {gap!r}")
-    return gap
+    """``C`` in ``(ln 2, 1e6]``: above ln 2 so that ``exp(-C) < 1/2``."""
+    return check_scalar("logit_gap", logit_gap, low=math.log(2.0), high=1e6, include_boundaries="right")
 
 
 class HintedMvViaAttention:
@@ -226,7 +215,8 @@ class HintedMvViaAttention:
     attention : callable, keyword-only
         Anything called as ``attention(Q, K, V, tau=tau, scale=1.0, **options)``
         that returns an object with ``update_k(i, j, delta)`` and
-        ``query(i, j)`` (the :class:`~dynattn.DynamicAttention` interface).
+        ``query(i, j)``: any :class:`~dynattn.interface.AttentionMaintainer`
+        (``DynamicAttention``, a baseline) or anything with those two methods.
         ``None`` (default) means :class:`dynattn.DynamicAttention`, imported
         lazily so this module never depends on it at import time.
     logit_gap : float, keyword-only
@@ -266,7 +256,7 @@ class HintedMvViaAttention:
         self._tau = _check_tau(tau)
         q, k, v_att = encode_phase1(M, V, logit_gap=logit_gap)
         self._n = q.shape[0]
-        self._gap = float(logit_gap)
+        self._gap = _check_gap(logit_gap)
         self._check = check_flag("check", check)
         self._max_nonzeros = max_hint_nonzeros(self._n, self._tau)
         if "scale" in options:

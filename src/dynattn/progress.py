@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+from dynattn._validation import check_choice
+
 #: Accepted ``mode`` values of :func:`make_progress` (the ``--progress`` choices).
 PROGRESS_KINDS = ("auto", "rich", "plain", "none")
 
@@ -93,6 +95,7 @@ def make_progress(total: int, mode: str = "auto") -> Any:
     mode : {"auto", "rich", "plain", "none"}
         One of :data:`PROGRESS_KINDS`.
     """
+    check_choice("mode", mode, PROGRESS_KINDS)
     if mode == "none":
         return _NoProgress()
     if mode in ("auto", "rich"):

@@ -118,6 +118,7 @@ class AttentionState:
     key_changed = StateArray("S", bool, device=False)
     value_changed = StateArray("S", bool, device=False)
     column_error = StateArray("HS", np.float64, device=False)  # relative error of each new column
+    column_growth = StateArray("HS", np.float64, device=False)  # log-growth since computed fresh
     column_max = StateArray("HS", np.float64, device=False)  # upper bound of each new column
     # -- masks and positions -----------------------------------------------------------
     query_pos = StateArray("n", np.int64, device=False)

@@ -35,6 +35,8 @@ from dynattn.state import StateArray
 #: ``compute(c, new_key)``: column c of every head as folded ``(H, n)`` and, when
 #: ``new_key: (H, d)`` is given, the masked logits of that new key ``(H, n)`` (else None).
 ColumnFunction = Callable[[int, Any], tuple[Any, Any]]
+#: ``rate(heads, rows)``: relative mismatch of a recomputed column at those (head, row) pairs.
+RateFunction = Callable[[Any, Any], Any]
 
 
 class DenseStorage:
@@ -47,22 +49,28 @@ class DenseStorage:
     name = "dense"
     weights_t = StateArray("Hmn")  # A^T in the storage dtype
     column_error = StateArray("Hm", np.float64, device=False)  # relative error of each stored column
+    column_growth = StateArray("Hm", np.float64, device=False)  # its log-growth since computed fresh
 
     def __init__(self, xp: Any):
         self.xp = xp
 
     def snapshot_column(
         self, c: int, compute: ColumnFunction, new_key: Any = None
-    ) -> tuple[Any, np.ndarray, Any]:
-        """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, each
-        head's relative error bound ``(H,)``, and None (no logits computed here)."""
-        return self.xp.astype(self.weights_t[:, c], np.float64), self.column_error[:, c].copy(), None
+    ) -> tuple[Any, np.ndarray, np.ndarray, Any]:
+        """Column ``c`` of every head's snapshot weights as float64 ``(H, n)``, each head's
+        relative error bound and log-growth since fresh ``(H,)`` each, and None (no logits
+        computed here)."""
+        column = self.xp.astype(self.weights_t[:, c], np.float64)
+        return column, self.column_error[:, c].copy(), self.column_growth[:, c].copy(), None
 
-    def commit_columns(self, key_rows: np.ndarray, columns: Any, errors: np.ndarray) -> None:
+    def commit_columns(
+        self, key_rows: np.ndarray, columns: Any, errors: np.ndarray, growths: np.ndarray
+    ) -> None:
         """Store new snapshot columns ``columns: (H, t, n)`` of ``key_rows: (t,)`` at a fold
         (exact: they are already rounded to the dtype)."""
         self.weights_t[:, key_rows] = self.xp.astype(columns, self.weights_t.dtype)
         self.column_error[:, key_rows] = errors
+        self.column_growth[:, key_rows] = growths
 
     def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: Any) -> None:
         """Multiply weight rows ``(heads[k], rows[k])`` by ``factors[k]`` (rounded to the dtype)."""
@@ -77,8 +85,11 @@ class DenseStorage:
         """A new key row ``c``: its folded weights are zero."""
         self.weights_t[:, c] = 0
         self.column_error[:, c] = 0
+        self.column_growth[:, c] = 0
 
-    def mismatch_error(self, old_weights: Any, first_recomputed: Any, slot_axis: int, rate: Any) -> Any:
+    def mismatch_error(
+        self, state: Any, old_weights: Any, slot_axis: int, rate: RateFunction, heads: Any, rows: Any
+    ) -> Any:
         """A stored column cancels exactly what was folded: no mismatch."""
         return 0.0
 
@@ -115,11 +126,13 @@ class ImplicitStorage:
 
     def snapshot_column(
         self, c: int, compute: ColumnFunction, new_key: Any = None
-    ) -> tuple[Any, np.ndarray, Any]:
+    ) -> tuple[Any, np.ndarray, np.ndarray, Any]:
         column, new_logits = compute(c, new_key)
-        return column, np.zeros(column.shape[0]), new_logits
+        return column, np.zeros(column.shape[0]), np.zeros(column.shape[0]), new_logits
 
-    def commit_columns(self, key_rows: np.ndarray, columns: Any, errors: np.ndarray) -> None:
+    def commit_columns(
+        self, key_rows: np.ndarray, columns: Any, errors: np.ndarray, growths: np.ndarray
+    ) -> None:
         pass
 
     def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: Any) -> None:
@@ -131,17 +144,21 @@ class ImplicitStorage:
     def append_column(self, c: int) -> None:
         pass
 
-    def mismatch_error(self, old_weights: Any, first_recomputed: Any, slot_axis: int, rate: Any) -> Any:
-        """``rate`` times the old weights of the slots at or after ``first_recomputed``
-        along ``slot_axis`` (those were recomputed, not folded by this row's last exact
-        refresh); ``first_recomputed`` has ``old_weights``' shape without that axis."""
+    def mismatch_error(
+        self, state: Any, old_weights: Any, slot_axis: int, rate: RateFunction, heads: Any, rows: Any
+    ) -> Any:
+        """``rate(heads, rows)`` times the pending old weights ``old_weights`` of the (head,
+        row) pairs (slots along ``slot_axis``) in the slots opened since the row's last
+        exact refresh (``state.refreshed_slots``): those were recomputed, not folded."""
         t = old_weights.shape[slot_axis]
         if t == 0:
             return 0.0
+        first_recomputed = state.refreshed_slots[heads, rows]
         shape = [1] * old_weights.ndim
         shape[slot_axis] = t
         recomputed = np.arange(t).reshape(shape) >= np.expand_dims(first_recomputed, slot_axis)
-        return rate * self.xp.sum(old_weights * self.xp.asarray(recomputed, np.float64), slot_axis)
+        mass = self.xp.sum(old_weights * self.xp.asarray(recomputed, np.float64), slot_axis)
+        return rate(heads, rows) * mass
 
     def check(self, state: Any, fresh_weights: np.ndarray, slack: np.ndarray, floor: float) -> None:
         pass

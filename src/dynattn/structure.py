@@ -49,7 +49,7 @@ from dynattn._validation import (
     check_scalar,
 )
 from dynattn.backends import NumpyBackend
-from dynattn.certificate import UNIT_ROUNDOFF, scalar_where
+from dynattn.certificate import UNIT_ROUNDOFF
 from dynattn.state import AttentionState
 from dynattn.storage import STORAGES, choose_storage
 
@@ -58,6 +58,11 @@ INITIAL_SLOTS = 64
 #: A stabilizer jump beyond this (natural log) would make the rescale factor exp(-jump) a
 #: float64 subnormal, losing its relative precision: such rows are recomputed instead.
 FAR_SHIFT = 700.0
+#: A weight column updated in place may grow by at most e**MAX_COLUMN_GROWTH since it was
+#: computed fresh: a weight below the dtype's normal range carries an absolute rounding
+#: error (half a subnormal step, or all of it when it underflowed) that growth magnifies,
+#: so every stored weight's absolute error stays below ``tiny * e**MAX_COLUMN_GROWTH``.
+MAX_COLUMN_GROWTH = 32.0
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Saved-file format version (``save`` / ``load``).
@@ -132,6 +137,8 @@ class DynamicAttention(ValidatedInputs):
     """
 
     _batched = True
+    #: the array backend (numpy or torch): its arrays are typed loosely on purpose
+    _xp: Any
 
     def __init__(
         self,
@@ -229,6 +236,7 @@ class DynamicAttention(ValidatedInputs):
         self._log_weight_limit = float(np.log(info.max)) / 4
         self._weight_limit = math.exp(self._log_weight_limit)
         self._column_error_limit = cert.column_error_limit(self._unit, self._tol)
+        self._mass_rates: dict[int, float] = {}  # cert.mass_rate by pending count t
         self._dtype_max = float(info.max)
 
     def _after_resize(self) -> None:
@@ -236,8 +244,11 @@ class DynamicAttention(ValidatedInputs):
         sizes = self._state.sizes
         self.n, self.m, self.d, self.e = sizes["n"], sizes["m"], sizes["d"], sizes["e"]
         info = np.finfo(self._dtype)
-        #: absolute error of weights that underflow the dtype, summed over a row
-        self._underflow_error = 2 * (self.m + 1) * float(info.tiny)
+        #: absolute error of any stored weight from the dtype's underflow, magnified by growth
+        self._weight_floor = float(info.tiny) * math.exp(MAX_COLUMN_GROWTH)
+        #: that error summed over what an answer adds up: the snapshot's m weights, the
+        #: pending old and new weights, and a fresh evaluation's m weights
+        self._underflow_error = 2 * (self.m + sizes["S"] + 1) * self._weight_floor
         #: absolute error of re-rounding a row's stored weights when they are subnormal
         self._subnormal_error = (self.m + 2 * sizes["S"]) * float(info.smallest_subnormal)
         s = self._state
@@ -310,7 +321,12 @@ class DynamicAttention(ValidatedInputs):
         step = self._scale * (new - old)
         growth = abs(step) * float(s.q_col_absmax[h, j])
         error = float(s.column_error[h, slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
-        if growth > self._log_weight_limit / 2 or error > self._column_error_limit:
+        grown = float(s.column_growth[h, slot]) + growth
+        if (
+            growth > self._log_weight_limit / 2
+            or error > self._column_error_limit
+            or grown > MAX_COLUMN_GROWTH
+        ):
             self._set_fresh_columns(slot, c, np.array([h]))
         else:
             # the paper's Hadamard update of one column: a[:, c] *= exp(s * delta * Q[:, j])
@@ -318,6 +334,7 @@ class DynamicAttention(ValidatedInputs):
             column *= self._xp.exp(s.Q64_T[h, j] * step)
             self._round_to_dtype(column)
             s.column_error[h, slot] = error
+            s.column_growth[h, slot] = grown
             s.column_max[h, slot] *= math.exp(growth) * (1 + 4 * self._unit)
             if s.column_max[h, slot] > self._weight_limit:
                 self._restabilize_column(h, slot)
@@ -339,23 +356,26 @@ class DynamicAttention(ValidatedInputs):
         s.value_changed[slot] = True
         self._fold_if_full()
 
-    def _slot_for(self, c: int, new_key: Any = None) -> tuple[int, Any] | int:
-        """The pending slot of key/value row ``c``, opening one (O(H*n) / O(H*n*d)) if needed.
-
-        With ``new_key: (H, d)`` returns ``(slot, logits)``: the storage may compute the new
-        key's masked logits ``(H, n)`` in the same pass as the folded column (else None).
-        """
-        s = self._state
-        slot = s.slot_of.get(c)
-        logits = None
+    def _slot_for(self, c: int) -> int:
+        """The pending slot of key/value row ``c``, opening one (O(H*n) / O(H*n*d)) if needed."""
+        slot = self._state.slot_of.get(c)
         if slot is None:
-            column, error, logits = self._storage.snapshot_column(c, self._snapshot_column, new_key)
-            slot = self._open_slot(c, column, error)
-        return slot if new_key is None else (slot, logits)
+            slot, _ = self._open_pending(c, None)
+        return slot
 
-    def _open_slot(self, c: int, column: Any, error: np.ndarray, *, new_row: bool = False) -> int:
+    def _open_pending(self, c: int, new_key: Any) -> tuple[int, Any]:
+        """Open a pending slot for row ``c`` with its folded column from the storage; with
+        ``new_key: (H, d)`` the storage may compute that key's masked logits ``(H, n)`` in the
+        same pass (else None is returned for them)."""
+        column, error, growth, logits = self._storage.snapshot_column(c, self._snapshot_column, new_key)
+        return self._open_slot(c, column, error, growth), logits
+
+    def _open_slot(
+        self, c: int, column: Any, error: np.ndarray, growth: np.ndarray, *, new_row: bool = False
+    ) -> int:
         """A pending slot for row ``c`` whose folded weights are ``column: (H, n)`` (relative
-        error ``error: (H,)``) and whose folded values are today's (zero for a ``new_row``)."""
+        error ``error: (H,)``, growth since fresh ``growth: (H,)``) and whose folded values
+        are today's (zero for a ``new_row``)."""
         s = self._state
         slot = s.t
         if slot == s.sizes["S"]:
@@ -369,6 +389,7 @@ class DynamicAttention(ValidatedInputs):
         s.key_changed[slot] = False
         s.value_changed[slot] = False
         s.column_error[:, slot] = error
+        s.column_growth[:, slot] = growth
         s.column_max[:, slot] = self._xp.to_numpy(self._xp.amax(column, 1))
         s.slot_of[c] = slot
         s.t += 1
@@ -394,15 +415,20 @@ class DynamicAttention(ValidatedInputs):
         new_values = s.pending_new_values[:, :t]
         old_values = s.pending_old_values[:, :t]
         mass = xp.sum(new_columns, 1) + xp.sum(old_columns, 1)
-        rate = cert.mismatch_rate(self._unit, self._column_error_limit, self._logit_error(s.q_norm))
         drift = 2 * cert.gamma(t + 3) * mass
-        drift = drift + self._storage.mismatch_error(old_columns, s.refreshed_slots, 1, rate)
+        everywhere = (slice(None), slice(None))
+        drift = drift + self._storage.mismatch_error(s, old_columns, 1, self._mismatch_rate, *everywhere)
         if key_changed.any():
             which = _slots(key_changed)
             delta = new_columns[:, which] - old_columns[:, which]
             self._add_transposed_products(delta, new_values[:, which])
             s.Z += xp.sum(delta, 1)
-            self._storage.commit_columns(rows[which], new_columns[:, which], s.column_error[:, :t][:, which])
+            self._storage.commit_columns(
+                rows[which],
+                new_columns[:, which],
+                s.column_error[:, :t][:, which],
+                s.column_growth[:, :t][:, which],
+            )
         values_moved = bool(value_changed.any())
         if values_moved:
             which = _slots(value_changed)
@@ -516,10 +542,9 @@ class DynamicAttention(ValidatedInputs):
         if self._certify:
             mismatch = 0.0
             if t:
-                rate = self._mismatch_rate(float(s.q_norm[h, i]))
-                mismatch = float(self._storage.mismatch_error(old_weights, s.refreshed_slots[h, i], 0, rate))
+                mismatch = float(self._storage.mismatch_error(s, old_weights, 0, self._mismatch_rate, h, i))
             error = self._row_error(float(s.drift[h, i]), z + new_sum + old_sum, mismatch)
-            bound = cert.row_bound(error, denominator, scalar_where) * (self._column_ratio_of(h, j) + 1)
+            bound = cert.row_bound(error, denominator, None) * (self._column_ratio_of(h, j) + 1)
             if not bound <= self._tol:
                 return float(self._fallback(np.array([h]), np.array([i]))[0, j])
         return float(s.value_unit[h, j]) * (numerator / denominator) if denominator > 0 else 0.0
@@ -589,8 +614,7 @@ class DynamicAttention(ValidatedInputs):
         old_weights = s.pending_old_columns[heads, :t, rows]  # (k, t)
         old_sum = xp.sum(old_weights, 1)
         denominator = z + new_sum - old_sum
-        rate = self._mismatch_rate(s.q_norm[heads, rows])
-        mismatch = self._storage.mismatch_error(old_weights, s.refreshed_slots[heads, rows], 1, rate)
+        mismatch = self._storage.mismatch_error(s, old_weights, 1, self._mismatch_rate, heads, rows)
         error = self._row_error(s.drift[heads, rows], z + new_sum + old_sum, mismatch)
         bound = cert.row_bound(error, denominator, xp.where)
         if not self._certify:
@@ -600,13 +624,18 @@ class DynamicAttention(ValidatedInputs):
         return bound, denominator
 
     def _row_error(self, drift: Any, mass: Any, mismatch: Any) -> Any:
-        rate = cert.mass_rate(self._column_error_limit, self._unit, self._state.t)
+        t = self._state.t
+        rate = self._mass_rates.get(t)
+        if rate is None:
+            rate = self._mass_rates[t] = cert.mass_rate(self._column_error_limit, self._unit, t)
         return cert.row_error(drift, rate, mass, self._underflow_error, mismatch)
 
     def _logit_error(self, q_norm: Any) -> Any:
         return cert.logit_error(self.d, self._scale, q_norm, self._state.k_norm_max)
 
-    def _mismatch_rate(self, q_norm: Any) -> Any:
+    def _mismatch_rate(self, heads: Any, rows: Any) -> Any:
+        """The mismatch rate of (head, row) pairs (implicit storage; indices or slices)."""
+        q_norm = self._state.q_norm[heads, rows]
         return cert.mismatch_rate(self._unit, self._column_error_limit, self._logit_error(q_norm))
 
     def _column_ratio_of(self, h: int, j: int) -> float:
@@ -614,7 +643,7 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if s.value_max_stale[h, j]:
             return float(self._column_ratio(np.array([h]), np.array([j]))[0])
-        return float(cert.value_ratio(float(s.value_scale[h, j]), float(s.value_max[h, j]), scalar_where))
+        return float(cert.value_ratio(float(s.value_scale[h, j]), float(s.value_max[h, j]), None))
 
     def _column_ratio(self, heads: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """``rho_j`` per (head, column) (:func:`dynattn.certificate.value_ratio`), after
@@ -789,7 +818,9 @@ class DynamicAttention(ValidatedInputs):
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
         """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head."""
         s = self._state
-        slot, new_logits = self._slot_for(c, new_key=k)
+        slot, new_logits = s.slot_of.get(c), None
+        if slot is None:
+            slot, new_logits = self._open_pending(c, k)
         s.K[:, c] = self._xp.asarray(k)
         s.sync_float64_copies(K=c)
         self._note_key_row(c, k)
@@ -834,7 +865,7 @@ class DynamicAttention(ValidatedInputs):
         s.visible_keys[self._rows_seeing_position(position)] += 1
         self._storage.append_column(c)
         H = self._H
-        slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), new_row=True)
+        slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), np.zeros(H), new_row=True)
         self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
         s.pending_new_values[:, slot] = self._scaled_values(c)
         self._set_fresh_columns(slot, c, np.arange(H))
@@ -927,6 +958,7 @@ class DynamicAttention(ValidatedInputs):
         self._round_to_dtype(weights)
         s.pending_new_columns[heads, slot] = weights
         s.column_error[heads, slot] = 0.0
+        s.column_growth[heads, slot] = 0.0
         s.column_max[heads, slot] = xp.to_numpy(xp.amax(weights, 1))
         s.stats["fresh_columns"] += 1
 
@@ -954,7 +986,7 @@ class DynamicAttention(ValidatedInputs):
         factors = xp.exp(-shift)
         s.N[heads, rows] *= factors[:, None]
         s.Z[heads, rows] *= factors
-        pending_mass = 0
+        pending_mass: Any = 0
         for block in (s.pending_new_columns, s.pending_old_columns):
             part = block[heads, :, rows] * factors[:, None]  # (k, S)
             self._round_to_dtype(part)
@@ -1001,15 +1033,13 @@ class DynamicAttention(ValidatedInputs):
         s, xp = self._state, self._xp
         t = s.t
         pending_rows = s.pending_rows[:t]
-        value_changed = s.value_changed[:t]
-        value_rows = pending_rows[value_changed]
         out = xp.zeros((rows.size, self.e), np.float64)
         block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
         for h in np.unique(heads).tolist():
             (positions,) = np.nonzero(heads == h)
-            value_delta = (
-                s.pending_new_values[h, :t][value_changed] - s.pending_old_values[h, :t][value_changed]
-            )
+            # every pending slot, flagged or not (an appended row is pending before its flags
+            # are set, and its folded values are 0): exactly 0 where the values did not change
+            value_delta = s.pending_new_values[h, :t] - s.pending_old_values[h, :t]
             units = xp.asarray(s.value_unit[h])
             values = s.V64[h] / units  # the value side is kept in units (no overflow)
             for start in range(0, positions.size, block):
@@ -1026,8 +1056,8 @@ class DynamicAttention(ValidatedInputs):
                 z = xp.sum(weights, 1)
                 full = weights @ values
                 out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
-                if value_rows.size:
-                    full -= weights[:, value_rows] @ value_delta
+                if t:
+                    full -= weights[:, pending_rows] @ value_delta
                 s.mu[h, part] = mu
                 s.Z[h, part] = z
                 s.N[h, part] = full
@@ -1338,6 +1368,7 @@ class DynamicAttention(ValidatedInputs):
             assert np.array_equal(block, block.astype(self._dtype).astype(np.float64)), f"{label} not rounded"
         assert np.all(s.column_max[:, :t] >= new.max(axis=2, initial=0) * (1 - 1e-12)), "column_max"
         assert np.all(s.column_error[:, :t] <= self._column_error_limit), "column_error over its limit"
+        assert np.all(s.column_growth[:, :t] <= MAX_COLUMN_GROWTH), "column_growth over its limit"
         # value side: units are powers of two at the value scale, pending values in units
         units = s.value_unit
         assert np.array_equal(units, cert.power_of_two_units(units)) and np.all(s.value_scale / 2 < units)
@@ -1360,7 +1391,7 @@ class DynamicAttention(ValidatedInputs):
             logits = np.where(visible[None], logits, -np.inf)
         fresh_weights = np.exp(logits - s.mu[:, :, None])  # (H, n, m)
         slack = 2 * self._logit_error(s.q_norm)[:, :, None] + 4 * self._unit
-        floor = float(np.finfo(self._dtype).tiny)
+        floor = self._weight_floor
         if t:
             expected = fresh_weights[:, :, s.pending_rows[:t]].transpose(0, 2, 1)
             allowed = (s.column_error[:, :t, None] + slack.transpose(0, 2, 1)) * np.maximum(expected, new)

@@ -51,15 +51,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from dynattn._timing import (
     GemmProbe,
     LoadMonitor,
+    Sample,
     Timing,
     blas3_bound,
     gemm_rate,
@@ -67,6 +68,7 @@ from dynattn._timing import (
     machine_info,
     wait_for_quiet,
 )
+from dynattn._validation import check_choice
 from dynattn.baselines import BASELINES
 from dynattn.progress import make_progress
 from dynattn.testing import random_problem
@@ -79,15 +81,23 @@ DTYPES = ("float64", "float32")
 #: Paper regime: entry updates of K, of V, or alternating.
 UPDATE_KINDS = ("k", "v", "kv")
 
+
+class Grid(TypedDict):
+    """Sizes and taus of a sweep."""
+
+    sizes: list[int]
+    taus: list[float]
+
+
 #: Sizes and taus of a full sweep, per regime.
-DEFAULTS = {
+DEFAULTS: dict[str, Grid] = {
     "paper": {"sizes": [256, 512, 1024, 2048], "taus": [0.25, 0.5, 0.75, 1.0]},
     "llm": {"sizes": [2048, 4096, 8192, 16384], "taus": [0.25, 0.5, 0.75]},
 }
 #: Regimes (see the module docstring).
 REGIMES = tuple(DEFAULTS)
 #: ``dynattn bench --quick`` (under 2 minutes): sizes and taus per regime ...
-QUICK = {
+QUICK: dict[str, Grid] = {
     "paper": {"sizes": [128, 256, 512, 1024], "taus": [0.5, 1.0]},
     "llm": {"sizes": [1024, 2048, 4096], "taus": [0.25, 0.5]},
 }
@@ -176,8 +186,7 @@ class BenchConfig:
         and taus of :data:`QUICK` and the settings of :data:`QUICK_SETTINGS`.
         """
         regime = changes.get("regime", "paper")
-        if regime not in REGIMES:
-            raise ValueError(f"regime: expected one of {', '.join(REGIMES)}, got {regime!r}")
+        check_choice("regime", regime, REGIMES)
         grid = (QUICK if quick else DEFAULTS)[regime]
         settings: dict[str, Any] = {"sizes": list(grid["sizes"]), "taus": list(grid["taus"])}
         if quick:
@@ -194,10 +203,11 @@ class BenchConfig:
 # ---------------------------------------------------------------------- subjects
 def resolve_dtype(name: str) -> np.dtype:
     """The numpy dtype called ``name``, one of :data:`DTYPES`."""
-    dt = np.dtype(name)
-    if dt.name not in DTYPES:
-        raise ValueError(f"dtype: expected float32 or float64, got {name!r}")
-    return dt
+    try:
+        resolved: Any = np.dtype(name).name  # also np.float32, "f8", ...
+    except TypeError:
+        resolved = name
+    return np.dtype(check_choice("dtype", resolved, DTYPES))
 
 
 def make_problem(config: BenchConfig, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -419,19 +429,18 @@ def build_subjects(config: BenchConfig, size: int) -> list[Subject]:
 
     Q, K, V = make_problem(config, size)
     dtype = resolve_dtype(config.dtype)
-    common = {"scale": config.scale, "dtype": dtype, "memory_budget": config.memory_budget}
+    common: dict[str, Any] = {"scale": config.scale, "dtype": dtype, "memory_budget": config.memory_budget}
     seed = config.seed * 7919 + size
     subjects = []
     for storage in config.storages:
         for tau in config.taus:
-            obj = DynamicAttention(Q, K, V, tau=tau, storage=storage, **common)
-            subjects.append(Subject("dynamic", obj, config, tau=tau, storage=storage, seed=seed))
+            dynamic = DynamicAttention(Q, K, V, tau=tau, storage=storage, **common)
+            subjects.append(Subject("dynamic", dynamic, config, tau=tau, storage=storage, seed=seed))
     for name in config.baselines:
-        if name not in BASELINES:
-            raise ValueError(f"baselines: unknown {name!r}; expected some of {', '.join(BASELINES)}")
-        obj = BASELINES[name](Q, K, V, **common)
-        tau = 0.0 if name == "eager" else None
-        subjects.append(Subject(name, obj, config, tau=tau, storage=None, seed=seed))
+        check_choice("baselines", name, BASELINES)
+        baseline = BASELINES[name](Q, K, V, **common)
+        baseline_tau = 0.0 if name == "eager" else None
+        subjects.append(Subject(name, baseline, config, tau=baseline_tau, storage=None, seed=seed))
     return subjects
 
 
@@ -449,7 +458,7 @@ def measure_size(config: BenchConfig, size: int, rate: float, progress: Any) -> 
         s.burn_in(int(config.burn_in * m), config.burn_in_s)
         s.calibrate(config.sample_s)
         progress.advance(f"n={size} calibrating {s.label}")
-    fns: dict[str, Callable[[], float]] = {}
+    fns: dict[str, Sample] = {}
     for idx, s in enumerate(subjects):
         fns[f"{idx}:update"] = s.update_sample
         fns[f"{idx}:query"] = s.query_sample

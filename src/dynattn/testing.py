@@ -11,7 +11,8 @@ an absolute floor relative to the column's value scale::
 
     |O_struct - O_ref| <= factor * |O_naive - O_ref| + target * max|V[:, j]|
 
-with ``target`` 1e-10 for float64 and 1e-4 for float32 (SPEC section 3).
+with ``target`` 1e-10 for float64 and 1e-4 for float32: the accuracy targets of
+docs/accuracy.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-#: SPEC section 3 accuracy targets, relative to max|V[:, j]|.
+#: Accuracy targets (docs/accuracy.md), relative to max|V[:, j]|.
 TARGET = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
 

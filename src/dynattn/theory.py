@@ -52,6 +52,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from dynattn._validation import check_choice, check_scalar
 
 #: Lower bound on the dual exponent alpha (omega(1,1,alpha) = 2), VXXZ24.
 ALPHA = 0.321334
@@ -146,14 +149,8 @@ def omega_points(table: str = "best") -> list[tuple[float, float]]:
     list of (k, bound)
         The lower convex envelope, including ``(0, 2)`` and ``(ALPHA, 2)``.
     """
-    if table == "best":
-        names = list(OMEGA_TABLES)
-    elif table in OMEGA_TABLES:
-        names = [table]
-    else:
-        raise ValueError(
-            f"table: expected 'best' or one of {', '.join(map(repr, OMEGA_TABLES))}, got {table!r}"
-        )
+    check_choice("table", table, ("best", *OMEGA_TABLES))
+    names = list(OMEGA_TABLES) if table == "best" else [table]
     pts = [(0.0, 2.0), (ALPHA, 2.0)]
     for name in names:
         pts.extend(OMEGA_TABLES[name]["points"])
@@ -177,9 +174,7 @@ def omega_rect(k: float, table: str = "best") -> float:
         convex envelope of the tabulated points (valid because the exponent is
         convex in ``k``).
     """
-    k = float(k)
-    if not 0.0 <= k <= 2.0:
-        raise ValueError(f"k: expected 0 <= k <= 2 (the tabulated range), got {k!r}")
+    k = check_scalar("k", k, low=0.0, high=2.0)  # the tabulated range
     pts = omega_points(table)
     xs = np.array([p[0] for p in pts])
     ys = np.array([p[1] for p in pts])
@@ -207,6 +202,8 @@ def update_exponent(tau: float, multiplication: str = "best") -> float:
     -----
     For ``tau = 0`` this is the rank-1 fold, exponent 2 either way.
     """
+    tau = check_scalar("tau", tau, low=0.0, high=1.0)
+    check_choice("multiplication", multiplication, ("best", "classical", *OMEGA_TABLES))
     if multiplication == "classical":
         return omega_classical(tau) - tau
     return omega_rect(tau, multiplication) - tau
@@ -224,11 +221,9 @@ def query_exponent(tau: float, bound: str = "structure") -> float:
         (README.md, "How it works"); ``"paper"``: ``1 + tau``, the worst case in
         the abstract of van den Brand, Song, Zhou (arXiv 2304.02207).
     """
-    if bound == "structure":
-        return float(tau)
-    if bound == "paper":
-        return 1.0 + float(tau)
-    raise ValueError(f"bound: expected 'structure' or 'paper', got {bound!r}")
+    tau = check_scalar("tau", tau, low=0.0, high=1.0)
+    check_choice("bound", bound, ("structure", "paper"))
+    return tau if bound == "structure" else 1.0 + tau
 
 
 @dataclass(frozen=True)
@@ -274,12 +269,13 @@ class Fit:
         }
 
 
-def fit_loglog(x: Sequence[float], y: Sequence[float]) -> Fit:
+def fit_loglog(x: ArrayLike, y: ArrayLike) -> Fit:
     """Fit ``y = c * x^p`` by least squares on ``(log x, log y)``.
 
     Parameters
     ----------
-    x, y : sequences of positive floats, same length >= 2, at least two distinct x.
+    x, y : (k,) array_like of positive floats
+        Same length k >= 2, at least two distinct x.
 
     Returns
     -------
