@@ -146,9 +146,10 @@ def updated_norm(norm: float, old: float, new: float) -> float:
     ``old`` to ``new``: O(1), scaled so that no square overflows, with the float64
     rounding of the update (which can cancel) added. Folds recompute the norms of
     pending rows exactly."""
+    if norm < 1e150 and -1e150 < old < 1e150 and -1e150 < new < 1e150:  # no square overflows
+        a, b, c = norm * norm, old * old, new * new
+        return math.sqrt(max(a - b + c + 4 * UNIT_ROUNDOFF * (a + b + c), 0.0))
     biggest = max(norm, abs(old), abs(new))
-    if biggest == 0:
-        return 0.0
     a, b, c = norm / biggest, old / biggest, new / biggest
     square = a * a - b * b + c * c + 4 * UNIT_ROUNDOFF * (a * a + b * b + c * c)
     return biggest * math.sqrt(max(square, 0.0))

@@ -1258,7 +1258,9 @@ class DynamicAttention(ValidatedInputs):
         return q
 
     def _guard_key_norm(self, name: str, k_norm: float) -> None:
-        self._guard_logit_reach(name, self._state.q_norm_max, k_norm)
+        q_norm = self._state.q_norm_max
+        if q_norm * k_norm * max(1.0, abs(self._scale)) > 1e300 or not k_norm < math.inf:
+            self._guard_logit_reach(name, q_norm, k_norm)
 
     def _guard_logit_reach(self, name: str, q_norm: float, k_norm: float) -> None:
         """Reject inputs whose dot products ``q.k`` or logits ``scale*q.k`` could leave
