@@ -5,11 +5,13 @@ Song and Zhou (arXiv 2304.02207) with certified accuracy; ``dynattn.baselines``
 has the ``Recompute``, ``OnDemand`` and ``Eager`` alternatives behind the same
 interface, and ``dynattn.testing`` the float64 reference used to check them.
 ``SnapshotError`` is raised by ``DynamicAttention.load`` for a file that is not
-a valid snapshot.
+a valid snapshot; ``AttentionMaintainer`` is the interface (a ``typing.Protocol``)
+that the structure and every baseline satisfy.
 """
 
+from dynattn.interface import AttentionMaintainer
 from dynattn.persistence import SnapshotError
 from dynattn.structure import DynamicAttention
 
-__all__ = ["DynamicAttention", "SnapshotError", "__version__"]
-__version__ = "0.1.0"
+__all__ = ["AttentionMaintainer", "DynamicAttention", "SnapshotError", "__version__"]
+__version__ = "0.2.0"
