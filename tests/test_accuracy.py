@@ -271,17 +271,18 @@ def _certified_rows(att, Q, K, V, *, mask=None):
             assert np.all(err <= TARGET[np.dtype(att.dtype)])
 
 
-def _stabilizer_audit_case(att, variant):
-    """The audit's float32 reproducers: the row's stabilizer moves up, then the key that
-    dominated the row moves far away (or is hidden)."""
+def _stabilizer_audit_case(att, variant, raised):
+    """The audit's float32 reproducers: the row's stabilizer moves up (the key's logit rises
+    from 39.5 to ``raised``, past float32's weight limit e^22), then the key that dominated
+    the row moves far away (or is hidden)."""
     if variant == "update_k":
-        att.update_k(1, 0, 25.0)
+        att.update_k(1, 0, raised - 39.5)
         att.update_k(1, 0, -164.5)
-        return np.array([[0.0], [39.5 + 25.0 - 164.5]]), None
-    att.set_key(1, np.array([64.5]))
+        return np.array([[0.0], [float(np.float32(raised - 39.5) + np.float32(39.5)) - 164.5]]), None
+    att.set_key(1, np.array([raised]))
     if variant == "set_key_mask":
         att.set_key_mask(1, False)
-        return np.array([[0.0], [64.5]]), np.array([[True, False]])
+        return np.array([[0.0], [raised]]), np.array([[True, False]])
     att.set_key(1, np.array([-100.0]))  # "set_key": moved away
     return np.array([[0.0], [-100.0]]), None
 
@@ -290,11 +291,13 @@ def _stabilizer_audit_case(att, variant):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["update_k", "set_key_mask", "set_key"])
 @pytest.mark.parametrize("fold", [False, True])
-def test_stabilizer_move_then_dominant_key_leaves(storage, dtype, variant, fold):
-    """Rescaling a row re-rounds its stored weights to the dtype; the bound must count it."""
+@pytest.mark.parametrize("raised", [62.0, 64.5])
+def test_stabilizer_move_then_dominant_key_leaves(storage, dtype, variant, fold, raised):
+    """Rescaling a row re-rounds its stored weights to the dtype; the bound must count it
+    (with ``raised = 62`` the float32 dense case certifies a wrong answer without that term)."""
     Q, K, V = np.array([[1.0]]), np.array([[0.0], [39.5]]), np.array([[1.0], [0.0]])
     att = DynamicAttention(Q, K, V, dtype=dtype, storage=storage, tau=1.0)
-    K, mask = _stabilizer_audit_case(att, variant)
+    K, mask = _stabilizer_audit_case(att, variant, raised)
     if fold:
         att.rebuild()
     att._check()
@@ -302,25 +305,37 @@ def test_stabilizer_move_then_dominant_key_leaves(storage, dtype, variant, fold)
     _certified_rows(att, Q, K, V, mask=mask)
 
 
-@pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_random_large_key_steps_stay_certified(storage, dtype):
-    """Key steps of 5-40 logits (rows rescaled often), every row checked after every step."""
-    rng = np.random.default_rng(4)
-    n, m, d, e = 5, 7, 2, 2
+@pytest.mark.parametrize("seed", range(8))
+def test_random_large_key_steps_stay_certified(seed):
+    """Key steps of 5-40 logits (rows are rescaled often), whole new keys, value edits and
+    folds on small random problems; every row checked after every step. Seeds cycle through
+    float32/float64, dense/implicit and tau in {0, 0.3, 0.5, 1}."""
+    rng = np.random.default_rng(seed)
+    n, m, d, e = (int(rng.integers(1, hi)) for hi in (7, 9, 4, 3))
+    dtype = (np.float32, np.float64)[seed % 2]
+    storage = STORAGES[(seed // 2) % 2]
+    tau = (0.0, 0.3, 0.5, 1.0)[(seed // 4) % 4]
     Q, K, V = rng.standard_normal((n, d)), 3 * rng.standard_normal((m, d)), rng.standard_normal((m, e))
-    att = DynamicAttention(Q, K, V, dtype=dtype, storage=storage, tau=0.3)
+    att = DynamicAttention(Q, K, V, dtype=dtype, storage=storage, tau=tau)
     Q, K, V = (x.astype(dtype).astype(np.float64) for x in (Q, K, V))
     for _ in range(60):
-        c, j = int(rng.integers(m)), int(rng.integers(d))
-        delta = float(rng.choice([-1.0, 1.0]) * rng.uniform(5, 40))
-        att.update_k(c, j, delta)
-        K[c, j] = float(dtype(dtype(K[c, j]) + dtype(delta)))
-        if rng.random() < 0.2:
+        action, c = rng.random(), int(rng.integers(m))
+        if action < 0.5:
+            j, delta = int(rng.integers(d)), float(rng.choice([-1.0, 1.0]) * rng.uniform(5, 40))
+            att.update_k(c, j, delta)
+            K[c, j] = float(dtype(dtype(K[c, j]) + dtype(delta)))
+        elif action < 0.7:
+            key = (rng.standard_normal(d) * rng.uniform(0, 30)).astype(dtype)
+            att.set_key(c, key)
+            K[c] = key
+        elif action < 0.85:
+            j, delta = int(rng.integers(e)), float(rng.standard_normal() * 10 ** rng.uniform(-3, 3))
+            att.update_v(c, j, delta)
+            V[c, j] = float(dtype(dtype(V[c, j]) + dtype(delta)))
+        else:
             att.rebuild()
         att._check()
         _certified_rows(att, Q, K, V)
-    assert att.stats["rows_rescaled"] > 0
 
 
 HUGE = {np.dtype(np.float64): 1e308, np.dtype(np.float32): 3e38}

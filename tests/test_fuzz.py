@@ -78,7 +78,7 @@ MAX_ROWS = 12
 #: d and e are drawn from 1..MAX_WIDTH
 MAX_WIDTH = 5
 #: sequences per (dtype, storage, tau, workload) and steps per sequence, quick profile
-QUICK_SEQUENCES = 2
+QUICK_SEQUENCES = 4
 QUICK_STEPS = 24
 #: probability that a step is a burst of mutations without queries, per workload
 BURST_PROBABILITY = {"random": 0.2, "adversarial": 0.4}
