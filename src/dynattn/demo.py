@@ -27,7 +27,7 @@ from dynattn._timing import (
     machine_info,
     time_call,
 )
-from dynattn.baselines import Eager, OnDemand, Recompute
+from dynattn.baselines import Eager, OnDemand, Recompute, Rows
 from dynattn.progress import make_progress
 from dynattn.report import format_machine
 from dynattn.sweep import add_ratios, resolve_dtype
@@ -122,7 +122,7 @@ class _DemoRunner:
 def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
     """The README's demo: a short mixed workload, timed and checked answer by answer.
 
-    Every implementation (DynamicAttention at ``cfg.tau`` and the three
+    Every implementation (DynamicAttention at ``cfg.tau`` and the four
     baselines) runs the same sequence of entry updates of K and V interleaved
     with queries; Recompute and Eager run a prefix of it (they are slow). The
     runs are interleaved in ``cfg.rounds`` rounds so machine noise hits all of
@@ -157,6 +157,7 @@ def run_demo(cfg: DemoConfig, progress_mode: str = "auto") -> dict[str, Any]:
             min(cfg.updates, cfg.recompute_updates),
         ),
         _DemoRunner("ondemand", OnDemand(Q, K, V, dtype=dtype), ops, cfg.updates),
+        _DemoRunner("rows", Rows(Q, K, V, dtype=dtype), ops, cfg.updates),
         _DemoRunner(
             "eager",
             Eager(Q, K, V, dtype=dtype, storage=cfg.storage),
