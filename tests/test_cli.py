@@ -183,6 +183,10 @@ def test_bench_quick_json_has_required_fields(bench_json):
     fits = result["fits"]
     assert len(fits) == 4 and all(f["reliable"] for f in fits)
     assert all(f["theory_update_classical"] == 2.0 for f in fits)
+    assert all(f["fit_sizes"] == [16, 32, 64, 128] and "update_model" in f for f in fits)
+    source = result["source"]
+    assert source["command"].startswith("dynattn bench --quick") and "--json" in source["command"]
+    assert set(source) >= {"commit", "src_modified"}
 
 
 def test_bench_load_policy_and_plots(bench_json, tmp_path, capsys):
@@ -193,7 +197,7 @@ def test_bench_load_policy_and_plots(bench_json, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "exponent fits" in out and "policy" in out
-    for name in ("paper_tradeoff.png", "paper_scaling.png", "paper_mix.png"):
+    for name in ("paper_tradeoff.png", "paper_scaling.png", "paper_mix.png", "paper_exponents.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 1000
 
 
@@ -245,6 +249,85 @@ def test_theory_command(capsys):
     assert main(["theory"]) == 0
     out = capsys.readouterr().out
     assert "2.371339" in out and "arXiv:2307.07970" in out
+    # the lower bound, its conjecture and the 2026 preprint's claim, next to each other
+    assert "Lower bound (conditional)" in out and "Hinted Mv" in out
+    assert "arXiv:2610.06783" in out and "1/18" in out and "not peer" in out
+    assert "measured exponents" not in out
+
+
+def _synthetic_run(path, rounds=5):
+    """A saved paper-regime run with known exponents: update 20us + c n^2, query 5us + c n^tau."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    records = []
+    for tau in (0.5, 1.0):
+        for n in (256, 512, 1024, 2048, 4096):
+            upd = (20e-6 + 1e-11 * n**2) * np.exp(rng.normal(0, 0.02, rounds))
+            qry = (5e-6 + 1e-8 * n**tau) * np.exp(rng.normal(0, 0.02, rounds))
+            records.append(
+                {
+                    "impl": "dynamic",
+                    "label": f"dynamic t={tau:g} dense",
+                    "regime": "paper",
+                    "n": n,
+                    "m": n,
+                    "d": n,
+                    "e": n,
+                    "threshold": round(n**tau),
+                    "tau": tau,
+                    "dtype": "float64",
+                    "storage": "dense",
+                    "update_s_min": float(upd.min()),
+                    "update_s_max": float(upd.max()),
+                    "update_over_bound": 1.0,
+                    "update_s": float(np.median(upd)),
+                    "update_s_samples": upd.tolist(),
+                    "query_s": float(np.median(qry)),
+                    "query_s_samples": qry.tolist(),
+                }
+            )
+    path.write_text(json.dumps({"records": records, "source": {"commit": "abc1234"}}))
+    return path
+
+
+def test_theory_load_prints_fitted_exponents_with_intervals(tmp_path, capsys):
+    path = _synthetic_run(tmp_path / "run.json")
+    assert main(["theory", "--load", str(path), "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"measured exponents from {path} (abc1234)" in out
+    assert "c0 + c1 n^x [95% CI]" in out and "256..4096(5)" in out
+    update_rows = out.split("updates (amortized):")[1].split("queries")[0]
+    for line in [ln for ln in update_rows.splitlines() if ln.strip().startswith(("0.50", "1.00"))]:
+        x = float(line.split("|")[2].split()[0])
+        assert abs(x - 2.0) < 0.15, line
+    assert main(["theory", "--load", str(path), "--fit-min-n", "1024", "--bootstrap", "0"]) == 0
+    assert "1024..4096(3)" in capsys.readouterr().out
+
+
+def test_theory_and_bench_reject_bad_fit_options(tmp_path, capsys):
+    path = _synthetic_run(tmp_path / "run.json")
+    assert main(["theory", "--load", str(path), "--bootstrap", "-1"]) == 2
+    assert "--bootstrap" in capsys.readouterr().err
+    assert main(["theory", "--load", str(path), "--fit-min-n", "0"]) == 2
+    assert main(["theory", "--load", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main(["theory", "--load", str(tmp_path / "bad.json")]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench", "--load", str(path), "--plot", str(tmp_path), "--figures", "bogus"])
+
+
+def test_bench_load_writes_the_exponent_figure_alone(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = _synthetic_run(tmp_path / "run.json")
+    figs = tmp_path / "figs"
+    rc = main(
+        ["bench", "--load", str(path), "--bootstrap", "50", "--plot", str(figs), "--figures", "exponents"]
+    )
+    assert rc == 0
+    assert sorted(p.name for p in figs.iterdir()) == ["paper_exponents.png"]
+    assert (figs / "paper_exponents.png").stat().st_size > 1000
+    assert "exponent fits" in capsys.readouterr().out
 
 
 def test_progress_falls_back_to_plain_text(monkeypatch, capsys):

@@ -8,6 +8,14 @@
 * ``<regime>_mix.png`` -- for workload mixes from 0.01 to 100 queries per
   update, which implementation is fastest at each size and by how much
   (speedup over the runner-up).
+* ``<regime>_exponents.png`` (paper regime) -- the exponents of the fixed
+  cost plus power law ``c0 + c1 n^x`` with their bootstrap intervals against
+  tau, next to ``omega(1,1,tau) - tau`` (classical and best known) for
+  updates and ``tau`` / ``1 + tau`` for queries, and the times against n with
+  the fitted curves; filled markers are the sizes the fit used.
+
+Every figure's title names the command and the commit of the run (from the
+result's ``source``, when it has one).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dynattn.report import DEFAULT_MIXES, mix_cost
-from dynattn.theory import fit_loglog, query_exponent, update_exponent
+from dynattn.theory import fit_loglog, fit_records, query_exponent, update_exponent
 
 MISSING = (
     "plotting needs matplotlib, which is not installed; install it with "
@@ -138,23 +146,22 @@ def plot_tradeoff(
         pts = [f for f in fits if str(f["storage"]) == storage and f.get("update") and f.get("query")]
         if not pts:
             continue
-        bx.errorbar(
-            [f["update"]["slope"] for f in pts],
-            [f["query"]["slope"] for f in pts],
-            xerr=[_finite(f["update"]["stderr"]) for f in pts],
-            yerr=[_finite(f["query"]["stderr"]) for f in pts],
-            fmt="o",
-            color=_color(storage, s_idx),
-            label=f"fitted slopes ({storage})",
-        )
-        for f in pts:
-            bx.annotate(
-                f"tau={f['tau']:g}",
-                (f["update"]["slope"], f["query"]["slope"]),
-                textcoords="offset points",
-                xytext=(5, 4),
-                fontsize=8,
-            )
+        if all(f.get("update_model") and f.get("query_model") for f in pts):
+            # the fixed cost plus power law, with its bootstrap interval
+            ux = [f["update_model"]["exponent"] for f in pts]
+            qy = [f["query_model"]["exponent"] for f in pts]
+            xerr = _interval_bars([f["update_model"] for f in pts])
+            yerr = _interval_bars([f["query_model"] for f in pts])
+            label = f"fitted x of c0 + c1 n^x, 95% CI ({storage})"
+        else:
+            ux = [f["update"]["slope"] for f in pts]
+            qy = [f["query"]["slope"] for f in pts]
+            xerr = np.array([_finite(f["update"]["stderr"]) for f in pts])
+            yerr = np.array([_finite(f["query"]["stderr"]) for f in pts])
+            label = f"log-log slopes ({storage})"
+        bx.errorbar(ux, qy, xerr=xerr, yerr=yerr, fmt="o", color=_color(storage, s_idx), label=label)
+        for f, x, y in zip(pts, ux, qy, strict=True):
+            bx.annotate(f"tau={f['tau']:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     bx.set_xlabel("update exponent (time ~ n^x)")
     bx.set_ylabel("query exponent (time ~ n^y)")
     if fits:
@@ -170,6 +177,159 @@ def plot_tradeoff(
 
 def _finite(x: float) -> float:
     return float(x) if x is not None and np.isfinite(x) else 0.0
+
+
+def _interval_bars(models: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """(2, k) error bars from the bootstrap intervals of cost-model fits (0 where absent)."""
+    lower, upper = [], []
+    for m in models:
+        x, lo, hi = m["exponent"], m.get("low"), m.get("high")
+        ok = lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+        lower.append(max(x - lo, 0.0) if ok else 0.0)
+        upper.append(max(hi - x, 0.0) if ok else 0.0)
+    return np.array([lower, upper])
+
+
+def _sizes_text(sizes: Sequence[int]) -> str:
+    return f"n = {min(sizes)}..{max(sizes)} ({len(sizes)} sizes)" if sizes else "no sizes"
+
+
+def plot_exponents(
+    records: Sequence[Mapping[str, Any]],
+    fits: Sequence[Mapping[str, Any]],
+    path: str,
+    title: str,
+    baseline_fits: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """Fitted exponents against tau next to theory, and the times against n with the fits.
+
+    Parameters
+    ----------
+    records : paper-regime benchmark records
+    fits : :func:`dynattn.theory.fit_records` output for DynamicAttention
+    path, title : str
+    baseline_fits : fit_records output for Eager (drawn at tau = 0), optional
+    """
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 10))
+    (ua, qa), (ut, qt) = axes
+    taus = np.linspace(0.0, 1.0, 201)
+    ua.plot(
+        taus,
+        [update_exponent(t, "classical") for t in taus],
+        "-",
+        color="tab:gray",
+        label="theory, classical multiplication: 2",
+    )
+    ua.plot(
+        taus,
+        [update_exponent(t) for t in taus],
+        "--",
+        color="black",
+        label="theory, best known omega(1,1,tau) - tau",
+    )
+    qa.plot(taus, [query_exponent(t) for t in taus], "-", color="tab:gray", label="structure: tau (O(T))")
+    qa.plot(
+        taus,
+        [query_exponent(t, "paper") for t in taus],
+        ":",
+        color="black",
+        label="paper's worst case: 1 + tau",
+    )
+    storages = sorted({str(f["storage"]) for f in fits})
+    for s_idx, storage in enumerate(storages):
+        pts = [f for f in fits if str(f["storage"]) == storage]
+        color = _color(storage, s_idx)
+        shift = 0.012 * (s_idx - (len(storages) - 1) / 2)
+        for ax, key in ((ua, "update"), (qa, "query")):
+            with_model = [f for f in pts if f.get(f"{key}_model")]
+            if with_model:
+                sizes = sorted({n for f in with_model for n in f.get("fit_sizes", f["sizes"])})
+                ax.errorbar(
+                    [f["tau"] + shift for f in with_model],
+                    [f[f"{key}_model"]["exponent"] for f in with_model],
+                    yerr=_interval_bars([f[f"{key}_model"] for f in with_model]),
+                    fmt="o",
+                    capsize=4,
+                    color=color,
+                    label=f"fitted x of c0 + c1 n^x, 95% CI ({storage}; {_sizes_text(sizes)})",
+                )
+            slopes = [f for f in pts if f.get(key)]
+            if slopes:
+                ax.plot(
+                    [f["tau"] + shift for f in slopes],
+                    [f[key]["slope"] for f in slopes],
+                    "o",
+                    mfc="none",
+                    color=color,
+                    alpha=0.7,
+                    label=f"log-log slope, no fixed cost ({storage})",
+                )
+    for f in baseline_fits:
+        model = f.get("update_model")
+        if model:
+            ua.errorbar(
+                [0.0],
+                [model["exponent"]],
+                yerr=_interval_bars([model]),
+                fmt="v",
+                capsize=4,
+                color="tab:brown",
+                label=f"Eager (rank-1 fold, tau = 0; {_sizes_text(f['fit_sizes'])})",
+            )
+    ua.set_xlabel("tau")
+    ua.set_ylabel("update exponent x (amortized time ~ c0 + c1 n^x)")
+    ua.set_title("amortized update: fitted exponent vs theory")
+    qa.set_xlabel("tau")
+    qa.set_ylabel("query exponent x (time ~ c0 + c1 n^x)")
+    qa.set_title("query (T/2 rows pending): fitted exponent vs theory")
+    for ax in (ua, qa):
+        ax.set_xlim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+
+    by_key = {(f["tau"], str(f["storage"])): f for f in fits}
+    dyn = [r for r in records if r["impl"] == "dynamic"]
+    for ax, field, key, name in (
+        (ut, "update_s", "update_model", "amortized update"),
+        (qt, "query_s", "query_model", "query"),
+    ):
+        for label, recs in _series(dyn).items():
+            style = _style(recs[0])
+            fit = by_key.get((recs[0]["tau"], str(recs[0]["storage"])))
+            used = set(fit.get("fit_sizes", fit["sizes"])) if fit else set()
+            ns = np.array([r["n"] for r in recs], dtype=float)
+            med = np.array([r[field] for r in recs], dtype=float)
+            lo = np.array([r.get(f"{field}_min", r[field]) for r in recs], dtype=float)
+            hi = np.array([r.get(f"{field}_max", r[field]) for r in recs], dtype=float)
+            inside = np.array([r["n"] in used for r in recs])
+            ax.errorbar(ns, med, yerr=[med - lo, hi - med], fmt="none", color=style["color"], alpha=0.5)
+            ax.plot(ns[inside], med[inside], style["marker"], color=style["color"])
+            if (~inside).any():
+                ax.plot(ns[~inside], med[~inside], style["marker"], mfc="none", color=style["color"])
+            model = fit.get(key) if fit else None
+            text = label
+            if model:
+                grid = np.geomspace(ns.min(), ns.max(), 50)
+                curve = model["fixed_s"] + model["scale"] * grid ** model["exponent"]
+                ax.plot(grid, curve, style["ls"], color=style["color"], alpha=0.7)
+                text = f"{label}: c0 = {model['fixed_s'] * 1e6:.1f} us, x = {model['exponent']:.2f}"
+            ax.plot([], [], style["ls"] + style["marker"], color=style["color"], label=text)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n (= m = d = e)")
+        ax.set_ylabel(f"{name} time (s)")
+        ax.set_title(
+            f"{name}: medians, min-max over rounds, fitted c0 + c1 n^x\n"
+            "(filled: sizes the fit used; hollow: left out)",
+            fontsize=9,
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_scaling(records: Sequence[Mapping[str, Any]], path: str, title: str) -> None:
@@ -261,8 +421,33 @@ def plot_mix(
     plt.close(fig)
 
 
-def write_plots(result: Mapping[str, Any], directory: str) -> list[str]:
-    """Write all figures of a bench result into ``directory``; return their paths.
+def _title(result: Mapping[str, Any], regime: str, dtype: str) -> str:
+    machine = result.get("machine", {})
+    rates = machine.get("gemm_gflops", {})
+    source = result.get("source") or {}
+    command = source.get("command") or f"dynattn bench --regime {regime}"
+    commit = source.get("commit")
+    origin = command + (f"  [dynattn {commit[:10]}]" if commit else "")
+    return (
+        f"{origin}\n{dtype}; {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, "
+        f"numpy {machine.get('numpy', '?')}, GEMM {rates.get(dtype, float('nan')):.0f} GFLOP/s"
+    )
+
+
+def write_plots(
+    result: Mapping[str, Any],
+    directory: str,
+    figures: Sequence[str] = ("tradeoff", "scaling", "mix", "exponents"),
+) -> list[str]:
+    """Write the figures of a bench result into ``directory``; return their paths.
+
+    Parameters
+    ----------
+    result : dict
+        As written by ``dynattn bench --json``.
+    directory : str
+    figures : sequence of {"tradeoff", "scaling", "mix", "exponents"}
+        Which figures; ``exponents`` only for the paper regime.
 
     Raises
     ------
@@ -272,25 +457,27 @@ def write_plots(result: Mapping[str, Any], directory: str) -> list[str]:
     _pyplot()
     os.makedirs(directory, exist_ok=True)
     records = result["records"]
-    machine = result.get("machine", {})
-    rates = machine.get("gemm_gflops", {})
     out: list[str] = []
     for regime in sorted({r["regime"] for r in records}):
         recs = [r for r in records if r["regime"] == regime]
-        dtype = recs[0]["dtype"]
-        title = (
-            f"dynattn bench --regime {regime} ({dtype}); {machine.get('cpu_model', '?')}, "
-            f"{machine.get('cores', '?')} cores, numpy {machine.get('numpy', '?')}, "
-            f"GEMM {rates.get(dtype, float('nan')):.0f} GFLOP/s"
-        )
+        title = _title(result, regime, recs[0]["dtype"])
         fits = [f for f in result.get("fits", [])] if regime == "paper" else []
-        paths = {
-            "tradeoff": os.path.join(directory, f"{regime}_tradeoff.png"),
-            "scaling": os.path.join(directory, f"{regime}_scaling.png"),
-            "mix": os.path.join(directory, f"{regime}_mix.png"),
-        }
-        plot_tradeoff(recs, fits, paths["tradeoff"], title)
-        plot_scaling(recs, paths["scaling"], title)
-        plot_mix(recs, paths["mix"], title)
-        out.extend(paths.values())
+        for kind in figures:
+            path = os.path.join(directory, f"{regime}_{kind}.png")
+            if kind == "tradeoff":
+                plot_tradeoff(recs, fits, path, title)
+            elif kind == "scaling":
+                plot_scaling(recs, path, title)
+            elif kind == "mix":
+                plot_mix(recs, path, title)
+            elif kind == "exponents":
+                if regime != "paper" or not fits:
+                    continue
+                min_n = min((min(f["fit_sizes"]) for f in fits if f.get("fit_sizes")), default=None)
+                reps = max((f[k]["reps"] for f in fits for k in ("update_model",) if f.get(k)), default=0)
+                eager = fit_records(recs, impl="eager", min_n=min_n, reps=reps)
+                plot_exponents(recs, fits, path, title, baseline_fits=eager)
+            else:
+                raise ValueError(f"figures: unknown figure {kind!r}")
+            out.append(path)
     return out

@@ -11,13 +11,16 @@ Subcommands
     Sweeps over sizes and tau in the ``paper`` or ``llm`` regime, a summary
     table, exponent fits, optional JSON, figures and a ``--policy`` advice.
 ``dynattn theory``
-    The theoretical exponents per tau and the omega(1,1,k) table used.
+    The theoretical exponents per tau, the omega(1,1,k) table used, the
+    status of the conditional lower bound, and (``--load``) the exponents
+    fitted to a saved paper-regime run next to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -29,6 +32,9 @@ from dynattn.demo import DemoConfig
 from dynattn.progress import PROGRESS_KINDS
 from dynattn.storage import STORAGES
 from dynattn.sweep import DTYPES, QUICK_SETTINGS, REGIMES, UPDATE_KINDS, BenchConfig
+
+#: Figures ``dynattn bench --plot`` can write (``--figures``).
+FIGURES = ("tradeoff", "scaling", "mix", "exponents")
 
 
 def _argument(check: Any, *args: Any, **kwargs: Any) -> Any:
@@ -220,12 +226,46 @@ def build_parser() -> argparse.ArgumentParser:
         "storage for each, from the measured data",
     )
     bench.add_argument(
-        "--load", metavar="PATH", help="skip measuring: report on a JSON file written by --json"
+        "--figures",
+        type=_choices_list("each figure", FIGURES),
+        help=f"with --plot: which figures (default all: {','.join(FIGURES)})",
     )
+    bench.add_argument(
+        "--load",
+        metavar="PATH",
+        help="skip measuring: report on a JSON file written by --json (the fits are recomputed)",
+    )
+    _fit_arguments(bench)
     bench.add_argument("--progress", default="auto", choices=PROGRESS_KINDS)
 
-    sub.add_parser("theory", help="theoretical exponents per tau and the omega(1,1,k) table")
+    theory = sub.add_parser(
+        "theory",
+        help="theoretical exponents per tau, the omega(1,1,k) table, the lower bound's status",
+        description="Theoretical exponents, the omega(1,1,k) table, the status of the "
+        "conditional lower bound; with --load, the exponents fitted to a saved paper-regime run.",
+    )
+    theory.add_argument(
+        "--load", metavar="PATH", help="a JSON file from `dynattn bench --regime paper --json`"
+    )
+    _fit_arguments(theory)
     return parser
+
+
+def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the exponent fits, shared by ``bench`` and ``theory``."""
+    parser.add_argument(
+        "--fit-min-n",
+        type=int,
+        metavar="N",
+        help="fit the exponents to the sizes n >= N only (default: all sizes)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="REPS",
+        help="bootstrap resamples of the rounds for the exponent intervals (default 1000; 0: none)",
+    )
 
 
 def _given(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
@@ -263,23 +303,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from dynattn.sweep import run_bench
     from dynattn.theory import fit_records, format_fits
 
+    _check_fit_arguments(args)
     if args.load:
-        with open(args.load, encoding="utf-8") as fh:
-            result = json.load(fh)
-        if "records" not in result:
-            raise ValueError(f"--load: {args.load} has no 'records'; expected a file from --json")
-        if not result.get("fits"):
-            result["fits"] = fit_records(result["records"])
+        result = _load_result(args.load)
     else:
         cfg = _bench_config(args)
         result = run_bench(cfg, progress_mode=args.progress)
+        result["source"]["command"] = shlex.join(["dynattn", *getattr(args, "argv", [])])
     records = result["records"]
+    if any(r.get("regime") == "paper" for r in records):
+        result["fits"] = fit_records(records, min_n=args.fit_min_n, reps=args.bootstrap)
     print(f"machine: {format_machine(result.get('machine', {}))}")
     print()
     print(summary_table(records))
     if result.get("fits"):
         print()
-        print("exponent fits (paper regime, time ~ n^slope) vs theory:")
+        print("exponent fits (paper regime) vs theory:")
         print(format_fits(result["fits"]))
     if args.policy:
         result["policy"] = policy(records, args.policy)
@@ -293,9 +332,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         from dynattn._plots import write_plots
 
-        paths = write_plots(result, args.plot)
+        paths = write_plots(result, args.plot, figures=args.figures or FIGURES)
         print("wrote " + ", ".join(paths))
     return 0
+
+
+def _check_fit_arguments(args: argparse.Namespace) -> None:
+    if args.fit_min_n is not None:
+        check_scalar("--fit-min-n", args.fit_min_n, low=1)
+    check_scalar("--bootstrap", args.bootstrap, low=0)
+
+
+def _load_result(path: str) -> dict[str, Any]:
+    """A result written by ``dynattn bench --json``."""
+    with open(path, encoding="utf-8") as fh:
+        result = json.load(fh)
+    if not isinstance(result, dict) or "records" not in result:
+        raise ValueError(f"--load: {path} has no 'records'; expected a file from dynattn bench --json")
+    return result
 
 
 def _json_default(value: Any) -> Any:
@@ -327,9 +381,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
-def _cmd_theory() -> int:
+def _cmd_theory(args: argparse.Namespace) -> int:
     from dynattn._timing import format_table
-    from dynattn.theory import ALPHA, OMEGA_TABLES, omega_rect, query_exponent, update_exponent
+    from dynattn.theory import (
+        ALPHA,
+        LOWER_BOUND_STATUS,
+        OMEGA_TABLES,
+        fit_records,
+        format_fits,
+        omega_rect,
+        query_exponent,
+        update_exponent,
+    )
+
+    _check_fit_arguments(args)
+    fits = None
+    if args.load:
+        result = _load_result(args.load)
+        fits = fit_records(result["records"], min_n=args.fit_min_n, reps=args.bootstrap)
 
     rows = []
     for tau in (0.0, 0.25, ALPHA, 0.5, 0.75, 1.0):
@@ -362,6 +431,19 @@ def _cmd_theory() -> int:
     )
     for name, table in OMEGA_TABLES.items():
         print(f"  {name}: {table['citation']}")
+    print()
+    print(LOWER_BOUND_STATUS)
+    if fits is not None:
+        from dynattn.report import format_machine
+
+        print()
+        source = result.get("source", {})
+        print(
+            f"measured exponents from {args.load}"
+            + (f" ({source['commit']})" if source.get("commit") else "")
+        )
+        print(f"machine: {format_machine(result.get('machine', {}))}")
+        print(format_fits(fits))
     return 0
 
 
@@ -369,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynattn`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -377,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "bench":
             return _cmd_bench(args)
-        return _cmd_theory()
+        return _cmd_theory(args)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"dynattn {args.command}: error: {exc}", file=sys.stderr)
         return 2

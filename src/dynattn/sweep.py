@@ -50,6 +50,8 @@ faster). ``update_over_bound`` is ``update_s`` divided by the BLAS-3 bound
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -565,8 +567,38 @@ def total_steps(config: BenchConfig) -> int:
     return len(config.sizes) * (n_dyn + len(config.baselines) + config.repeats * per_round)
 
 
+def source_info() -> dict[str, Any]:
+    """The code a run measured: ``{"commit", "src_modified"}``.
+
+    ``commit`` is ``git rev-parse HEAD`` of the checkout the package was
+    imported from and ``src_modified`` whether ``src/`` differed from it
+    (both ``None`` outside a git checkout, e.g. an installed package).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", root, *argv], capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", "src") if commit else None
+    return {"commit": commit, "src_modified": bool(status) if status is not None else None}
+
+
 def run_bench(config: BenchConfig, progress_mode: str = "auto") -> dict[str, Any]:
-    """Run a whole sweep; return ``{"schema", "machine", "settings", "records", "fits"}``."""
+    """Run a whole sweep.
+
+    Returns
+    -------
+    dict
+        ``{"schema", "source", "machine", "settings", "elapsed_s", "records",
+        "fits"}``; ``source`` is :func:`source_info`.
+    """
     from dynattn.theory import fit_records
 
     dtype = resolve_dtype(config.dtype)
@@ -600,6 +632,7 @@ def run_bench(config: BenchConfig, progress_mode: str = "auto") -> dict[str, Any
     machine["foreign_load_max"] = max(loads) if loads else None
     return {
         "schema": SCHEMA,
+        "source": source_info(),
         "machine": machine,
         "settings": asdict(config),
         "elapsed_s": time.time() - started,

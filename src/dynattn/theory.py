@@ -10,8 +10,26 @@ update time by ``O(n^(omega(1,1,tau) - tau))`` and the worst-case query time by
   (:func:`omega_rect`);
 * gives the exponents the benchmarks compare against
   (:func:`update_exponent`, :func:`query_exponent`);
-* fits measured times against ``n`` on a log-log scale (:func:`fit_loglog`,
-  :func:`fit_records`).
+* fits measured times against ``n``: a plain log-log line
+  (:func:`fit_loglog`) and a fixed cost plus a power law,
+  ``t(n) = c0 + c1 * n**x`` (:func:`fit_cost_model`), with a bootstrap
+  interval for ``x`` over the per-round samples; :func:`fit_records` does both
+  for every group of a benchmark run.
+
+Why a cost model
+----------------
+A call into the structure costs a fixed few microseconds (Python dispatch,
+argument checks) whatever ``n`` is. Where that fixed part is a large share of
+the measured time, the log-log slope is pulled towards 0 and says little about
+the asymptotic exponent. ``c0 + c1 * n**x`` separates the two; ``x`` is then
+read off the part of the time that grows with ``n``. The fit minimizes the
+relative squared error ``sum(((t_i - c0 - c1 n_i**x) / t_i)**2)`` (timing noise
+is roughly proportional to the time) with ``c0, c1 >= 0``: for a fixed ``x``
+this is a linear least-squares problem in ``(c0, c1)``, so ``x`` is found by
+profiling the residual over a grid of exponents and refining around the best
+one. :func:`fit_records` reports how much of the time at the smallest and the
+largest size is the fixed part (``fixed_share``); where it is large at every
+size, the interval on ``x`` is wide, and that is the honest answer.
 
 Sources of the table
 --------------------
@@ -48,7 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -304,29 +322,339 @@ def fit_loglog(x: ArrayLike, y: ArrayLike) -> Fit:
     return Fit(slope, intercept, stderr, r2, int(xs.size), float(xs.max() / xs.min()))
 
 
+#: Exponents :func:`fit_cost_model` searches, and the step of its first grid.
+EXPONENT_RANGE = (0.02, 4.0)
+EXPONENT_STEP = 0.01
+#: Points of the second, finer grid around the best exponent of the first.
+_FINE_POINTS = 41
+
+
+@dataclass(frozen=True)
+class CostFit:
+    """Fixed cost plus a power law, ``t(n) = fixed + scale * n**exponent``.
+
+    Attributes
+    ----------
+    exponent : float
+        The fitted exponent ``x``.
+    fixed : float
+        ``c0``, the part of the time that does not grow with ``n`` (seconds).
+    scale : float
+        ``c1`` (seconds per ``n**exponent``).
+    low, high : float
+        Bootstrap percentile interval of ``exponent`` at confidence ``level``
+        (``nan`` without per-round samples to resample).
+    level : float
+        Confidence level of ``[low, high]``.
+    rss : float
+        Weighted residual sum of squares (relative errors squared, by default).
+    sizes : tuple of float
+        The ``n`` the fit used.
+    boundary : bool
+        True if the exponent ended on an edge of :data:`EXPONENT_RANGE` or the
+        fit found no term growing with ``n`` (``scale == 0``): then the data
+        do not determine ``x``.
+    reps : int
+        Bootstrap resamples behind ``[low, high]`` (0: none).
+    """
+
+    exponent: float
+    fixed: float
+    scale: float
+    low: float
+    high: float
+    level: float
+    rss: float
+    sizes: tuple[float, ...]
+    boundary: bool
+    reps: int
+
+    def predict(self, n: ArrayLike) -> np.ndarray:
+        """Fitted time at ``n`` (any shape)."""
+        return self.fixed + self.scale * np.asarray(n, dtype=np.float64) ** self.exponent
+
+    def fixed_share(self, n: ArrayLike) -> np.ndarray:
+        """Share of the fitted time at ``n`` that is the fixed cost, in ``[0, 1]``."""
+        total = self.predict(n)
+        return np.where(total > 0, self.fixed / np.where(total > 0, total, 1.0), 1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict, with the fixed share at the smallest and largest size."""
+        lo_n, hi_n = min(self.sizes), max(self.sizes)
+        return {
+            "exponent": self.exponent,
+            "low": self.low,
+            "high": self.high,
+            "level": self.level,
+            "fixed_s": self.fixed,
+            "scale": self.scale,
+            "rss": self.rss,
+            "sizes": list(self.sizes),
+            "boundary": self.boundary,
+            "reps": self.reps,
+            "fixed_share_smallest": float(self.fixed_share(lo_n)),
+            "fixed_share_largest": float(self.fixed_share(hi_n)),
+        }
+
+
+def _profile(u: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nonnegative weighted least squares of ``y ~ c0 + c1 * u`` for many ``u`` at once.
+
+    Parameters
+    ----------
+    u : (g, k) or (r, g, k) array
+        The regressor ``n**x`` at k sizes for g exponents, shared by all r
+        data sets or one set of g per data set.
+    y, w : (r, k) arrays
+        r data sets of times and their weights.
+
+    Returns
+    -------
+    rss, c0, c1 : (r, g) arrays
+        Residual and coefficients of the best fit with ``c0 >= 0``, ``c1 >= 0``:
+        the unconstrained solution where it is feasible, else the better of
+        the two faces ``c0 = 0`` and ``c1 = 0`` (the optimum of a convex
+        quadratic over the quadrant lies inside it or on one of them). The
+        residual is computed from the weighted moments, without forming the
+        residual vectors.
+    """
+    wy = w * y
+    if u.ndim == 2:
+        su, suu, suy = w @ u.T, w @ (u * u).T, wy @ u.T
+    else:
+        su = np.einsum("rk,rgk->rg", w, u)
+        suu = np.einsum("rk,rgk->rg", w, u * u)
+        suy = np.einsum("rk,rgk->rg", wy, u)
+    sw = w.sum(-1)[:, None]
+    sy = wy.sum(-1)[:, None]
+    syy = (wy * y).sum(-1)[:, None]
+
+    def rss_of(c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+        got = syy - 2 * c0 * sy - 2 * c1 * suy + c0 * c0 * sw + 2 * c0 * c1 * su + c1 * c1 * suu
+        return np.asarray(np.maximum(got, 0.0))
+
+    det = sw * suu - su * su
+    ok = det > 1e-12 * sw * suu
+    safe = np.where(ok, det, 1.0)
+    c1_free = (sw * suy - su * sy) / safe
+    c0_free = (sy - c1_free * su) / sw
+    free_ok = ok & (c0_free >= 0) & (c1_free >= 0)
+    # face c0 = 0: c1 = max(suy / suu, 0); face c1 = 0: c0 = sy / sw
+    zeros = np.zeros_like(suu)
+    c1_face = np.maximum(suy / suu, 0.0)
+    c0_face = np.broadcast_to(sy / sw, suu.shape)
+    rss_a = rss_of(zeros, c1_face)
+    rss_b = rss_of(c0_face, zeros)
+    use_a = rss_a <= rss_b
+    c0 = np.where(use_a, 0.0, c0_face)
+    c1 = np.where(use_a, c1_face, 0.0)
+    rss = np.where(use_a, rss_a, rss_b)
+    rss_f = rss_of(np.where(free_ok, c0_free, 0.0), np.where(free_ok, c1_free, 0.0))
+    better = free_ok & (rss_f <= rss)
+    return np.where(better, rss_f, rss), np.where(better, c0_free, c0), np.where(better, c1_free, c1)
+
+
+def _best_exponents(xn: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Profile fit of every row of ``y``.
+
+    Parameters
+    ----------
+    xn : (k,) array
+        Sizes divided by their maximum (so ``xn**x`` lies in (0, 1]).
+    y, w : (r, k) arrays
+        r data sets (times scaled to order 1) and their weights.
+
+    Returns
+    -------
+    x, c0, c1, rss : (r,) arrays
+        With ``c1`` in the units of ``xn``.
+    """
+    lo, hi = EXPONENT_RANGE
+    grid = np.arange(lo, hi + EXPONENT_STEP / 2, EXPONENT_STEP)
+    logx = np.log(xn)
+    u = np.exp(grid[:, None] * logx[None, :])  # (g, k)
+    rss, _, _ = _profile(u, y, w)
+    best = np.argmin(rss, axis=1)  # (r,)
+    # second pass: a fine grid of one coarse step either side of each row's best exponent
+    offsets = np.linspace(-EXPONENT_STEP, EXPONENT_STEP, _FINE_POINTS)
+    fine = np.clip(grid[best][:, None] + offsets[None, :], lo, hi)  # (r, f)
+    u2 = np.exp(fine[:, :, None] * logx[None, None, :])  # (r, f, k)
+    rss2, c0s, c1s = _profile(u2, y, w)
+    pick = np.argmin(rss2, axis=1)
+    rows = np.arange(y.shape[0])
+    return fine[rows, pick], c0s[rows, pick], c1s[rows, pick], rss2[rows, pick]
+
+
+def _check_sizes_times(x: ArrayLike, y: ArrayLike, name: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    if xs.ndim != 1 or ys.shape != xs.shape:
+        raise ValueError(f"x and {name}: expected 1-D arrays of equal length, got {xs.shape} and {ys.shape}")
+    if np.unique(xs).size < 3:
+        raise ValueError(
+            f"x: a fixed cost plus a power law needs at least three distinct sizes, got {xs.tolist()}"
+        )
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(xs > 0) and np.all(ys > 0)):
+        raise ValueError(f"x and {name}: expected finite positive values")
+    return xs, ys
+
+
+def _weights(ys: np.ndarray, sigma: ArrayLike | None) -> np.ndarray:
+    if sigma is None:
+        return 1.0 / ys**2
+    sig = np.asarray(sigma, dtype=np.float64)
+    if sig.shape != ys.shape or not np.all(np.isfinite(sig)) or not np.all(sig > 0):
+        raise ValueError(f"sigma: expected finite positive values of shape {ys.shape}")
+    return 1.0 / sig**2
+
+
+def fit_power_offset(x: ArrayLike, y: ArrayLike, sigma: ArrayLike | None = None) -> CostFit:
+    """Fit ``y = c0 + c1 * x**p`` (``c0, c1 >= 0``) by weighted least squares.
+
+    Parameters
+    ----------
+    x : (k,) array_like of positive floats
+        Sizes, at least three distinct.
+    y : (k,) array_like of positive floats
+        Times.
+    sigma : (k,) array_like, optional
+        Standard deviation of each ``y``; the residuals are divided by it.
+        Default: ``y`` itself, i.e. relative errors.
+
+    Returns
+    -------
+    CostFit
+        Without an interval (``low = high = nan``); see :func:`fit_cost_model`.
+
+    Notes
+    -----
+    For a fixed ``p`` the best ``(c0, c1)`` solve a 2 x 2 linear system (with
+    the sign constraints handled exactly), so the fit profiles the residual
+    over ``p`` on a grid of step :data:`EXPONENT_STEP` over
+    :data:`EXPONENT_RANGE` and then on a 20 times finer grid around the best
+    point.
+    """
+    xs, ys = _check_sizes_times(x, y)
+    w = _weights(ys, sigma)
+    x_max, y_max = float(xs.max()), float(ys.max())
+    ex, c0, c1, rss = _best_exponents(xs / x_max, (ys / y_max)[None, :], (w * y_max**2)[None, :])
+    p = float(ex[0])
+    lo, hi = EXPONENT_RANGE
+    scale = float(c1[0]) * y_max / x_max**p
+    boundary = scale <= 0.0 or p <= lo + 1e-9 or p >= hi - 1e-9
+    return CostFit(
+        exponent=p,
+        fixed=float(c0[0]) * y_max,
+        scale=scale,
+        low=math.nan,
+        high=math.nan,
+        level=math.nan,
+        rss=float(rss[0]),
+        sizes=tuple(float(v) for v in xs),
+        boundary=bool(boundary),
+        reps=0,
+    )
+
+
+def fit_cost_model(
+    sizes: ArrayLike,
+    samples: Sequence[ArrayLike],
+    *,
+    level: float = 0.95,
+    reps: int = 1000,
+    seed: int = 0,
+) -> CostFit:
+    """:func:`fit_power_offset` to per-size medians, with a bootstrap interval on the exponent.
+
+    Parameters
+    ----------
+    sizes : (k,) array_like
+        The sizes ``n``, at least three distinct.
+    samples : sequence of k 1-D array_likes
+        The timed samples at each size (one per interleaved round); they may
+        differ in length.
+    level : float
+        Confidence level of the interval, in (0, 1).
+    reps : int
+        Bootstrap resamples (0: no interval).
+    seed : int
+        Seed of the resampling, so a report is reproducible.
+
+    Returns
+    -------
+    CostFit
+        The point estimate is the fit to the medians. The interval is the
+        percentile interval of the exponents fitted to ``reps`` resampled data
+        sets: at every size, as many samples as were taken, drawn with
+        replacement, and their median. Sizes with a single sample contribute
+        that sample every time; if no size has two, there is no interval.
+    """
+    level = check_scalar("level", level, low=0.0, high=1.0, include_boundaries="neither")
+    reps = int(check_scalar("reps", reps, low=0))
+    xs = np.asarray(sizes, dtype=np.float64)
+    if len(samples) != xs.size:
+        raise ValueError(f"samples: expected one sequence per size ({xs.size}), got {len(samples)}")
+    arrays = [np.asarray(s, dtype=np.float64).ravel() for s in samples]
+    for i, arr in enumerate(arrays):
+        if arr.size == 0 or not np.all(np.isfinite(arr)) or not np.all(arr > 0):
+            raise ValueError(f"samples[{i}]: expected at least one finite positive time")
+    medians = np.array([float(np.median(a)) for a in arrays])
+    point = fit_power_offset(xs, medians)
+    if reps == 0 or all(a.size < 2 for a in arrays):
+        return point
+    rng = np.random.default_rng(seed)
+    boot = np.empty((reps, xs.size))
+    for i, arr in enumerate(arrays):
+        idx = rng.integers(0, arr.size, size=(reps, arr.size))
+        boot[:, i] = np.median(arr[idx], axis=1)
+    x_max = float(xs.max())
+    y_max = boot.max(axis=1, keepdims=True)
+    yb = boot / y_max
+    ex, _, _, _ = _best_exponents(xs / x_max, yb, 1.0 / yb**2)
+    low, high = np.quantile(ex, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return replace(point, low=float(low), high=float(high), level=level, reps=reps)
+
+
 #: A fit is reported as reliable with at least this many sizes spanning this factor.
 MIN_FIT_POINTS = 4
 MIN_FIT_SPAN = 4.0
 
 
-def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> list[dict[str, Any]]:
+def fit_records(
+    records: Iterable[Mapping[str, Any]],
+    impl: str = "dynamic",
+    *,
+    min_n: int | None = None,
+    reps: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
     """Exponent fits of ``update_s`` and ``query_s`` against ``n`` per (tau, storage, dtype).
 
     Parameters
     ----------
     records : iterable of benchmark records (see :mod:`dynattn.sweep`)
         Only records with ``impl == impl`` and ``regime == "paper"`` are used.
+        Records with ``update_s_samples`` / ``query_s_samples`` (the per-round
+        samples) give the cost-model fits a bootstrap interval.
     impl : str
         Implementation name to fit.
+    min_n : int, optional
+        Fit only the sizes ``n >= min_n`` (default: all).
+    reps, seed : int
+        Bootstrap resamples and seed (:func:`fit_cost_model`).
 
     Returns
     -------
     list of dict
-        One per group: ``tau``, ``storage``, ``dtype``, ``sizes``, ``update``
-        and ``query`` (:meth:`Fit.as_dict` or ``None``), ``reliable`` (at least
-        :data:`MIN_FIT_POINTS` sizes spanning :data:`MIN_FIT_SPAN`), and the
-        theoretical exponents ``theory_update_classical``,
-        ``theory_update_best``, ``theory_query``, ``theory_query_paper``.
+        One per group: ``tau``, ``storage``, ``dtype``, ``sizes`` (all
+        measured), ``fit_sizes`` (those fitted); ``update`` and ``query``: the
+        log-log line (:meth:`Fit.as_dict` or ``None``); ``update_model`` and
+        ``query_model``: the fixed cost plus power law with its interval
+        (:meth:`CostFit.as_dict`, ``None`` with fewer than three sizes);
+        ``reliable`` (at least :data:`MIN_FIT_POINTS` fitted sizes spanning
+        :data:`MIN_FIT_SPAN`), and the theoretical exponents
+        ``theory_update_classical``, ``theory_update_best``, ``theory_query``,
+        ``theory_query_paper``.
     """
     groups: dict[tuple[Any, Any, Any], list[Mapping[str, Any]]] = {}
     for rec in records:
@@ -337,21 +665,30 @@ def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> 
     for (tau, storage, dtype), recs in sorted(groups.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         recs = sorted(recs, key=lambda r: r["n"])
         sizes = [r["n"] for r in recs]
+        used = [r for r in recs if min_n is None or r["n"] >= min_n]
+        fit_sizes = [r["n"] for r in used]
         entry: dict[str, Any] = {
             "impl": impl,
             "tau": tau,
             "storage": storage,
             "dtype": dtype,
             "sizes": sizes,
+            "fit_sizes": fit_sizes,
         }
         for key, field in (("update", "update_s"), ("query", "query_s")):
-            pairs = [(r["n"], r[field]) for r in recs if r.get(field)]
+            timed = [r for r in used if r.get(field)]
             try:
-                entry[key] = fit_loglog([p[0] for p in pairs], [p[1] for p in pairs]).as_dict()
+                entry[key] = fit_loglog([r["n"] for r in timed], [r[field] for r in timed]).as_dict()
             except ValueError:
                 entry[key] = None
-        span = max(sizes) / min(sizes) if sizes else 0.0
-        entry["reliable"] = len(set(sizes)) >= MIN_FIT_POINTS and span >= MIN_FIT_SPAN
+            samples = [r.get(f"{field}_samples") or [r[field]] for r in timed]
+            try:
+                model = fit_cost_model([r["n"] for r in timed], samples, reps=reps, seed=seed)
+                entry[f"{key}_model"] = model.as_dict()
+            except ValueError:
+                entry[f"{key}_model"] = None
+        span = max(fit_sizes) / min(fit_sizes) if fit_sizes else 0.0
+        entry["reliable"] = len(set(fit_sizes)) >= MIN_FIT_POINTS and span >= MIN_FIT_SPAN
         entry["theory_update_classical"] = update_exponent(tau, "classical")
         entry["theory_update_best"] = update_exponent(tau, "best")
         entry["theory_query"] = query_exponent(tau)
@@ -360,34 +697,98 @@ def fit_records(records: Iterable[Mapping[str, Any]], impl: str = "dynamic") -> 
     return out
 
 
+def _show_slope(fit: Mapping[str, Any] | None) -> str:
+    if not fit:
+        return "n/a"
+    err = fit["stderr"]
+    return f"{fit['slope']:.2f}" + (f" +/- {err:.2f}" if math.isfinite(err) else "")
+
+
+def _show_model(model: Mapping[str, Any] | None) -> str:
+    if not model:
+        return "n/a"
+    text = f"{model['exponent']:.2f}"
+    if math.isfinite(model.get("low", math.nan)):
+        text += f" [{model['low']:.2f}, {model['high']:.2f}]"
+    if model.get("boundary"):
+        text += "*"
+    return text
+
+
+def _show_share(model: Mapping[str, Any] | None) -> str:
+    if not model:
+        return "n/a"
+    return f"{model['fixed_share_smallest']:.0%}..{model['fixed_share_largest']:.0%}"
+
+
 def format_fits(fits: Sequence[Mapping[str, Any]]) -> str:
-    """Plain-text table of :func:`fit_records` output next to the theoretical exponents."""
+    """Plain-text tables of :func:`fit_records` output next to the theoretical exponents.
+
+    Two tables, updates and queries. Each has the log-log slope, the exponent
+    ``x`` of the fixed cost plus power law with its bootstrap interval, the
+    fixed cost ``c0``, and the share of the fitted time that ``c0`` is at the
+    smallest and at the largest fitted size.
+    """
     if not fits:
         return "no paper-regime DynamicAttention records to fit"
-    head = (
-        f"{'tau':>5} {'storage':>8} {'sizes':>14} | {'update fit':>14} {'classical':>9} "
-        f"{'best-known':>10} | {'query fit':>14} {'theory':>6} {'paper':>5}"
+    level = next(
+        (f[k]["level"] for f in fits for k in ("update_model", "query_model") if f.get(k) and f[k]["reps"]),
+        None,
     )
-    lines = [head, "-" * len(head)]
-
-    def show(fit: Mapping[str, Any] | None) -> str:
-        if not fit:
-            return "n/a"
-        err = fit["stderr"]
-        return f"{fit['slope']:.2f}" + (f" +/- {err:.2f}" if math.isfinite(err) else "")
-
-    for f in fits:
-        sizes = f"{min(f['sizes'])}..{max(f['sizes'])}({len(f['sizes'])})"
-        flag = "" if f["reliable"] else "  (fewer than 4 sizes spanning 4x: indicative only)"
-        lines.append(
-            f"{f['tau']:>5.2f} {str(f['storage']):>8} {sizes:>14} | {show(f['update']):>14} "
-            f"{f['theory_update_classical']:>9.3f} {f['theory_update_best']:>10.3f} | "
-            f"{show(f['query']):>14} {f['theory_query']:>6.2f} "
-            f"{f['theory_query_paper']:>5.2f}{flag}"
+    ci = f"{level:.0%} CI" if level else "CI"
+    lines = []
+    for title, key, theory in (
+        ("updates (amortized)", "update", ("classical", "best-known")),
+        ("queries (one entry, T/2 pending)", "query", ("structure", "paper")),
+    ):
+        head = (
+            f"{'tau':>5} {'storage':>8} {'fitted sizes':>16} | {'log-log slope':>13} | "
+            f"{'x, c0 + c1 n^x [' + ci + ']':>28} {'c0':>8} {'c0 share':>10} | "
+            f"{theory[0]:>9} {theory[1]:>10}"
         )
+        lines += [f"{title}:", head, "-" * len(head)]
+        for f in fits:
+            fs = f.get("fit_sizes", f["sizes"])
+            sizes = f"{min(fs)}..{max(fs)}({len(fs)})" if fs else "-"
+            model = f.get(f"{key}_model")
+            c0 = f"{model['fixed_s'] * 1e6:.1f}us" if model else "n/a"
+            if key == "update":
+                th = f"{f['theory_update_classical']:>9.3f} {f['theory_update_best']:>10.3f}"
+            else:
+                th = f"{f['theory_query']:>9.2f} {f['theory_query_paper']:>10.2f}"
+            flag = "" if f["reliable"] else "  (fewer than 4 sizes spanning 4x: indicative only)"
+            lines.append(
+                f"{f['tau']:>5.2f} {str(f['storage']):>8} {sizes:>16} | {_show_slope(f.get(key)):>13} | "
+                f"{_show_model(model):>28} {c0:>8} {_show_share(model):>10} | {th}{flag}"
+            )
+        lines.append("")
     lines.append(
-        "classical: omega(1,1,tau)-tau with cubic multiplication (= 2); best-known: with the "
-        "VXXZ24/ADVXXZ24 bounds (asymptotic, not what BLAS runs); theory query: tau (O(T) "
-        "correction per entry); paper: 1+tau (the paper's worst case)."
+        "x: exponent of t(n) = c0 + c1*n^x fitted to the per-size medians (relative least squares, "
+        "c0, c1 >= 0), interval from resampling the rounds; * = x not determined (at the edge of "
+        f"[{EXPONENT_RANGE[0]:g}, {EXPONENT_RANGE[1]:g}] or no growing term). c0 share: fixed part of the "
+        "fitted time at the smallest..largest size. Updates: classical = omega(1,1,tau)-tau with "
+        "cubic multiplication (= 2), best-known = with the VXXZ24/ADVXXZ24 bounds (asymptotic, not "
+        "what BLAS runs). Queries: structure = tau (O(T) correction per entry), paper = 1+tau (the "
+        "paper's worst case)."
     )
     return "\n".join(lines)
+
+
+#: What the conditional lower bound says and its status, printed by ``dynattn theory``
+#: (the same text as docs/hardness.md, "Status of the conjecture").
+LOWER_BOUND_STATUS = """\
+Lower bound (conditional). van den Brand, Song and Zhou (arXiv 2304.02207): for a constant
+tau in (0, 1], no structure has amortized update time n^(omega(1,1,tau) - tau - eps) and query
+time n^(1 + tau - eps) at once, unless the Hinted Mv conjecture of van den Brand, Nanongkai
+and Saranurak (FOCS 2019) fails, in the variant whose hint is a 0/1 matrix with at most n^tau
+nonzeros. dynattn.hardness runs that reduction (docs/hardness.md).
+Status: Alman and Vassilevska Williams, "Truly Subquadratic 3SUM and Truly Subcubic APSP via
+Triangles in Sparse Lopsided Graphs", arXiv:2610.06783 (October 2026; a preprint, not peer
+reviewed; with a Lean formalization), claim (Corollary 40, Section 5.4) that the Hinted Mv
+conjectures, this variant included, fail for 0 < tau < 1/18 (phase 2 in O(n^(2 - 0.063 tau)),
+phase 3 in O(n^(1 + 0.437 tau)), 0/1 inputs on the word RAM), and with smaller savings for
+tau < ln 4/(5 ln 10) = 0.1204. For those tau the lower bound has no basis left; for larger tau,
+including every tau this library measures (>= 0.25), it stands as before, conditional on the
+conjecture. Neither gives a faster practical algorithm: the reduction runs from attention to
+Hinted Mv, not back, and the preprint's algorithm (integer inputs, a recursive fast-matrix-
+multiplication scheme) saves at most n^(0.063/18) = n^0.0035, a factor 1.08 at n = 10^9."""
