@@ -9,6 +9,24 @@ conjecture of Brand, Nanongkai and Saranurak. This module runs that reduction:
 ``query`` are used) as a black box, and :func:`hinted_mv_direct` is the plain
 Boolean computation it is checked against.
 
+What this shows, and its status. The reduction is an implication: a fast
+dynamic attention structure would be a fast Hinted Mv algorithm. The lower
+bound is therefore conditional on the Hinted Mv conjecture (van den Brand,
+Nanongkai, Saranurak, FOCS 2019; the variant whose phase-2 hint is a 0/1 matrix
+with at most ``n**tau`` nonzeros). A 2026 preprint, Alman and Vassilevska
+Williams, *Truly Subquadratic 3SUM and Truly Subcubic APSP via Triangles in
+Sparse Lopsided Graphs*, arXiv:2610.06783 (not peer reviewed; with a Lean
+formalization), claims in its Corollary 40 and Section 5.4 that these
+conjectures, this variant included, fail for ``0 < tau < 1/18`` (and with a
+smaller saving for ``tau < ln 4 / (5 ln 10) = 0.1204``), on the word RAM with
+0/1 inputs. For those tau the lower bound has no basis left; for larger tau,
+including every tau this library measures or tests (0.25 to 1), it stands,
+conditional as before. No faster practical algorithm follows: the reduction
+runs from attention to Hinted Mv only, and the preprint's algorithm works on
+integers and saves at most ``n**0.0035`` through a fast-matrix-multiplication
+recursion with large constants. ``docs/hardness.md``, "Status of the
+conjecture", says what was verified.
+
 Hinted Mv (Boolean semiring, ``0 < tau <= 1``)
     Phase 1: 0/1 matrices ``M: (n, n)`` and ``V: (n, n)`` (polynomial
     preprocessing). Phase 2: a 0/1 matrix ``P: (n, n)`` with at most
