@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dynattn import DynamicAttention
-from dynattn.baselines import Eager, OnDemand, Recompute
+from dynattn.baselines import Eager, OnDemand, Recompute, Rows
 from dynattn.testing import (
     TARGET,
     as_numpy,
@@ -341,7 +341,7 @@ def test_random_large_key_steps_stay_certified(seed):
 HUGE = {np.dtype(np.float64): 1e308, np.dtype(np.float32): 3e38}
 
 
-@pytest.mark.parametrize("cls", [DynamicAttention, Eager, Recompute, OnDemand])
+@pytest.mark.parametrize("cls", [DynamicAttention, Eager, Recompute, OnDemand, Rows])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_huge_finite_values_never_overflow(cls, dtype):
     """Every answer is a convex combination of values: any finite V answers finitely."""

@@ -108,3 +108,34 @@ def test_same_updates_give_the_same_answers(name, dtype):
     assert_attention_close(many, Q, K, V, rows=rows, cols=cols, **check)
     entries = np.array([att.query(int(i), int(j)) for i, j in zip(rows, cols, strict=True)])
     assert_attention_close(entries, Q, K, V, rows=rows, cols=cols, **check)
+
+
+@pytest.mark.parametrize("name", sorted(IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_same_updates_give_the_same_answers_with_heads(name, dtype):
+    """Leading head axes: entry updates name their head, row answers carry every head."""
+    dt = np.dtype(dtype)
+    parts = [random_problem(7, 9, 3, 4, seed=11 + h, logit_scale=2.0) for h in range(6)]
+    Q, K, V = (np.stack([p[k] for p in parts]).reshape(2, 3, *parts[0][k].shape) for k in range(3))
+    att = IMPLEMENTATIONS[name](Q, K, V, tau=0.5, scale=0.5, dtype=dtype)
+    assert att.batch_shape == (2, 3) and (att.n, att.m, att.d, att.e) == (7, 9, 3, 4)
+    Q, K, V = (x.astype(dt) for x in (Q, K, V))
+    for step, (kind, i, j, delta) in enumerate(UPDATES):
+        head = (step % 2, step % 3)
+        target = K if kind == "k" else V
+        target[head][i, j] = target[head][i, j] + dt.type(delta)
+        (att.update_k if kind == "k" else att.update_v)(i, j, delta, head=head)
+        ref = reference_attention(Q[head], K[head], V[head], scale=0.5)
+        tolerance = (1e-10 if dt == np.float64 else 1e-4) * np.abs(V[head][:, j].astype(np.float64)).max()
+        assert abs(att.query(i % 7, j, head=head) - ref[i % 7, j]) <= tolerance
+    np.testing.assert_array_equal(as_numpy(att.K), K)
+    np.testing.assert_array_equal(as_numpy(att.V), V)
+    out = as_numpy(att.output())
+    assert out.shape == (2, 3, 7, 4) and out.dtype == dt
+    rows = as_numpy(att.query_rows([6, 0]))
+    assert rows.shape == (2, 3, 2, 4)
+    for a in range(2):
+        for b in range(3):
+            check = {"scale": 0.5, "dtype": dtype, "context": f"{name} head {(a, b)}: "}
+            assert_attention_close(out[a, b], Q[a, b], K[a, b], V[a, b], **check)
+            assert_attention_close(rows[a, b], Q[a, b], K[a, b], V[a, b], rows=np.array([6, 0]), **check)

@@ -901,8 +901,8 @@ def _power_of_two_at_least(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     mantissa, exponent = np.frexp(np.where(x > 0, x, 1.0))
     # x = mantissa * 2**exponent with 0.5 <= mantissa < 1: 2**exponent >= x; exact powers stay
-    power = np.ldexp(1.0, np.where(mantissa == 0.5, exponent - 1, exponent))
-    return np.where(np.isfinite(power), power, 2.0**1023)
+    exponent = np.where(mantissa == 0.5, exponent - 1, exponent)
+    return np.ldexp(1.0, np.minimum(exponent, 1023))  # 2**1023: the largest power of two
 
 
 #: Baselines by name, for benchmarks and parametrized tests: each is called as
