@@ -82,6 +82,8 @@ BASELINE_ORDER = tuple(BASELINES)
 DTYPES = ("float64", "float32")
 #: Paper regime: entry updates of K, of V, or alternating.
 UPDATE_KINDS = ("k", "v", "kv")
+#: Environment variables that set the BLAS thread count (recorded with a run).
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 class Grid(TypedDict):
@@ -568,11 +570,12 @@ def total_steps(config: BenchConfig) -> int:
 
 
 def source_info() -> dict[str, Any]:
-    """The code a run measured: ``{"commit", "src_modified"}``.
+    """The code a run measured: ``{"commit", "src_modified", "env"}``.
 
     ``commit`` is ``git rev-parse HEAD`` of the checkout the package was
     imported from and ``src_modified`` whether ``src/`` differed from it
-    (both ``None`` outside a git checkout, e.g. an installed package).
+    (both ``None`` outside a git checkout, e.g. an installed package);
+    ``env`` holds the BLAS thread settings of the environment, if any.
     """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -587,7 +590,8 @@ def source_info() -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--", "src") if commit else None
-    return {"commit": commit, "src_modified": bool(status) if status is not None else None}
+    env = {k: os.environ[k] for k in BLAS_THREAD_VARIABLES if k in os.environ}
+    return {"commit": commit, "src_modified": bool(status) if status is not None else None, "env": env}
 
 
 def run_bench(config: BenchConfig, progress_mode: str = "auto") -> dict[str, Any]:
