@@ -167,7 +167,9 @@ def test_storage_auto_follows_memory_budget():
     Q, K, V = random_problem(8, 8, 2, 2)
     assert DynamicAttention(Q, K, V, storage="auto").storage == "dense"
     assert DynamicAttention(Q, K, V, storage="auto", memory_budget=100).storage == "implicit"
-    assert DynamicAttention(Q, K, V, storage="auto", memory_budget=8 * 8 * 8).storage == "dense"
+    dense = DynamicAttention(Q, K, V, storage="dense")
+    assert DynamicAttention(Q, K, V, memory_budget=dense.nbytes).storage == "dense"
+    assert DynamicAttention(Q, K, V, memory_budget=dense.nbytes - 1).storage == "implicit"
 
 
 # ---------------------------------------------------------------- randomized stress (weighted actions)

@@ -164,14 +164,53 @@ def test_causal_decoding_by_append(storage, dtype):
     rng = np.random.default_rng(6)
     for step in range(40):
         q, k, v = (rng.standard_normal((*heads, w)) for w in (d, d, e))
+        pending = att.pending
         query_index, key_index = att.append(q=q, k=k, v=v)
+        # no earlier query sees the new key: nothing becomes pending (the new row is exact)
+        assert att.pending == pending or att.pending == 0
         assert (query_index, key_index) == (model.Q.shape[-2], model.K.shape[-2])
         model.append_token(q, k, v)
+        if step % 3 == 1:  # an edit of an earlier token, so appends meet pending rows
+            c = int(rng.integers(model.K.shape[-2]))
+            k2, v2 = (rng.standard_normal((*heads, w)) for w in (d, e))
+            att.set_token(c, k=k2, v=v2)
+            model.K[..., c, :], model.V[..., c, :] = k2, v2
         if step % 5 == 0:
             att._check()
         model.check(att, context=f"append {step}: ")
     assert att.n == att.m == 42
     assert att.threshold == int(np.ceil(42**0.5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_auto_storage_switches_to_implicit_before_growing_past_the_budget(tmp_path, dtype):
+    heads, d, e = (2,), 4, 3
+    Q, K, V = problem(heads, 24, 24, d, e, seed=8, dtype=dtype)
+    budget = DynamicAttention(Q, K, V, dtype=dtype).nbytes + 1  # dense fits now, not after doubling
+    att = DynamicAttention(Q, K, V, tau=0.5, scale=0.5, dtype=dtype, causal=True, memory_budget=budget)
+    model = Model(Q, K, V, scale=0.5, causal=True, dtype=dtype)
+    assert att.storage == "dense"
+    rng = np.random.default_rng(9)
+    for step in range(30):
+        if step == 3:
+            att.set_token(5, k=rng.standard_normal((*heads, d)))  # a pending row across the switch
+            model.K[..., 5, :] = att.K[..., 5, :]
+        q, k, v = (rng.standard_normal((*heads, w)) for w in (d, d, e))
+        att.append(q=q, k=k, v=v)
+        model.append_token(q, k, v)
+        assert att.nbytes <= budget or att.storage == "implicit"
+        model.check(att, context=f"append {step}: ")
+    assert att.storage == "implicit" and att.stats["storage_switches"] == 1
+    att._check()
+    att.save(tmp_path / "grown.npz")
+    again = DynamicAttention.load(tmp_path / "grown.npz")
+    assert again.storage == "implicit" and again.config() == att.config()
+    model.check(again, context="loaded: ")
+    # an explicitly chosen storage is kept whatever the budget
+    fixed = DynamicAttention(Q, K, V, dtype=dtype, causal=True, storage="dense", memory_budget=budget)
+    for _ in range(30):
+        fixed.append(*(rng.standard_normal((*heads, w)) for w in (d, d, e)))
+    assert fixed.storage == "dense"
 
 
 @pytest.mark.parametrize("storage", STORAGES)

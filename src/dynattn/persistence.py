@@ -66,7 +66,15 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"
 _FIELDS = ("format", "class", "batch_shape", "sizes", "dtype", "storage", "pending", "stats")
 #: Options saved in meta (``DynamicAttention.config()`` less dtype, storage, batch_shape).
-_OPTIONS = {"tau": float, "scale": float, "tol": float, "certify": bool, "causal": bool}
+_OPTIONS = {
+    "tau": float,
+    "scale": float,
+    "tol": float,
+    "certify": bool,
+    "causal": bool,
+    "auto_storage": bool,
+    "memory_budget": float,
+}
 #: Prefix of the state arrays in the archive.
 _PREFIX = "state."
 

@@ -190,6 +190,27 @@ class AttentionState:
                 out[prefix + name] = (spec.axes, spec.shape(sizes), spec.resolved_dtype(np.dtype(dtype)))
         return out
 
+    @classmethod
+    def bytes_for(cls, sizes: dict[str, int], dtype: np.dtype, storage_class: type) -> int:
+        """Bytes that buffers of exactly ``sizes`` would hold with this storage strategy."""
+        arrays = cls.expected_arrays(sizes, dtype, storage_class).values()
+        return int(sum(int(np.prod(shape)) * dtype.itemsize for _axes, shape, dtype in arrays))
+
+    def capacity_after(self, **sizes: int) -> dict[str, int]:
+        """Allocated sizes of every axis after :meth:`resize` to ``sizes``."""
+        grown = {a: max(s, 2 * self._capacity[a]) for a, s in sizes.items() if s > self._capacity[a]}
+        return {**self.sizes, **self._capacity, **grown}
+
+    def replace_storage(self, storage: Any) -> None:
+        """Drop the current storage strategy's arrays and allocate ``storage``'s."""
+        self._buffers = {k: v for k, v in self._buffers.items() if not k.startswith("storage.")}
+        self._storage = storage
+        allocated = {**self.sizes, **self._capacity}
+        for key, owner, spec in self._declarations():
+            if key.startswith("storage."):
+                self._buffers[key] = (owner, spec, self._zeros(spec, spec.shape(allocated)))
+        self._reslice()
+
     def _zeros(self, spec: StateArray, shape: tuple[int, ...]) -> Any:
         zeros = self._xp.zeros if spec.device else np.zeros
         return zeros(shape, spec.resolved_dtype(self._dtype))
@@ -205,10 +226,10 @@ class AttentionState:
 
     def resize(self, **sizes: int) -> None:
         """Set the sizes of growable axes, doubling buffers that are too small."""
-        grow = {a: max(s, 2 * self._capacity[a]) for a, s in sizes.items() if s > self._capacity[a]}
+        allocated = self.capacity_after(**sizes)
+        grow = {a: allocated[a] for a in sizes if allocated[a] > self._capacity[a]}
         if grow:
             self._capacity.update(grow)
-            allocated = {**self.sizes, **self._capacity}
             for key, (owner, spec, buffer) in self._buffers.items():
                 if any(a in grow for a in spec.axes):
                     bigger = self._zeros(spec, spec.shape(allocated))
@@ -236,7 +257,8 @@ class AttentionState:
     @property
     def nbytes(self) -> int:
         """Bytes held by the buffers (including spare capacity)."""
-        return int(sum(self._xp.nbytes(buffer) for _, _, buffer in self._buffers.values()))
+        buffers = self._buffers.values()
+        return int(sum((self._xp if spec.device else HOST).nbytes(buffer) for _, spec, buffer in buffers))
 
     # ------------------------------------------------------------------ export / restore
     def export(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -304,4 +326,5 @@ STAT_NAMES = (
     "full_refreshes",
     "rows_rescaled",
     "fresh_columns",
+    "storage_switches",
 )

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dynattn.state import StateArray
+from dynattn.state import AttentionState, StateArray
 
 #: ``compute(c, new_key)``: column c of every head as folded ``(H, n)`` and, when
 #: ``new_key: (H, d)`` is given, the masked logits of that new key ``(H, n)`` (else None).
@@ -171,8 +171,10 @@ STORAGES: dict[str, type[DenseStorage] | type[ImplicitStorage]] = {
 }
 
 
-def choose_storage(name: str, n: int, m: int, dtype: np.dtype, memory_budget: int) -> str:
-    """Resolve ``"auto"``: dense when the ``heads*n*m`` weights fit ``memory_budget`` bytes."""
+def choose_storage(name: str, sizes: dict[str, int], dtype: np.dtype, memory_budget: float) -> str:
+    """Resolve ``"auto"``: dense when the whole state with dense weights, at ``sizes``
+    (axes as in :mod:`dynattn.state`), fits ``memory_budget`` bytes."""
     if name != "auto":
         return name
-    return "dense" if n * m * dtype.itemsize <= memory_budget else "implicit"
+    dense_bytes = AttentionState.bytes_for(sizes, np.dtype(dtype), DenseStorage)
+    return "dense" if dense_bytes <= memory_budget else "implicit"

@@ -51,7 +51,7 @@ from dynattn._validation import (
 from dynattn.backends import NumpyBackend
 from dynattn.certificate import UNIT_ROUNDOFF
 from dynattn.state import AttentionState
-from dynattn.storage import STORAGES, choose_storage
+from dynattn.storage import STORAGES, DenseStorage, ImplicitStorage, choose_storage
 
 #: Pending slots allocated up front; more are added by doubling, up to the threshold.
 INITIAL_SLOTS = 64
@@ -63,6 +63,10 @@ FAR_SHIFT = 700.0
 #: error (half a subnormal step, or all of it when it underflowed) that growth magnifies,
 #: so every stored weight's absolute error stays below ``tiny * e**MAX_COLUMN_GROWTH``.
 MAX_COLUMN_GROWTH = 32.0
+#: Value units within this range let an exact row recomputation scale its product by the
+#: units instead of the m value rows: no product or sum can overflow, and an underflowing
+#: product errs by at most 2**-1015 of a unit, below the weight floor the bound charges.
+UNIT_RANGE = (2.0**-60, 2.0**60)
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Saved-file format version (``save`` / ``load``).
@@ -108,9 +112,13 @@ class DynamicAttention(ValidatedInputs):
     storage : {"auto", "dense", "implicit"}, keyword-only
         ``dense`` keeps the n*m weights (O(n) per entry update of K);
         ``implicit`` keeps none (O(n*d) per first touch of a key row);
-        ``auto`` is dense when ``heads*n*m*itemsize <= memory_budget``.
+        ``auto`` is dense while the whole state (``nbytes``, spare capacity
+        included) fits ``memory_budget``, and switches to implicit when growth
+        (``append``) would take it past the budget.
     memory_budget : int, keyword-only
-        Bytes allowed for dense weights under ``storage="auto"`` (default 1 GiB).
+        Bytes the state may take with dense storage under ``storage="auto"``
+        (default 1 GiB); it decides between the strategies and is re-applied
+        whenever the state grows. Implicit storage is used whatever its size.
     tol : float, keyword-only
         Certification tolerance on the incremental error, relative to
         ``max|V[:, j]|`` (default 1e-11 for float64, 1e-5 for float32).
@@ -179,18 +187,18 @@ class DynamicAttention(ValidatedInputs):
                 )
             visible = mask.copy()
         H = int(np.prod(self.batch_shape, dtype=np.int64))
-        storage_name = choose_storage(storage, H * n, m, self._dtype, int(budget))
+        threshold = fold_threshold(m, tau)
+        # pending slots are allocated as they fill (capacity doubles up to the threshold)
+        sizes = {"H": H, "n": n, "m": m, "d": d, "e": e, "S": min(threshold, INITIAL_SLOTS)}
         self._configure(
             tau=tau,
             tol=tol,
             certify=certify,
             causal=causal,
-            storage=storage_name,
+            storage=choose_storage(storage, sizes, self._dtype, budget),
             batch_shape=self.batch_shape,
+            memory_budget=budget if storage == "auto" else None,
         )
-        threshold = fold_threshold(m, tau)
-        # pending slots are allocated as they fill (capacity doubles up to the threshold)
-        sizes = {"H": H, "n": n, "m": m, "d": d, "e": e, "S": min(threshold, INITIAL_SLOTS)}
         given = [x.reshape(H, *x.shape[-2:]) for x in (self._Q, self._K, self._V)]
         self._state = s = AttentionState(self._xp, self._dtype, sizes, self._storage)
         self._after_resize()
@@ -223,9 +231,12 @@ class DynamicAttention(ValidatedInputs):
         causal: bool,
         storage: str,
         batch_shape: tuple[int, ...],
+        memory_budget: float | None,
     ) -> None:
         """Options and the constants derived from them (shared by ``__init__`` and ``load``)."""
         self._tau, self._certify, self._causal = tau, certify, causal
+        #: bytes the state may take with dense storage (None: the storage was chosen by name)
+        self._memory_budget = memory_budget
         self._tol = cert.DEFAULT_TOL[self._dtype] if tol is None else tol
         self.batch_shape = tuple(batch_shape)
         self._H = int(np.prod(self.batch_shape, dtype=np.int64))
@@ -257,8 +268,24 @@ class DynamicAttention(ValidatedInputs):
         self._V = s.V.reshape(*self.batch_shape, self.m, self.e)
 
     def _resize(self, **sizes: int) -> None:
-        self._state.resize(**sizes)
+        """Grow or shrink axes; under ``storage="auto"``, switch dense storage to implicit
+        before growing past ``memory_budget`` (the dense weights are dropped, not copied)."""
+        s = self._state
+        if self._memory_budget is not None and self._storage.name == "dense":
+            capacity = s.capacity_after(**sizes)
+            if AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
+                self._switch_to_implicit()
+        s.resize(**sizes)
         self._after_resize()
+
+    def _switch_to_implicit(self) -> None:
+        """Drop the dense weights. The pending rows' folded columns came from them exactly,
+        so no pending slot counts as recomputed (``refreshed_slots = t``)."""
+        s = self._state
+        self._storage = ImplicitStorage(self._xp)
+        s.replace_storage(self._storage)
+        s.refreshed_slots[...] = s.t
+        s.stats["storage_switches"] += 1
 
     # ================================================================== the paper's operations
     def update_k(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
@@ -767,14 +794,13 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         position = s.next_position
         s.next_position += 1
-        key_index = None
+        key_index = self.m if k is not None else None
+        query_index = self.n if q_row is not None else None
+        # both axes grow in one pass (a new query row's state is set by its refresh below)
+        self._resize(**{"m": self.m + (k is not None), "n": self.n + (q_row is not None)})
         if k is not None:
-            key_index = self.m
             self._append_key(k_row, v_row, position)
-        query_index = None
         if q_row is not None:
-            query_index = self.n
-            self._resize(n=self.n + 1)
             s.query_pos[query_index] = position
             s.visible_keys[query_index] = self._count_visible_keys(np.array([query_index]))[0]
             self._apply_query_row(query_index, q_row)
@@ -851,20 +877,29 @@ class DynamicAttention(ValidatedInputs):
         self._refresh(np.arange(self._H), np.full(self._H, i))
 
     def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
-        """A new key-value row: a pending row whose folded column and values are zero."""
+        """A new key-value row: a pending row whose folded column and values are zero.
+
+        When no query row can see it yet (``causal``: every row has an earlier
+        position), its weight column is exactly zero and the snapshot is already
+        exact without it: no pending row is opened and nothing of size n is
+        computed; a query row appended later is computed exactly, key included.
+        """
         s, xp = self._state, self._xp
-        c = self.m
-        self._resize(m=c + 1)
-        s.threshold = max(s.threshold, fold_threshold(c + 1, self._tau))
+        c = self.m - 1  # the caller made room
+        s.threshold = max(s.threshold, fold_threshold(self.m, self._tau))
         s.K[:, c] = xp.asarray(k)
         s.V[:, c] = xp.asarray(v)
         s.sync_float64_copies(K=c, V=c)
         self._note_key_row(c, k)
         s.key_visible[c] = True
         s.key_pos[c] = position
-        s.visible_keys[self._rows_seeing_position(position)] += 1
+        seeing = self._rows_seeing_position(position)
+        s.visible_keys[seeing] += 1
         self._storage.append_column(c)
         H = self._H
+        if self._causal and not seeing.any():
+            self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
+            return
         slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), np.zeros(H), new_row=True)
         self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
         s.pending_new_values[:, slot] = self._scaled_values(c)
@@ -1041,7 +1076,11 @@ class DynamicAttention(ValidatedInputs):
             # are set, and its folded values are 0): exactly 0 where the values did not change
             value_delta = s.pending_new_values[h, :t] - s.pending_old_values[h, :t]
             units = xp.asarray(s.value_unit[h])
-            values = s.V64[h] / units  # the value side is kept in units (no overflow)
+            # the value side is kept in units of value_unit (no overflow for any finite V);
+            # for units in a moderate range the product is divided instead of all m rows,
+            # which is the same float64 computation scaled by powers of two
+            moderate = UNIT_RANGE[0] <= s.value_unit[h].min() and s.value_unit[h].max() <= UNIT_RANGE[1]
+            values = s.V64[h] if moderate else s.V64[h] / units
             for start in range(0, positions.size, block):
                 where = positions[start : start + block]
                 part = rows[where]
@@ -1055,6 +1094,8 @@ class DynamicAttention(ValidatedInputs):
                 self._round_to_dtype(weights)
                 z = xp.sum(weights, 1)
                 full = weights @ values
+                if moderate:
+                    full /= units
                 out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
                 if t:
                     full -= weights[:, pending_rows] @ value_delta
@@ -1153,6 +1194,8 @@ class DynamicAttention(ValidatedInputs):
             "dtype": self._dtype.name,
             "storage": self._storage.name,
             "batch_shape": list(self.batch_shape),
+            "auto_storage": self._memory_budget is not None,
+            "memory_budget": float(self._memory_budget or 0.0),
         }
 
     @classmethod
@@ -1186,6 +1229,7 @@ class DynamicAttention(ValidatedInputs):
             causal=bool(config["causal"]),
             storage=config["storage"],
             batch_shape=tuple(config["batch_shape"]),
+            memory_budget=float(config["memory_budget"]) if config["auto_storage"] else None,
         )
         self._state = AttentionState.restore(xp, self._dtype, self._storage, arrays, numbers)
         self._after_resize()
