@@ -46,7 +46,6 @@ anything changes and calls a small set of hooks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -461,10 +460,10 @@ class Baseline(ValidatedInputs):
         return heads
 
 
-def _stack(xp: Any, parts: list[Any]) -> Any:
+def _stack(xp: Any, parts: list[Any], axis: int = 0) -> Any:
     if xp.name == "numpy":
-        return np.stack(parts)
-    return xp.torch.stack(parts)
+        return np.stack(parts, axis=axis)
+    return xp.torch.stack(parts, dim=axis)
 
 
 class Recompute(Baseline):
@@ -620,7 +619,7 @@ class Eager(Baseline):
     """
 
     IGNORED = ("tau", "tol", "certify")
-    _Wf: Any  # (H, n, m) weights, dense storage
+    _WTf: Any  # (H, m, n) weights, key-major (a key's column is contiguous), dense storage
     _Nf: Any  # (H, n, e) numerator in value units, float64
     _Zf: Any  # (H, n) row sums, float64
     _muf: Any  # (H, n) stabilizers, float64
@@ -663,7 +662,7 @@ class Eager(Baseline):
         ):
             self._allocate(name, axes, dtype)
         if storage == "dense":
-            self._allocate("W", ("H", "n", "m"), self._dtype)
+            self._allocate("WT", ("H", "m", "n"), self._dtype)
         else:
             self._allocate("Q64", ("H", "n", "d"), f64)
             self._allocate("K64", ("H", "m", "d"), f64)
@@ -713,14 +712,20 @@ class Eager(Baseline):
         xp: Any = self._xp
         step = max(1, _CHUNK_BYTES // max(1, 8 * self.m))
         values = self._scaled_values(h)
+        contiguous = (
+            rows.size > 0 and rows[-1] - rows[0] == rows.size - 1 and bool(np.all(np.diff(rows) == 1))
+        )
         for a in range(0, rows.size, step):
-            chunk = xp.index(rows[a : a + step])
+            part = rows[a : a + step]
+            # a range of rows as a slice: strided block copies instead of a gather
+            chunk = slice(int(part[0]), int(part[-1]) + 1) if contiguous else xp.index(part)
             logits = self._logits(h, chunk)
             mu = xp.amax(logits, 1)
             weights = xp.exp(logits - mu[:, None])
             if self._storage == "dense":
-                self._Wf[h, chunk] = weights
-                weights = xp.astype(self._Wf[h, chunk], xp.float64)
+                stored = self._WTf[h]
+                stored[:, chunk] = xp.swap_last(weights)
+                weights = xp.astype(xp.swap_last(stored[:, chunk]), xp.float64)
             elif weights.dtype != xp.float64:  # pragma: no cover - implicit logits are float64
                 weights = xp.astype(weights, xp.float64)
             self._muf[h, chunk] = xp.astype(mu, xp.float64)
@@ -736,32 +741,40 @@ class Eager(Baseline):
         self._unit[h] = _power_of_two_at_least(self._vmax[h])
         self._refresh_rows(h, np.arange(self.n))
 
-    def _check_rows(self, h: int, forced: Any = None) -> None:
-        """Recompute the rows of head h whose rounding bound fails (or ``forced``: over the limit)."""
+    def _check_rows(self, hs: slice, forced: Any = None) -> None:
+        """Recompute the rows of heads ``hs`` whose rounding bound fails, or ``forced`` ones
+        (a logit over the limit): ``(h', n)`` booleans or None."""
         xp: Any = self._xp
-        ratio = float(np.max(self._vpeak[h] / np.maximum(self._vmax[h], np.finfo(np.float64).tiny)))
-        ratio = max(ratio, 1.0) if math.isfinite(ratio) else 1e300
-        bad = 2 * (self._driftf[h] + self.m * self._tiny) * ratio > self._tol * self._Zf[h]
+        peak = self._vpeak[hs] / np.maximum(self._vmax[hs], np.finfo(np.float64).tiny)
+        ratio = np.minimum(np.maximum(peak.max(axis=1), 1.0), 1e300)  # (h',) values shrank by
+        slack = 2 * (self._driftf[hs] + self.m * self._tiny) * xp.asarray(ratio)[:, None]
+        bad = slack > self._tol * self._Zf[hs]
         if forced is not None:
             bad = bad | forced
         if not bool(bad.any()):
             return
-        rows = xp.nonzero(bad)[0]
-        if rows.size > self.n // 4:
-            self._refresh_head(h)
-        else:
-            self._refresh_rows(h, rows)
+        which, rows = xp.nonzero(bad)
+        heads = np.arange(self._H)[hs]
+        for b in np.unique(which).tolist():
+            mine = rows[which == b]
+            if mine.size > self.n // 4:
+                self._refresh_head(int(heads[b]))
+            else:
+                self._refresh_rows(int(heads[b]), mine)
 
     # ------------------------------------------------------------------ the rank-1 updates
-    def _column(self, h: int, key: Any) -> tuple[Any, Any]:
-        """(weights, excess) of key row ``key: (d,)`` against every query of head h: ``(n,)``
-        float64 weights ``exp(min(l - mu, L))`` and the boolean rows over the limit L."""
+    def _column(self, hs: slice, keys: Any) -> tuple[Any, Any]:
+        """Weights of key rows ``keys: (h', d)`` (one per head of ``hs``) against every query:
+        ``(h', n)`` float64 ``exp(min(l - mu, L))`` as stored, and the rows over the limit L."""
         xp: Any = self._xp
+        heads = range(self._H)[hs]
         if self._storage == "dense":
-            logits = xp.astype(self._Qf[h] @ xp.asarray(key), xp.float64) * self._typed_scale
+            logits = _stack(xp, [self._Qf[h] @ xp.asarray(keys[b]) for b, h in enumerate(heads)])
+            logits = xp.astype(logits, xp.float64) * self._typed_scale
         else:
-            logits = (self._Q64f[h] @ xp.asarray(key)) * self._scale
-        excess = logits - self._muf[h]
+            logits = _stack(xp, [self._Q64f[h] @ xp.asarray(keys[b]) for b, h in enumerate(heads)])
+            logits *= self._scale
+        excess = logits - self._muf[hs]
         over = excess > self._limit
         if bool(over.any()):
             excess = xp.where(over, self._limit, excess)
@@ -770,93 +783,112 @@ class Eager(Baseline):
             weights = xp.astype(xp.astype(weights, self._dtype), xp.float64)  # as stored
         return weights, over
 
-    def _old_column(self, h: int, c: int) -> tuple[Any, Any]:
-        """The weights of key c in head h as they are in N and Z, and the bound on their
+    def _old_column(self, hs: slice, c: int) -> tuple[Any, Any]:
+        """The weights ``(h', n)`` of key c as they are in N and Z, and the bound on their
         difference from those (implicit storage recomputes them: rounding of the logits)."""
         xp: Any = self._xp
         if self._storage == "dense":
-            column = self._Wf[h, :, c]
+            column = self._WTf[hs, c]
             # a copy even when the weights are float64 (torch's .to() would alias them)
             return (xp.copy(column) if self._dtype == np.float64 else xp.astype(column, xp.float64)), 0.0
-        weights, _ = self._column(h, self._K64f[h, c])
-        k_norm = float(xp.sqrt(xp.sum(self._K64f[h, c] * self._K64f[h, c], 0)))
+        keys = self._K64f[hs, c]
+        weights, _ = self._column(hs, keys)
+        k_norm = xp.sum(keys * keys, 1) ** 0.5
         gamma = self.d * self._u64 / (1 - self.d * self._u64)
-        return weights, weights * (4 * gamma * abs(self._scale) * k_norm * self._qnormf[h] + 4 * self._u64)
+        rate = 4 * gamma * abs(self._scale) * k_norm[:, None] * self._qnormf[hs] + 4 * self._u64
+        return weights, weights * rate
 
-    def _change(self, h: int, c: int, key: Any = None, value: Any = None, old: Any = None) -> None:
-        """Head h's key and/or value row c become ``key: (d,)`` / ``value: (e,)`` (host rows in
-        the working dtype); ``old``: the (weights, mismatch) of the old column (default:
-        read). N, Z and the drift bounds follow by rank-1 updates."""
+    def _change(self, hs: slice, c: int, keys: Any = None, values: Any = None, old: Any = None) -> None:
+        """Key and/or value row c of heads ``hs`` become ``keys: (h', d)`` / ``values: (h', e)``
+        (host rows in the working dtype); ``old``: the (weights, mismatch) of the old column
+        (default: read). N, Z and the rounding bounds follow by rank-1 updates."""
         xp: Any = self._xp
-        w_old, mismatch = self._old_column(h, c) if old is None else old
-        v_old = self._scaled_values_row(h, c)
-        if value is not None:
-            self._raise_units(h, value)
-            v_old = self._scaled_values_row(h, c)  # in the (possibly new) units
-            previous = xp.to_numpy(self._Vf[h, c]).astype(np.float64)
-            self._Vf[h, c] = xp.asarray(value)
-            self._note_values(h, previous, value)
-        v_new = self._scaled_values_row(h, c)
-        over = None
-        if key is not None:
-            self._Kf[h, c] = xp.asarray(key)
+        w_old, mismatch = self._old_column(hs, c) if old is None else old
+        if values is not None:
+            self._raise_units(hs, values)
+        v_old = self._scaled_row(hs, c)
+        if values is not None:
+            previous = xp.to_numpy(self._Vf[hs, c]).astype(np.float64)
+            self._Vf[hs, c] = xp.asarray(values)
+            self._note_values(hs, previous, values)
+        v_new = self._scaled_row(hs, c) if values is not None else v_old
+        N, Z, over, w_new = self._Nf[hs], self._Zf[hs], None, w_old
+        if keys is not None:
+            self._Kf[hs, c] = xp.asarray(keys)
             if self._storage == "implicit":
-                self._K64f[h, c] = xp.asarray(key.astype(np.float64))
-            w_new, over = self._column(h, key if self._storage == "dense" else key.astype(np.float64))
+                self._K64f[hs, c] = xp.asarray(keys.astype(np.float64))
+            w_new, over = self._column(hs, keys if self._storage == "dense" else keys.astype(np.float64))
             if self._storage == "dense":
-                self._Wf[h, :, c] = xp.astype(w_new, self._dtype)
-            diff = w_new - w_old
-            self._Nf[h] += diff[:, None] * v_new[None, :]
-            self._Zf[h] += diff
+                self._WTf[hs, c] = xp.astype(w_new, self._dtype)
+            Z += w_new - w_old
+        if keys is not None and values is not None:  # N += w_new v_new^T - w_old v_old^T
+            N += _stack(xp, [w_new, -w_old], 2) @ _stack(xp, [v_new, v_old], 1)
+        elif keys is not None:
+            N += (w_new - w_old)[:, :, None] * v_new[:, None, :]
         else:
-            w_new = w_old
-        if value is not None:
-            self._Nf[h] += w_old[:, None] * (v_new - v_old)[None, :]
-        self._driftf[h] += 2 * self._u64 * (self._Zf[h] + w_new + 2 * w_old) + mismatch
-        self._check_rows(h, over)
+            N += w_old[:, :, None] * (v_new - v_old)[:, None, :]
+        self._driftf[hs] += 2 * self._u64 * (Z + w_new + 2 * w_old) + mismatch
+        self._check_rows(hs, over)
 
-    def _scaled_values_row(self, h: int, c: int) -> Any:
+    def _scaled_row(self, hs: slice, c: int) -> Any:
+        """Value row c of heads ``hs`` in units, ``(h', e)`` float64."""
         xp: Any = self._xp
-        return xp.astype(self._Vf[h, c], xp.float64) / xp.asarray(self._unit[h])
+        return xp.astype(self._Vf[hs, c], xp.float64) / xp.asarray(self._unit[hs])
 
-    def _raise_units(self, h: int, value: np.ndarray) -> None:
-        """Raise head h's value units to cover ``value`` (N rescaled by powers of two)."""
-        peak = np.maximum(self._vpeak[h], np.abs(value.astype(np.float64)))
-        units = np.maximum(self._unit[h], _power_of_two_at_least(peak))
-        self._vpeak[h] = peak
-        if np.array_equal(units, self._unit[h]):
+    def _raise_units(self, hs: slice, values: np.ndarray) -> None:
+        """Raise the value units of heads ``hs`` to cover ``values: (h', e)`` (N rescaled by
+        powers of two)."""
+        peak = np.maximum(self._vpeak[hs], np.abs(values.astype(np.float64)))
+        units = np.maximum(self._unit[hs], _power_of_two_at_least(peak))
+        self._vpeak[hs] = peak
+        if np.array_equal(units, self._unit[hs]):
             return
-        self._Nf[h] *= self._xp.asarray(self._unit[h] / units)[None, :]
-        self._driftf[h] += float(np.finfo(np.float64).smallest_subnormal)
-        self._unit[h] = units
+        N = self._Nf[hs]
+        N *= self._xp.asarray(self._unit[hs] / units)[:, None, :]
+        self._driftf[hs] += float(np.finfo(np.float64).smallest_subnormal)
+        self._unit[hs] = units
 
-    def _note_values(self, h: int, previous: np.ndarray, value: np.ndarray) -> None:
-        """Keep ``max|V[h, :, j]|`` current after a value row of head h went from
-        ``previous`` to ``value`` (already stored)."""
-        new, old = np.abs(value.astype(np.float64)), np.abs(previous)
-        shrunk = (old >= self._vmax[h]) & (new < old)  # the row held the column's maximum
-        self._vmax[h] = np.maximum(self._vmax[h], new)
+    def _note_values(self, hs: slice, previous: np.ndarray, values: np.ndarray) -> None:
+        """Keep ``max|V[h, :, j]|`` current after a value row of heads ``hs`` went from
+        ``previous`` to ``values`` (already stored), both ``(h', e)``."""
+        new, old = np.abs(values.astype(np.float64)), np.abs(previous)
+        vmax = self._vmax[hs]
+        shrunk = (old >= vmax) & (new < old)  # the row held the column's maximum
+        np.maximum(vmax, new, out=vmax)
         if shrunk.any():  # recompute those columns' maxima
             xp: Any = self._xp
-            cols = np.flatnonzero(shrunk)
-            current = xp.to_numpy(xp.amax(xp.abs(xp.astype(self._Vf[h][:, xp.index(cols)], xp.float64)), 0))
-            self._vmax[h, cols] = current
+            heads = np.arange(self._H)[hs]
+            for b in np.flatnonzero(shrunk.any(axis=1)).tolist():
+                cols = np.flatnonzero(shrunk[b])
+                column = xp.astype(self._Vf[int(heads[b])][:, xp.index(cols)], xp.float64)
+                vmax[b, cols] = xp.to_numpy(xp.amax(xp.abs(column), 0))
 
     # ------------------------------------------------------------------ hooks
     def _apply_k(self, h: int, i: int, j: int, new: Any) -> None:
         key = self._xp.to_numpy(self._Kf[h, i]).copy()
         key[j] = new
-        self._change(h, i, key=key)
+        self._change(slice(h, h + 1), i, keys=key[None])
 
     def _apply_v(self, h: int, i: int, j: int, new: Any) -> None:
-        value = self._xp.to_numpy(self._Vf[h, i]).copy()
-        value[j] = new
-        self._change(h, i, value=value)
+        """One value entry: O(n) dense (one column of N), O(n*d) implicit."""
+        xp: Any = self._xp
+        hs = slice(h, h + 1)
+        value = xp.to_numpy(self._Vf[h, i]).astype(np.float64)
+        previous = value.copy()
+        value[j] = float(new)
+        self._raise_units(hs, value[None])
+        w_old, mismatch = self._old_column(hs, i)
+        self._Vf[h, i, j] = float(new)
+        self._note_values(hs, previous[None], value[None])
+        step = (float(new) - float(previous[j])) / float(self._unit[h, j])
+        column = self._Nf[h, :, j]
+        column += w_old[0] * step
+        self._driftf[hs] += 2 * self._u64 * (self._Zf[hs] + 2 * w_old) + mismatch
+        self._check_rows(hs)
 
     def _apply_token(self, i: int, q: Any, k: Any, v: Any) -> None:
         if k is not None or v is not None:
-            for h in range(self._H):
-                self._change(h, i, key=None if k is None else k[h], value=None if v is None else v[h])
+            self._change(slice(None), i, keys=k, values=v)
         if q is not None:
             xp: Any = self._xp
             self._Qf[:, i] = xp.asarray(q)
@@ -874,9 +906,8 @@ class Eager(Baseline):
             self._Vf[:, c] = 0
             if self._storage == "implicit":
                 self._K64f[:, c] = 0
-            zero = xp.zeros((self.n,), xp.float64)
-            for h in range(self._H):
-                self._change(h, c, key=k[h], value=v[h], old=(zero, 0.0))
+            zero = xp.zeros((self._H, self.n), xp.float64)
+            self._change(slice(None), c, keys=k, values=v, old=(zero, 0.0))
         if q is not None:
             self._apply_token(self.n - 1, q, None, None)
 
