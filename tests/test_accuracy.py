@@ -402,3 +402,21 @@ def test_append_whose_key_moves_a_stabilizer_beyond_a_subnormal_factor(storage, 
     att._check()
     np.testing.assert_allclose(as_numpy(att.output()), [[5.0, -3.0], [1.0, 2.0]], rtol=1e-12)
     assert att.query(0, 0) == pytest.approx(5.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_subnormal_values_answer_to_full_relative_accuracy(storage):
+    """Values in float64's subnormal range: their value unit is tiny, and an exact row
+    recomputation must keep the value side in units (a product w * v of subnormals would
+    keep only a few significant bits)."""
+    rng = np.random.default_rng(3)
+    n, m = 5, 7
+    Q, K = rng.standard_normal((n, 2)), rng.standard_normal((m, 2)) * 3
+    V = rng.integers(1, 1 << 20, (m, 3)).astype(np.float64) * 5e-324  # subnormal, 20 significant bits
+    att = DynamicAttention(Q, K, V, storage=storage)
+    att.set_query(2, rng.standard_normal(2))  # an exact recomputation of row 2
+    Q[2] = att.Q[2]
+    expected = reference_attention(Q, K, V, precise=True)
+    scale = np.abs(V).max(axis=0)
+    error = np.abs(as_numpy(att.output()) - expected) / scale
+    assert error.max() <= 1e-9, error.max()

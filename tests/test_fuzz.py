@@ -209,6 +209,7 @@ class Mirror:
         self.V = np.array(V, dtype=self.dtype).reshape(heads, *V.shape[-2:])
         n, m = self.n, self.m
         self.visible = np.ones(m, dtype=bool) if key_mask is None else np.array(key_mask, dtype=bool)
+        self.free = np.zeros(m, dtype=bool)  # deleted keys: the next key append reuses the lowest
         self.query_position = np.arange(n)
         self.key_position = np.arange(m)
         self.next_position = max(n, m)
@@ -227,11 +228,21 @@ class Mirror:
         """``array[h, c, j] += delta`` in the storage dtype (the structure's rounding)."""
         array[h, c, j] = self.dtype.type(array[h, c, j]) + self.dtype.type(delta)
 
+    def key_index_of_append(self) -> int:
+        """The index the next appended key takes: the lowest deleted one, else a new one."""
+        free = np.flatnonzero(self.free)
+        return int(free[0]) if free.size else self.m
+
     def append(self, q: np.ndarray | None, k: np.ndarray | None, v: np.ndarray | None) -> None:
         """A new token at the next position: query row ``q`` and/or key-value pair ``k, v`` ``(H, width)``."""
         position = self.next_position
         self.next_position += 1
-        if k is not None:
+        if k is not None and self.free.any():
+            c = self.key_index_of_append()
+            self.K[:, c], self.V[:, c] = k.astype(self.dtype), v.astype(self.dtype)
+            self.visible[c], self.free[c], self.key_position[c] = True, False, position
+        elif k is not None:
+            self.free = np.append(self.free, False)
             self.K = np.concatenate([self.K, k[:, None].astype(self.dtype)], axis=1)
             self.V = np.concatenate([self.V, v[:, None].astype(self.dtype)], axis=1)
             self.visible = np.append(self.visible, True)
@@ -555,9 +566,14 @@ class Fuzzer:
         given_rows = {
             p: self.row_argument(rng, r) for p, r in (("q", q), ("k", k), ("v", v)) if r is not None
         }
-        expected = (mirror.n if q is not None else None, mirror.m if k is not None else None)
+        expected = (
+            mirror.n if q is not None else None,
+            mirror.key_index_of_append() if k is not None else None,
+        )
         indices = self.call("append", **given_rows)
         assert tuple(indices) == expected, (indices, expected)
+        if expected[1] is not None:
+            self.dominant_keys.pop(expected[1], None)  # a reused index holds a new key
         mirror.append(q, k, v)
 
     def can_append(self) -> bool:
@@ -568,10 +584,10 @@ class Fuzzer:
         return n < MAX_ROWS or m < MAX_ROWS
 
     def delete_key(self, rng: np.random.Generator) -> None:
-        """Hide a key (possibly one already hidden)."""
+        """Delete a key (possibly one already hidden): hidden, its index free for an append."""
         c = int(rng.integers(self.mirror.m))
         self.call("delete_key", c)
-        self.mirror.visible[c] = False
+        self.mirror.visible[c], self.mirror.free[c] = False, True
 
     def set_key_mask(self, rng: np.random.Generator) -> None:
         """Show a hidden key again (mostly), or set a random key's visibility."""
@@ -702,6 +718,8 @@ class Fuzzer:
         """``set_key_mask(c, visible)`` on the structure and the mirror."""
         self.call("set_key_mask", c, visible)
         self.mirror.visible[c] = visible
+        if visible:
+            self.mirror.free[c] = False  # showing a deleted key keeps it
 
     def move_key(self, rng: np.random.Generator, c: int, target: np.ndarray) -> None:
         """Move key row ``c`` of every head to ``target: (H, d)``, by ``set_key`` or entry updates."""

@@ -124,6 +124,7 @@ class AttentionState:
     query_pos = StateArray("n", np.int64, device=False)
     key_pos = StateArray("m", np.int64, device=False)
     key_visible = StateArray("m", bool, device=False)
+    key_free = StateArray("m", bool, device=False)  # deleted: a later append may reuse the index
     visible_keys = StateArray("n", np.int64, device=False)  # how many keys each query row sees
     # -- certificate bookkeeping (docs/accuracy.md) ---------------------------------------
     refreshed_slots = StateArray("Hn", np.int64, device=False)  # slots set by the row's last refresh

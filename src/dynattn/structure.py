@@ -491,13 +491,18 @@ class DynamicAttention(ValidatedInputs):
         i = check_index("i", i, self.n, axis="query rows, n")
         return self._rows_all_heads(np.array([i]))[..., 0, :]
 
-    def query_rows(self, rows: Any) -> np.ndarray:
+    def query_rows(self, rows: Any, *, return_lse: bool = False) -> Any:
         """``O[..., rows, :]`` for every head, a new ``(*batch, len(rows), e)`` array.
 
+        With ``return_lse=True``, also each row's log-sum-exp (natural log) of its
+        visible scaled logits, ``(*batch, len(rows))`` (-inf for a row that sees no
+        key): the ``(O, LSE)`` state that :func:`dynattn.merge_states` combines with
+        attention over other keys. It is certified with the row: its absolute error is
+        at most the row's relative denominator bound plus the logit rounding.
         Runtime complexity: O(H*len(rows)*t*e), vectorized.
         """
         rows = check_index_array("rows", rows, self.n, axis="query rows, n")
-        return self._rows_all_heads(rows)
+        return self._rows_all_heads(rows, check_flag("return_lse", return_lse))
 
     def query_many(self, rows: Any, cols: Any, *, heads: Any = None) -> np.ndarray:
         """``O[heads[k]][rows[k], cols[k]]`` for every k, a new ``(len(rows),)`` array.
@@ -513,12 +518,13 @@ class DynamicAttention(ValidatedInputs):
         head_index = self._head_indices(heads, rows.size)
         return self._xp.astype(self._answer_entries(head_index, rows, cols), self._output_dtype)
 
-    def output(self) -> np.ndarray:
-        """The whole attention output ``O: (*batch, n, e)``, as a new array.
+    def output(self, *, return_lse: bool = False) -> Any:
+        """The whole attention output ``O: (*batch, n, e)``, as a new array (with
+        ``return_lse=True`` also ``LSE: (*batch, n)``, as in :meth:`query_rows`).
 
         Runtime complexity: O(H*n*t*e).
         """
-        return self._rows_all_heads(np.arange(self.n))
+        return self._rows_all_heads(np.arange(self.n), check_flag("return_lse", return_lse))
 
     def error_bound(self, i: int, *, head: Any = None) -> float:
         """Bound on ``|answer - exact| / max|V[:, j]|`` for answers about row ``i``.
@@ -544,9 +550,13 @@ class DynamicAttention(ValidatedInputs):
         output_rounding = self._xp.unit_roundoff(self._output_dtype)
         return (incremental + fresh) * (1 + output_rounding) + output_rounding
 
-    def _rows_all_heads(self, rows: np.ndarray) -> np.ndarray:
-        out = self._answer_rows(rows)
-        return self._xp.astype(out.reshape(*self.batch_shape, rows.size, self.e), self._output_dtype)
+    def _rows_all_heads(self, rows: np.ndarray, return_lse: bool = False) -> Any:
+        xp = self._xp
+        out, lse = self._answer_rows(rows, return_lse)
+        out = xp.astype(out.reshape(*self.batch_shape, rows.size, self.e), self._output_dtype)
+        if not return_lse:
+            return out
+        return out, xp.astype(lse.reshape(*self.batch_shape, rows.size), self._output_dtype)
 
     def _answer_entry(self, h: int, i: int, j: int) -> float:
         """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
@@ -598,9 +608,10 @@ class DynamicAttention(ValidatedInputs):
             answer[xp.index(np.flatnonzero(doubtful))] = exact[where.ravel(), cols[doubtful]]
         return answer
 
-    def _answer_rows(self, rows: np.ndarray) -> np.ndarray:
-        """O[:, rows, :] for every head, ``(H, k, e)``. Runtime complexity: O(H*k*t*e):
-        one einsum for few rows, one BLAS-3 GEMM per head for many."""
+    def _answer_rows(self, rows: np.ndarray, return_lse: bool = False) -> tuple[Any, Any]:
+        """O[:, rows, :] for every head, ``(H, k, e)``, and (when asked, else None) each
+        row's log-sum-exp ``(H, k)``. Runtime complexity: O(H*k*t*e): one einsum for few
+        rows, one BLAS-3 GEMM per head for many."""
         s, xp = self._state, self._xp
         t, H, k = s.t, self._H, rows.size
         numerator = s.N[:, rows]
@@ -627,7 +638,14 @@ class DynamicAttention(ValidatedInputs):
         if doubtful.any():
             bad_heads, bad_rows = np.nonzero(doubtful)
             answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
-        return answer
+        if not return_lse:
+            return answer, None
+        denominator = denominator.reshape(H, k)
+        if doubtful.any():  # recomputed rows: the pending terms cancel, the sum is Z
+            denominator[bad_heads, bad_rows] = s.Z[bad_heads, rows[bad_rows]]
+        seen = xp.asarray(s.visible_keys[rows] > 0)[None, :]
+        lse = s.mu[:, rows] + xp.log(xp.where(seen, denominator, 1.0))
+        return answer, xp.where(seen, lse, -math.inf)
 
     # ------------------------------------------------------------------ the certificate
     def _row_bounds(self, heads: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
@@ -776,10 +794,12 @@ class DynamicAttention(ValidatedInputs):
         """Add a token: a query row ``q: (*batch, d)`` and/or a key-value pair ``k, v``.
 
         The new rows get the next position (for ``causal``). With ``causal=True``
-        a token is all three rows. Capacity grows by doubling (amortized O(1)
-        reallocation). Returns ``(query_index, key_index)`` (None for what was
-        not added). Runtime complexity: O(H*n*d) for a key (one column of
-        scores, folded later), O(H*m*(d+e)) for a query (its row, exactly).
+        a token is all three rows. A key takes the lowest index that
+        ``delete_key`` released, else a new one at the end (capacity doubles:
+        amortized O(1) reallocation). Returns ``(query_index, key_index)`` (None
+        for what was not added). Runtime complexity: O(H*n*d) for a key that
+        earlier queries see (one column of scores, folded later), O(H*d) for one
+        they cannot see (causal), O(H*m*(d+e)) for a query (its row, exactly).
         """
         if (k is None) != (v is None):
             raise ValueError("append: expected k and v together (a key-value pair), got only one")
@@ -788,46 +808,110 @@ class DynamicAttention(ValidatedInputs):
         if self._causal and (q is None or k is None):
             raise ValueError("append: a causal structure appends whole tokens; expected q, k and v")
         q_row = None if q is None else self._valid_query_row("q", q)
-        if k is not None:
-            k_row = self._valid_key_row("k", k)
-            v_row = self._valid_row("v", v, self.e).reshape(self._H, self.e)
+        k_row = None if k is None else self._valid_key_row("k", k)
+        v_row = None if v is None else self._valid_row("v", v, self.e).reshape(self._H, self.e)
+        return self._append(q_row, k_row, v_row)
+
+    def slide(self, k: Any, v: Any, *, window: int, sinks: int = 0, q: Any = None) -> tuple[int | None, int]:
+        """One step of a sliding window: append a key-value pair (and optionally a query
+        row ``q``), then delete the oldest live keys until ``window`` remain besides the
+        first ``sinks`` live keys (attention sinks, never evicted).
+
+        The evicted keys' indices are reused by later appends, so memory stays bounded
+        by the window plus the pending threshold. Returns ``append``'s
+        ``(query_index, key_index)``. Runtime complexity: that of ``append`` plus
+        O(H*n) per evicted key and O(m) to find the oldest.
+        """
+        window = int(check_scalar("window", window, low=1.0))
+        sinks = int(check_scalar("sinks", sinks, low=0.0))
+        if self._causal and q is None:
+            raise ValueError("slide: a causal structure appends whole tokens; expected q, k and v")
+        q_row = None if q is None else self._valid_query_row("q", q)
+        k_row = self._valid_key_row("k", k)
+        v_row = self._valid_row("v", v, self.e).reshape(self._H, self.e)
+        s = self._state
+        live = np.flatnonzero(~s.key_free)
+        # evict first, so that the new key reuses an evicted index (the capacity stays put)
+        evict = live.size + 1 - window - sinks
+        if evict > 0:
+            by_age = live[np.argsort(s.key_pos[live], kind="stable")]
+            for c in by_age[sinks : sinks + evict].tolist():
+                self._hide_key(c, free=True)
+                self._fold_if_full()
+        query_index, key_index = self._append(q_row, k_row, v_row)
+        assert key_index is not None
+        return query_index, key_index
+
+    def _append(
+        self, q: np.ndarray | None, k: np.ndarray | None, v: np.ndarray | None
+    ) -> tuple[int | None, int | None]:
+        """``append`` after validation: a freed key index is reused before the state grows."""
         s = self._state
         position = s.next_position
         s.next_position += 1
-        key_index = self.m if k is not None else None
-        query_index = self.n if q_row is not None else None
+        free = np.flatnonzero(s.key_free) if k is not None else ()
+        reuse = int(free[0]) if len(free) else None
         # both axes grow in one pass (a new query row's state is set by its refresh below)
-        self._resize(**{"m": self.m + (k is not None), "n": self.n + (q_row is not None)})
-        if k is not None:
-            self._append_key(k_row, v_row, position)
-        if q_row is not None:
+        self._resize(**{"m": self.m + (k is not None and reuse is None), "n": self.n + (q is not None)})
+        key_index = query_index = None
+        if k is not None and v is not None:
+            key_index = self.m - 1 if reuse is None else reuse
+            if reuse is None:
+                self._append_key(k, v, position)
+            else:
+                self._reuse_key(reuse, k, v, position)
+        if q is not None:
+            query_index = self.n - 1
             s.query_pos[query_index] = position
             s.visible_keys[query_index] = self._count_visible_keys(np.array([query_index]))[0]
-            self._apply_query_row(query_index, q_row)
+            self._apply_query_row(query_index, q)
         self._fold_if_full()
         return query_index, key_index
 
     def delete_key(self, c: int) -> None:
-        """Hide key c from every query (its mask bit off); other indices do not move.
-
-        Runtime complexity: O(H*n), plus the fold.
+        """Delete key c: hide it from every query and release index c, which a later
+        ``append`` may reuse for a new key (other indices never move; a key's causal
+        position is not its index). Runtime complexity: O(H*n) (O(H*n*d) on a first touch
+        in implicit storage), plus the fold.
         """
-        self.set_key_mask(c, False)
+        c = check_index("c", c, self.m, axis="key rows, m")
+        self._hide_key(c, free=True)
+        self._fold_if_full()
 
     def set_key_mask(self, c: int, visible: bool) -> None:
-        """Show or hide key c (a key padding mask update). Runtime complexity: O(H*n*d), plus the fold."""
+        """Show or hide key c (a key padding mask update; showing a deleted key keeps it).
+
+        Runtime complexity: O(H*n*d) to show, O(H*n) to hide, plus the fold.
+        """
         c = check_index("c", c, self.m, axis="key rows, m")
         visible = check_flag("visible", visible)
         s = self._state
-        if bool(s.key_visible[c]) == visible:
+        if not visible:
+            self._hide_key(c, free=bool(s.key_free[c]))
+        elif not s.key_visible[c]:
+            slot = self._slot_for(c)
+            s.key_free[c] = False
+            self._set_key_visible(c, True)
+            self._set_fresh_columns(slot, c, np.arange(self._H))
+            s.key_changed[slot] = True
+        self._fold_if_full()
+
+    def _hide_key(self, c: int, *, free: bool) -> None:
+        """Hide key c (its weights become 0); ``free`` releases its index for reuse."""
+        s = self._state
+        s.key_free[c] = free
+        if not s.key_visible[c]:
             return
         slot = self._slot_for(c)
+        self._set_key_visible(c, False)
+        self._set_fresh_columns(slot, c, np.arange(self._H))
+        s.key_changed[slot] = True
+
+    def _set_key_visible(self, c: int, visible: bool) -> None:
+        s = self._state
         s.key_visible[c] = visible
         s.all_keys_visible = bool(s.key_visible.all())
         s.visible_keys[self._rows_seeing_position(int(s.key_pos[c]))] += 1 if visible else -1
-        self._set_fresh_columns(slot, c, np.arange(self._H))
-        s.key_changed[slot] = True
-        self._fold_if_full()
 
     def delete_query(self, i: int) -> None:
         """Remove query row i; rows after it move up by one.
@@ -906,6 +990,35 @@ class DynamicAttention(ValidatedInputs):
         self._set_fresh_columns(slot, c, np.arange(H))
         s.key_changed[slot] = s.value_changed[slot] = True
 
+    def _reuse_key(self, c: int, k: np.ndarray, v: np.ndarray, position: int) -> None:
+        """A new key-value pair in the freed (hidden) index ``c`` at ``position``."""
+        s = self._state
+        # the folded column of a hidden key is 0; a pending slot must be opened under the old
+        # mask (before the key shows again) so that it records exactly that
+        slot = s.slot_of.get(c)
+        s.key_free[c] = False
+        s.key_pos[c] = position
+        if self._causal and not np.any(s.query_pos >= position):
+            # no row sees it: its weights stay 0 (pending or folded), only the inputs change
+            s.key_visible[c] = True
+            s.all_keys_visible = bool(s.key_visible.all())
+            s.K[:, c] = self._xp.asarray(k)
+            s.sync_float64_copies(K=c)
+            self._note_key_row(c, k)
+            old = np.abs(self._xp.to_numpy(s.V64[:, c]))
+            s.V[:, c] = self._xp.asarray(v)
+            s.sync_float64_copies(V=c)
+            self._note_new_values(old, np.abs(v.astype(np.float64)))
+            if slot is not None:
+                s.pending_new_values[:, slot] = self._scaled_values(c)
+                s.value_changed[slot] = True
+            return
+        if slot is None:
+            self._slot_for(c)
+        self._set_key_visible(c, True)
+        self._apply_key_row(c, k)
+        self._apply_value_row(c, v)
+
     def _note_key_row(self, c: int, k: np.ndarray) -> None:
         """Host bookkeeping after key row c became ``k: (H, d)``: norms and their max."""
         s = self._state
@@ -981,6 +1094,10 @@ class DynamicAttention(ValidatedInputs):
         ``mu`` (computed here unless given); moves ``mu`` up first where a weight would exceed
         the limit."""
         s, xp = self._state, self._xp
+        if not s.key_visible[c]:  # a hidden key weighs 0 for every row
+            s.pending_new_columns[heads, slot] = 0.0
+            s.column_error[heads, slot] = s.column_growth[heads, slot] = s.column_max[heads, slot] = 0.0
+            return
         if logits is None:
             logits = self._masked_logits(heads, c)
         exponent = logits - s.mu[heads]
@@ -1406,6 +1523,7 @@ class DynamicAttention(ValidatedInputs):
         assert np.all(s.drift >= 0), f"negative drift at {np.argwhere(s.drift < 0)[:3].tolist()}"
         # masks and positions
         assert s.all_keys_visible == bool(s.key_visible.all())
+        assert not np.any(s.key_free & s.key_visible), "a deleted key is visible"
         assert np.array_equal(s.visible_keys, self._count_visible_keys(np.arange(n))), "visible_keys"
         # pending weight columns: in range, rounded to the dtype, bounded by column_max
         new, old = s.pending_new_columns[:, :t], s.pending_old_columns[:, :t]
