@@ -849,8 +849,8 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         position = s.next_position
         s.next_position += 1
-        free = np.flatnonzero(s.key_free) if k is not None else ()
-        reuse = int(free[0]) if len(free) else None
+        free = np.flatnonzero(s.key_free) if k is not None else np.zeros(0, np.int64)
+        reuse = int(free[0]) if free.size else None
         # both axes grow in one pass (a new query row's state is set by its refresh below)
         self._resize(**{"m": self.m + (k is not None and reuse is None), "n": self.n + (q is not None)})
         key_index = query_index = None
