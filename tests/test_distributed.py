@@ -173,7 +173,7 @@ def test_answers_match_the_reference_through_edits_and_kills(ray, by, shards, bu
         ray, Q, K, V, shards=shards, by=by, scale=SCALE, tau=0.6, edits_per_call=2, replay_budget=budget
     )
     with mirror.sharded as att:
-        assert isinstance(att, AttentionMaintainer) and len(att.layout) == shards
+        assert isinstance(att, AttentionMaintainer) and att.shards == len(att.actors) == shards
         mirror.check("start: ")
         stream(mirror, 12, kill_at={5: 0}, check_every=4)
         assert att.stats["restarts"] == 1 and att.last_recovery_seconds > 0

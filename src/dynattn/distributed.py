@@ -87,12 +87,20 @@ def _path(name: str, value: Any) -> str | None:
 
 #: The runtime's options (constructor and :meth:`ShardedAttention.load`): name -> (default, check).
 RUNTIME_OPTIONS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {
+    # queued edits a shard gets in one call when no answer is due first (also a settable property)
     "edits_per_call": (8, _count(1)),
+    # seconds of shard work a recovery may replay; None: 10x the last checkpoint's time, at least 1 s
     "replay_budget": (None, lambda name, v: None if v is None else check_scalar(name, v, low=0.0)),
+    # ... and bytes of logged arrays
     "max_log_bytes": (256 << 20, _count(0)),
+    # deaths of one shard in a row before a call gives up
     "max_restarts": (3, _count(0)),
+    # CPUs Ray reserves per actor
     "cpus_per_shard": (1.0, lambda name, v: check_scalar(name, v, low=0.0)),
+    # the actor's BLAS/OpenMP threads, set in its runtime_env: "auto" is cpus_per_shard rounded up;
+    # None keeps Ray's default and starts actors faster (no runtime_env)
     "blas_threads": ("auto", lambda name, v: v if v is None or v == "auto" else _count(1)(name, v)),
+    # where checkpoints go (shared by the nodes of a cluster); None: a temporary folder
     "checkpoint_dir": (None, _path),
 }
 
@@ -249,18 +257,9 @@ class ShardedAttention(ValidatedInputs):
         initialized in this process; None starts a local one.
     **options
         ``DynamicAttention``'s options (``tau``, ``scale``, ``dtype``, ``storage``,
-        ``memory_budget`` per shard, ``tol``, ``certify``, ``causal``,
-        ``key_mask``; ``backend`` only None, "auto" or "numpy"), and the
-        runtime's (:data:`RUNTIME_OPTIONS`): ``edits_per_call`` (8: queued
-        edits a shard gets in one call when no answer is due first; also a
-        settable property), ``replay_budget`` (seconds of shard work a
-        recovery may replay; None: ten times the last checkpoint's time, at
-        least 1 s), ``max_log_bytes`` (256 MiB), ``max_restarts`` (3 deaths of
-        one shard in a row before a call gives up), ``cpus_per_shard`` (1,
-        reserved by Ray per actor), ``blas_threads`` (the actor's BLAS/OpenMP
-        threads via its ``runtime_env``; "auto" is ``cpus_per_shard`` rounded
-        up, None leaves Ray's default and starts actors faster),
-        ``checkpoint_dir`` (default: a temporary folder removed by :meth:`close`).
+        ``memory_budget`` per shard, ``tol``, ``certify``, ``causal``, ``key_mask``;
+        ``backend`` only None, "auto" or "numpy"), and the runtime's, listed
+        with their defaults in :data:`RUNTIME_OPTIONS`.
 
     Runtime complexity: construction O(H*n*m*(d+e)/shards) per shard, in
     parallel, plus moving ``Q, K, V`` to the shards.
@@ -296,8 +295,9 @@ class ShardedAttention(ValidatedInputs):
         by = check_choice("by", by, ("heads", "rows", "auto"))
         self._H, self._tau, self._causal = probe.heads, probe.tau, probe.causal
         self._helper = self._make_helper()
+        inputs = {"Q": self._Q, "K": self._K, "V": self._V}
         self._buffers = {
-            x: np.ascontiguousarray(a.reshape(self._H, *a.shape[-2:])) for x, a in self._inputs()
+            x: np.ascontiguousarray(a.reshape(self._H, *a.shape[-2:])) for x, a in inputs.items()
         }
         self._buffers["k_norms"] = k_norms = cert.norms(self._buffers["K"])
         self._q_norm_max, self._k_norm_max = float(cert.norms(self._Q).max()), float(k_norms.max())
@@ -326,9 +326,6 @@ class ShardedAttention(ValidatedInputs):
         return {
             name: check(name, given.get(name, default)) for name, (default, check) in RUNTIME_OPTIONS.items()
         }
-
-    def _inputs(self) -> list[tuple[str, np.ndarray]]:
-        return [("Q", self._Q), ("K", self._K), ("V", self._V)]
 
     def _make_helper(self) -> DynamicAttention:
         """A one-row ``DynamicAttention`` of the same heads, dtype and scale, whose argument checks
@@ -652,11 +649,6 @@ class ShardedAttention(ValidatedInputs):
     def shards(self) -> int:
         """Number of shard actors."""
         return len(self._shards)
-
-    @property
-    def layout(self) -> list[dict[str, tuple[int, int]]]:
-        """Per shard, its flat heads and query rows: ``{"heads": (h0, h1), "rows": (r0, r1)}``."""
-        return [{"heads": s.heads, "rows": (s.rows[0], s.rows[1])} for s in self._shards]
 
     @property
     def actors(self) -> tuple[Any, ...]:
