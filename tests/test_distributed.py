@@ -263,6 +263,8 @@ def test_rejected_calls_raise_like_a_single_structure_and_change_nothing(ray):
         ("update_v", (0, 0, np.inf), {"head": 0}, ValueError, "delta"),
         ("update_k_many", ([0, 1], [0], [1.0, 1.0]), {"heads": [0, 0]}, ValueError, "rows, cols, deltas"),
         ("update_k_many", ([0, 1], [0, 0], [1.0, np.inf]), {"heads": [0, 0]}, ValueError, "deltas"),
+        ("update_k_many", ([0, 1], [0, 0], [1.0, 1e151]), {"heads": [0, 3]}, ValueError, "deltas"),
+        ("update_k", (0, 0, 1e151), {"head": 1}, ValueError, "delta"),
         ("update_v_many", ([0], [0], [1.0]), {"heads": [0, 1]}, ValueError, "heads"),
         ("set_key_mask", (0, 1), {}, TypeError, "visible"),
         ("query", (N, 0), {"head": 0}, IndexError, "i"),

@@ -992,17 +992,24 @@ class ShardedAttention(ValidatedInputs):
         if values.size and not np.isfinite(values.astype(np.float64)).all():
             raise ValueError("deltas: expected finite values, got NaN or inf")
         array = self._buffers[target]
-        trial: dict[tuple[int, int, int], Any] = {}
+        trial: dict[tuple[int, int], dict[int, Any]] = {}  # (head, row) -> {column: new value}
         norms: dict[tuple[int, int], float] = {}
         for h, c, j, delta in zip(flat.tolist(), rows.tolist(), cols.tolist(), values.tolist(), strict=True):
-            old = trial.get((h, c, j), array[h, c, j])
-            trial[h, c, j] = new = self._checked_sum(name, old, delta, target)
-            if target == "K":
+            changed = trial.setdefault((h, c), {})
+            old = changed.get(j, array[h, c, j])
+            changed[j] = new = self._checked_sum(name, old, delta, target)
+            if target == "K":  # DynamicAttention's range checks: each step, then each row as a whole
                 before = norms.get((h, c), float(self._k_norms[h, c]))
                 norms[h, c] = norm = cert.updated_norm(before, float(old), float(new))
                 self._helper._guard_logit_reach(name, self._q_norm_max, norm)
-        for (h, c, j), new in trial.items():
-            array[h, c, j] = new
+        for (h, c), changed in trial.items():
+            if target == "K" and name == "deltas":
+                row = array[h, c].astype(np.float64)
+                row[list(changed)] = [float(x) for x in changed.values()]
+                self._helper._guard_logit_reach(name, self._q_norm_max, float(cert.norms(row)))
+        for (h, c), changed in trial.items():
+            for j, new in changed.items():
+                array[h, c, j] = new
         for (h, c), norm in norms.items():
             self._k_norms[h, c] = norm
             self._k_norm_max = max(self._k_norm_max, norm)
