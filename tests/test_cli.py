@@ -303,6 +303,9 @@ def test_theory_load_prints_fitted_exponents_with_intervals(tmp_path, capsys):
         assert abs(x - 2.0) < 0.15, line
     assert main(["theory", "--load", str(path), "--fit-min-n", "1024", "--bootstrap", "0"]) == 0
     assert "1024..4096(3)" in capsys.readouterr().out
+    # the synthetic run has no in-round GEMM rates to correct with
+    assert main(["theory", "--load", str(path), "--fit-per-gemm"]) == 2
+    assert "gemm_gflops" in capsys.readouterr().err
 
 
 def test_theory_and_bench_reject_bad_fit_options(tmp_path, capsys):

@@ -300,3 +300,23 @@ def test_lower_bound_status_names_the_conjecture_and_the_preprint():
     text = LOWER_BOUND_STATUS
     for needle in ("Hinted Mv", "Nanongkai", "arXiv:2610.06783", "1/18", "not peer", "0.1204", "Lean"):
         assert needle in text, needle
+
+
+def test_per_gemm_correction_removes_a_drifting_machine_speed():
+    # the machine slows down 2.5x over the large sizes (others' load); the GEMM probe of the
+    # same rounds sees the same slowdown, and the correction takes it out again
+    slow = np.interp(np.log(SIZES), np.log([256, 1024, 4096]), [1.0, 1.0, 2.5])
+    recs = []
+    for n, f in zip(SIZES.astype(int), slow, strict=True):
+        t = (20e-6 + 1e-11 * n**2.0) * f
+        rec = _record(int(n), 0.5, t, 5e-6 * f)
+        rec["gemm_gflops"] = 40.0 / f
+        recs.append(rec)
+    (raw,) = fit_records(recs, reps=0)
+    (fixed,) = fit_records(recs, reps=0, per_gemm=True)
+    assert raw["update_model"]["exponent"] > 2.3 and not raw["per_gemm"]
+    assert fixed["update_model"]["exponent"] == pytest.approx(2.0, abs=1e-3) and fixed["per_gemm"]
+    assert "per-GEMM" in format_fits([fixed]) and "per-GEMM" not in format_fits([raw])
+    del recs[0]["gemm_gflops"]
+    with pytest.raises(ValueError, match="gemm_gflops"):
+        fit_records(recs, per_gemm=True)

@@ -211,6 +211,7 @@ def plot_exponents(
     baseline_fits : fit_records output for Eager (drawn at tau = 0), optional
     """
     plt = _pyplot()
+    per_gemm = any(f.get("per_gemm") for f in fits)
     fig, axes = plt.subplots(2, 2, figsize=(13, 10))
     (ua, qa), (ut, qt) = axes
     taus = np.linspace(0.0, 1.0, 201)
@@ -279,7 +280,9 @@ def plot_exponents(
             )
     ua.set_xlabel("tau")
     ua.set_ylabel("update exponent x (amortized time ~ c0 + c1 n^x)")
-    ua.set_title("amortized update: fitted exponent vs theory")
+    ua.set_title(
+        "amortized update: fitted exponent vs theory" + (" (per-GEMM corrected)" if per_gemm else "")
+    )
     qa.set_xlabel("tau")
     qa.set_ylabel("query exponent x (time ~ c0 + c1 n^x)")
     qa.set_title("query (T/2 rows pending): fitted exponent vs theory")
@@ -289,6 +292,11 @@ def plot_exponents(
         ax.legend(fontsize=7)
 
     by_key = {(f["tau"], str(f["storage"])): f for f in fits}
+
+    def inside_mask(recs: Sequence[Mapping[str, Any]], used: set[int]) -> np.ndarray:
+        mask = np.array([r["n"] in used for r in recs])
+        return mask if mask.any() else np.ones(len(recs), dtype=bool)
+
     dyn = [r for r in records if r["impl"] == "dynamic"]
     for ax, field, key, name in (
         (ut, "update_s", "update_model", "amortized update"),
@@ -299,9 +307,13 @@ def plot_exponents(
             fit = by_key.get((recs[0]["tau"], str(recs[0]["storage"])))
             used = set(fit.get("fit_sizes", fit["sizes"])) if fit else set()
             ns = np.array([r["n"] for r in recs], dtype=float)
-            med = np.array([r[field] for r in recs], dtype=float)
-            lo = np.array([r.get(f"{field}_min", r[field]) for r in recs], dtype=float)
-            hi = np.array([r.get(f"{field}_max", r[field]) for r in recs], dtype=float)
+            speed = np.ones(len(recs))
+            if per_gemm:  # the fits' correction: times at the fastest GEMM rate of the series
+                rates = np.array([r["gemm_gflops"] for r in recs], dtype=float)
+                speed = rates / rates[inside_mask(recs, used)].max()
+            med = np.array([r[field] for r in recs], dtype=float) * speed
+            lo = np.array([r.get(f"{field}_min", r[field]) for r in recs], dtype=float) * speed
+            hi = np.array([r.get(f"{field}_max", r[field]) for r in recs], dtype=float) * speed
             inside = np.array([r["n"] in used for r in recs])
             ax.errorbar(ns, med, yerr=[med - lo, hi - med], fmt="none", color=style["color"], alpha=0.5)
             ax.plot(ns[inside], med[inside], style["marker"], color=style["color"])
@@ -318,7 +330,7 @@ def plot_exponents(
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("n (= m = d = e)")
-        ax.set_ylabel(f"{name} time (s)")
+        ax.set_ylabel(f"{name} time (s)" + (", per-GEMM corrected" if per_gemm else ""))
         ax.set_title(
             f"{name}: medians, min-max over rounds, fitted c0 + c1 n^x\n"
             "(filled: sizes the fit used; hollow: left out)",
@@ -475,7 +487,8 @@ def write_plots(
                     continue
                 min_n = min((min(f["fit_sizes"]) for f in fits if f.get("fit_sizes")), default=None)
                 reps = max((f[k]["reps"] for f in fits for k in ("update_model",) if f.get(k)), default=0)
-                eager = fit_records(recs, impl="eager", min_n=min_n, reps=reps)
+                per_gemm = any(f.get("per_gemm") for f in fits)
+                eager = fit_records(recs, impl="eager", min_n=min_n, reps=reps, per_gemm=per_gemm)
                 plot_exponents(recs, fits, path, title, baseline_fits=eager)
             else:
                 raise ValueError(f"figures: unknown figure {kind!r}")

@@ -266,6 +266,12 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="REPS",
         help="bootstrap resamples of the rounds for the exponent intervals (default 1000; 0: none)",
     )
+    parser.add_argument(
+        "--fit-per-gemm",
+        action="store_true",
+        help="shared machines: fit times rescaled by the GEMM rate timed in the same rounds "
+        "(relative to the fastest), to separate a drifting machine speed from growth in n",
+    )
 
 
 def _given(args: argparse.Namespace, config_class: type) -> dict[str, Any]:
@@ -312,7 +318,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result["source"]["command"] = shlex.join(["dynattn", *getattr(args, "argv", [])])
     records = result["records"]
     if any(r.get("regime") == "paper" for r in records):
-        result["fits"] = fit_records(records, min_n=args.fit_min_n, reps=args.bootstrap)
+        result["fits"] = fit_records(
+            records, min_n=args.fit_min_n, reps=args.bootstrap, per_gemm=args.fit_per_gemm
+        )
     print(f"machine: {format_machine(result.get('machine', {}))}")
     print()
     print(summary_table(records))
@@ -398,7 +406,9 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     fits = None
     if args.load:
         result = _load_result(args.load)
-        fits = fit_records(result["records"], min_n=args.fit_min_n, reps=args.bootstrap)
+        fits = fit_records(
+            result["records"], min_n=args.fit_min_n, reps=args.bootstrap, per_gemm=args.fit_per_gemm
+        )
 
     rows = []
     for tau in (0.0, 0.25, ALPHA, 0.5, 0.75, 1.0):

@@ -627,6 +627,7 @@ def fit_records(
     min_n: int | None = None,
     reps: int = 1000,
     seed: int = 0,
+    per_gemm: bool = False,
 ) -> list[dict[str, Any]]:
     """Exponent fits of ``update_s`` and ``query_s`` against ``n`` per (tau, storage, dtype).
 
@@ -642,6 +643,13 @@ def fit_records(
         Fit only the sizes ``n >= min_n`` (default: all).
     reps, seed : int
         Bootstrap resamples and seed (:func:`fit_cost_model`).
+    per_gemm : bool
+        Correct for a machine whose speed drifts between sizes (other
+        processes on a shared machine): multiply every time of a record by
+        ``gemm_gflops / max(gemm_gflops of the group)``, the GEMM rate timed
+        in the same interleaved rounds relative to the fastest seen. Exact
+        for the part of the time that is GEMM, approximate for the rest; a
+        diagnostic, reported as ``per_gemm`` in every entry.
 
     Returns
     -------
@@ -667,6 +675,11 @@ def fit_records(
         sizes = [r["n"] for r in recs]
         used = [r for r in recs if min_n is None or r["n"] >= min_n]
         fit_sizes = [r["n"] for r in used]
+        rates = [r.get("gemm_gflops") for r in used]
+        if per_gemm and not all(rates):
+            raise ValueError("per_gemm: every record needs its 'gemm_gflops' (the in-round GEMM rate)")
+        top = max((float(x) for x in rates if x), default=1.0)
+        speed = [float(x) / top if per_gemm and x else 1.0 for x in rates]
         entry: dict[str, Any] = {
             "impl": impl,
             "tau": tau,
@@ -674,16 +687,21 @@ def fit_records(
             "dtype": dtype,
             "sizes": sizes,
             "fit_sizes": fit_sizes,
+            "per_gemm": per_gemm,
         }
         for key, field in (("update", "update_s"), ("query", "query_s")):
-            timed = [r for r in used if r.get(field)]
+            timed = [(r, f) for r, f in zip(used, speed, strict=True) if r.get(field)]
             try:
-                entry[key] = fit_loglog([r["n"] for r in timed], [r[field] for r in timed]).as_dict()
+                entry[key] = fit_loglog(
+                    [r["n"] for r, _ in timed], [r[field] * f for r, f in timed]
+                ).as_dict()
             except ValueError:
                 entry[key] = None
-            samples = [r.get(f"{field}_samples") or [r[field]] for r in timed]
+            samples = [
+                np.asarray(r.get(f"{field}_samples") or [r[field]], dtype=np.float64) * f for r, f in timed
+            ]
             try:
-                model = fit_cost_model([r["n"] for r in timed], samples, reps=reps, seed=seed)
+                model = fit_cost_model([r["n"] for r, _ in timed], samples, reps=reps, seed=seed)
                 entry[f"{key}_model"] = model.as_dict()
             except ValueError:
                 entry[f"{key}_model"] = None
@@ -731,6 +749,7 @@ def format_fits(fits: Sequence[Mapping[str, Any]]) -> str:
     """
     if not fits:
         return "no paper-regime DynamicAttention records to fit"
+    per_gemm = any(f.get("per_gemm") for f in fits)
     level = next(
         (f[k]["level"] for f in fits for k in ("update_model", "query_model") if f.get(k) and f[k]["reps"]),
         None,
@@ -762,6 +781,11 @@ def format_fits(fits: Sequence[Mapping[str, Any]]) -> str:
                 f"{_show_model(model):>28} {c0:>8} {_show_share(model):>10} | {th}{flag}"
             )
         lines.append("")
+    if per_gemm:
+        lines.append(
+            "per-GEMM: every time multiplied by (GEMM rate in its rounds) / (fastest GEMM rate of the "
+            "group), a correction for a machine whose speed drifted between sizes."
+        )
     lines.append(
         "x: exponent of t(n) = c0 + c1*n^x fitted to the per-size medians (relative least squares, "
         "c0, c1 >= 0), interval from resampling the rounds; * = x not determined (at the edge of "
