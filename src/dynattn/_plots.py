@@ -21,6 +21,7 @@ result's ``source``, when it has one).
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -438,10 +439,12 @@ def _title(result: Mapping[str, Any], regime: str, dtype: str) -> str:
     rates = machine.get("gemm_gflops", {})
     source = result.get("source") or {}
     command = source.get("command") or f"dynattn bench --regime {regime}"
+    env = " ".join(f"{k}={v}" for k, v in (source.get("env") or {}).items())
     commit = source.get("commit")
-    origin = command + (f"  [dynattn {commit[:10]}]" if commit else "")
+    origin = (env + " " if env else "") + command + (f"  [dynattn {commit[:10]}]" if commit else "")
     return (
-        f"{origin}\n{dtype}; {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, "
+        f"{textwrap.fill(origin, 140)}\n"
+        f"{dtype}; {machine.get('cpu_model', '?')}, {machine.get('cores', '?')} cores, "
         f"numpy {machine.get('numpy', '?')}, GEMM {rates.get(dtype, float('nan')):.0f} GFLOP/s"
     )
 
