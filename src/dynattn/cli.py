@@ -317,7 +317,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = run_bench(cfg, progress_mode=args.progress)
         result["source"]["command"] = shlex.join(["dynattn", *getattr(args, "argv", [])])
     records = result["records"]
-    if any(r.get("regime") == "paper" for r in records):
+    refit = args.load or args.fit_min_n is not None or args.fit_per_gemm or args.bootstrap != 1000
+    if any(r.get("regime") == "paper" for r in records) and (refit or not result.get("fits")):
         result["fits"] = fit_records(
             records, min_n=args.fit_min_n, reps=args.bootstrap, per_gemm=args.fit_per_gemm
         )
