@@ -151,47 +151,30 @@ def recovery(ray, att, plan):
     }
 
 
-def model(parts, link, heads_per_shard, d, rows):
+def model(p50, link, heads_per_shard, d, rows):
     """Seconds per step on S shards (weak scaling, ``heads_per_shard`` heads each):
 
         T(S) = e + c + f0 + f1 * S + S * bytes / B
 
-    e: the driver's time to check and queue the edit (p50 at 2 shards), c: the slowest
-    shard's own time for the batched call (p50 at 2 shards), f0 + f1 * S: the fan-out
-    overhead of the batched call (its p50 at 1 and 2 shards, with the transfer term taken
-    out), bytes: a shard's k and v rows out and its answer rows back, B: the measured
-    bandwidth of an actor call.
+    e: the driver's time to check and queue the edit (p50 at 2 shards); c: a shard's own
+    time for the batched call (p50 of the 1-shard run, the closest to "one free core per
+    shard"); f0 + f1 * S: the fan-out overhead of the batched call (fitted to its p50 at 1
+    and 2 shards, transfer taken out); bytes: a shard's k and v rows out and its answer rows
+    back; B: the measured bandwidth of an actor call.
     """
     per_shard = 4 * heads_per_shard * d * (2 + rows) / link["bandwidth_Bps"]
-    f = {S: statistics.median(parts[S]["overhead"]) - S * per_shard for S in (1, 2)}
-    f1 = f[2] - f[1]
-    f0 = f[1] - f1
-    fixed = statistics.median(parts[2]["edit"]) + statistics.median(parts[2]["shard"]) + f0
+    f = {S: p50[S]["overhead"] / 1e3 - S * per_shard for S in (1, 2)}
+    fitted = {"e_s": p50[2]["edit"] / 1e3, "c_s": p50[1]["shard"] / 1e3, "f1_s": f[2] - f[1]}
+    fitted.update(f0_s=f[1] - fitted["f1_s"], bytes_per_shard_s=per_shard)
 
     def seconds(S):
-        return fixed + (f1 + per_shard) * S
+        return fitted["e_s"] + fitted["c_s"] + fitted["f0_s"] + (fitted["f1_s"] + per_shard) * S
 
-    return seconds, {
-        "e_s": statistics.median(parts[2]["edit"]),
-        "c_s": statistics.median(parts[2]["shard"]),
-        "f0_s": f0,
-        "f1_s": f1,
-        "bytes_per_shard_s": per_shard,
-    }
+    return seconds, fitted
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=16384, help="queries = keys (default 16384)")
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--heads-per-shard", type=int, default=8)
-    parser.add_argument("--rows", type=int, default=4, help="query rows read per step")
-    parser.add_argument("--warmup", type=int, default=40, help="untimed steps per configuration")
-    parser.add_argument("--steps", type=int, default=150, help="timed steps per configuration and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", help="write the measurements here")
-    args = parser.parse_args(argv)
-
+def measure(args):
+    """Run the benchmark; returns every measurement as a JSON-ready dict."""
     import ray
 
     ray.init(num_cpus=4, object_store_memory=1 << 30, include_dashboard=False, log_to_driver=False)
@@ -200,12 +183,6 @@ def main(argv=None):
     Q, K, V, plan = workload(2 * h, n, d, total, args.rows)
     options = {"scale": d**-0.5, "dtype": np.float32, "tau": 0.5}
     shard_options = {"by": "heads", "cpus_per_shard": 1, "blas_threads": 1}
-    print(
-        f"# dynattn distributed benchmark: n = m = {n}, d = e = {d}, float32, {args.rows} query rows per step"
-    )
-    info = machine_info()
-    print(f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']})", flush=True)
-
     builds, contenders = {}, {}
     for name, make in (
         ("1 shard", lambda: ShardedAttention(Q[:h], K[:h], V[:h], shards=1, **shard_options, **options)),
@@ -239,54 +216,91 @@ def main(argv=None):
         print(f"# round {r + 1}: " + ", ".join(f"{k} {w[-1]:.2f} s" for k, w in walls.items()), flush=True)
 
     heads = {"1 shard": h, "2 shards": 2 * h, "1 process": 2 * h}
-    rate = {name: heads[name] * args.steps / statistics.median(w) for name, w in walls.items()}
-    link = transport(ray)
-    fan = fan_out()
+    link, fan = transport(ray), fan_out()
     rec = recovery(ray, contenders["2 shards"], plan)
-    stats = contenders["2 shards"].stats
+    rec["checkpoints"] = contenders["2 shards"].stats["checkpoints"]
     for att in contenders.values():
         if isinstance(att, ShardedAttention):
             att.close()
     ray.shutdown()
+    return {
+        "args": vars(args),
+        "machine": machine_info(),
+        "build_s": builds,
+        "walls_s": walls,
+        "head_edits_per_s": {
+            name: heads[name] * args.steps / statistics.median(w) for name, w in walls.items()
+        },
+        "p50_ms": {S: {k: p50_ms(v) for k, v in p.items()} for S, p in parts.items()},
+        "empty_call": fan,
+        "transport": link,
+        "recovery": rec,
+        "background_load": loads,
+    }
 
-    rows = [
-        [name, heads[name], f"{1e3 * statistics.median(walls[name]) / args.steps:.2f}", f"{rate[name]:,.0f}"]
-        for name in walls
-    ]
-    print("\n## Measured (medians over rounds)\n")
-    print(format_table(["configuration", "heads", "ms / step", "head-edits / s"], rows))
-    weak, versus = rate["2 shards"] / rate["1 shard"], rate["2 shards"] / rate["1 process"]
-    print(f"\nweak scaling, 2 shards vs 1 shard (head-edits/s):       {weak:.2f}x  (target >= 1.6x)")
-    print(f"2 shards vs one unlimited process, same 16-head workload: {versus:.2f}x  (aim >= 1.2x)")
-    print(
-        f"fan-out overhead per batched call, p50: 1 shard {p50_ms(parts[1]['overhead']):.2f} ms, "
-        f"2 shards {p50_ms(parts[2]['overhead']):.2f} ms  (target <= 2 ms); slowest shard's own time "
-        f"p50 {p50_ms(parts[2]['shard']):.2f} ms; driver's edit (check and queue) p50 "
-        f"{p50_ms(parts[2]['edit']):.2f} ms"
+
+def report(results):
+    """The measured figures, and the projection of the fitted cost model, as text."""
+    args, rate, p50 = (
+        results["args"],
+        results["head_edits_per_s"],
+        {int(k): v for k, v in results["p50_ms"].items()},
     )
-    print(
+    h, steps, fan, link, rec = (
+        args["heads_per_shard"],
+        args["steps"],
+        results["empty_call"],
+        results["transport"],
+        results["recovery"],
+    )
+    info = results["machine"]
+    out = [
+        f"# dynattn distributed benchmark: n = m = {args['n']}, d = e = {args['d']}, float32, "
+        f"{args['rows']} query rows per step, {args['rounds']} rounds of {steps} steps",
+        f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']})",
+        "# built in " + ", ".join(f"{k} {v:.0f} s" for k, v in results["build_s"].items()),
+        "\n## Measured (medians over rounds)\n",
+        format_table(
+            ["configuration", "heads", "ms / step", "head-edits / s"],
+            [
+                [
+                    name,
+                    {"1 shard": h}.get(name, 2 * h),
+                    f"{1e3 * statistics.median(w) / steps:.2f}",
+                    f"{rate[name]:,.0f}",
+                ]
+                for name, w in results["walls_s"].items()
+            ],
+        ),
+        "",
+        f"weak scaling, 2 shards vs 1 shard (head-edits/s): {rate['2 shards'] / rate['1 shard']:.2f}x "
+        "(target >= 1.6x)",
+        f"2 shards vs one unlimited process, same {2 * h}-head workload: "
+        f"{rate['2 shards'] / rate['1 process']:.2f}x (aim >= 1.2x)",
+        "p50 per step, in ms (driver's edit check and queue / fan-out overhead of the batched call / "
+        "slowest shard's own time): "
+        + "; ".join(
+            f"{S} shard(s) {p['edit']:.2f} / {p['overhead']:.2f} / {p['shard']:.2f}" for S, p in p50.items()
+        ),
         "empty call to every shard, p50: "
         + ", ".join(f"{s} shard(s) {1e3 * t:.2f} ms" for s, t in fan["p50_s"].items())
         + f"; bare actor call {1e3 * link['latency_s']:.2f} ms, "
-        + f"bandwidth {link['bandwidth_Bps'] / 1e9:.2f} GB/s"
-    )
-    print(
+        f"bandwidth {link['bandwidth_Bps'] / 1e9:.2f} GB/s",
         f"recovery after ray.kill of one shard: next call {rec['next_call_s']:.2f} s (new actor, checkpoint "
-        f"restored, {rec['replayed_edits']} edits replayed in {rec['restore_and_replay_s']:.2f} s), answers "
-        f"differ by {rec['max_difference']:.1e}; checkpoints taken {stats['checkpoints']}"
-    )
-    print(f"background load before each round (cores busy with other processes): {loads}")
-
-    step_s, fitted = model(parts, link, h, d, args.rows)
+        f"restored, {rec['replayed_edits']} edits replayed; {rec['restore_and_replay_s']:.2f} s in all), "
+        f"answers differ by {rec['max_difference']:.1e}",
+        "background load before each round (cores busy with other processes): "
+        + ", ".join(f"{x:.2f}" for x in results["background_load"] if x is not None),
+    ]
+    step_s, fitted = model(p50, link, h, args["d"], args["rows"])
     projected = {S: h * S / step_s(S) for S in PROJECTED_SHARDS}
-    print("\n## Projection (cost model, not measured): weak scaling, 8 heads per shard\n")
-    print(model.__doc__)
-    print(
+    out += [
+        f"\n## Projection (cost model, not measured): weak scaling, {h} heads per shard\n",
+        model.__doc__,
+        "Fitted: " + ", ".join(f"{k[:-2]} = {1e3 * v:.3f} ms" for k, v in fitted.items()),
         "Assumptions: one core per shard and no contention between shards; local-machine RPC "
-        "(a network adds latency); the slowest of S shards takes the measured median (no stragglers); "
-        "one driver process issues every call.\n"
-    )
-    print(
+        "(a network adds latency); the slowest of S shards takes the median time (no stragglers); "
+        "one driver process issues every call.\n",
         format_table(
             ["shards", "heads", "ms / step", "head-edits / s", "x 1 shard"],
             [
@@ -299,32 +313,33 @@ def main(argv=None):
                 ]
                 for S in PROJECTED_SHARDS
             ],
-        )
-    )
-    print(f"\n(model at 1 and 2 shards vs measured: {projected[1]:,.0f} vs {rate['1 shard']:,.0f}, ", end="")
-    print(f"{projected[2]:,.0f} vs {rate['2 shards']:,.0f} head-edits/s)")
+        ),
+    ]
+    results["model"], results["projection_head_edits_per_s"] = fitted, projected
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16384, help="queries = keys (default 16384)")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--heads-per-shard", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=4, help="query rows read per step")
+    parser.add_argument("--warmup", type=int, default=40, help="untimed steps per configuration")
+    parser.add_argument("--steps", type=int, default=150, help="timed steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", help="write the measurements here")
+    parser.add_argument("--from-json", help="report (and refit) a run saved with --json instead of measuring")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as handle:
+            results = json.load(handle)
+    else:
+        results = measure(args)
+    print(report(results))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(
-                {
-                    "args": vars(args),
-                    "machine": info,
-                    "build_s": builds,
-                    "walls_s": walls,
-                    "head_edits_per_s": rate,
-                    "weak_scaling": weak,
-                    "versus_one_process": versus,
-                    "p50_ms": {S: {k: p50_ms(v) for k, v in p.items()} for S, p in parts.items()},
-                    "model": fitted,
-                    "empty_call": fan,
-                    "transport": link,
-                    "recovery": rec,
-                    "background_load": loads,
-                    "projection_head_edits_per_s": projected,
-                },
-                handle,
-                indent=1,
-            )
+            json.dump(results, handle, indent=1)
     return 0
 
 
