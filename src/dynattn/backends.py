@@ -84,6 +84,14 @@ class NumpyBackend:
     def where(self, condition: Any, a: Any, b: Any) -> np.ndarray:
         return np.where(condition, a, b)
 
+    def exp_(self, value: np.ndarray) -> np.ndarray:
+        """``exp`` in place (no temporary of the operand's size); returns ``value``."""
+        return np.exp(value, out=value)
+
+    def fill_where_not_(self, value: np.ndarray, keep: np.ndarray, fill: float) -> None:
+        """``value[~keep] = fill`` in place (``keep``: a host boolean array broadcastable to it)."""
+        np.copyto(value, fill, where=~keep)
+
     def maximum_(self, target: np.ndarray, other: Any) -> None:
         """``target = max(target, other)`` in place."""
         np.maximum(target, other, out=target)
@@ -209,6 +217,13 @@ class TorchBackend:
 
     def einsum(self, spec: str, *operands: Any) -> Any:
         return self.torch.einsum(spec, *operands)
+
+    def exp_(self, value: Any) -> Any:
+        return value.exp_()
+
+    def fill_where_not_(self, value: Any, keep: np.ndarray, fill: float) -> None:
+        hidden = self.torch.from_numpy(np.ascontiguousarray(~keep)).to(value.device)
+        value.masked_fill_(hidden, fill)
 
     def where(self, condition: Any, a: Any, b: Any) -> Any:
         torch = self.torch

@@ -80,6 +80,14 @@ def _slots(flags: np.ndarray) -> Any:
     return slice(None) if flags.all() else flags
 
 
+def _as_slice(rows: np.ndarray) -> Any:
+    """``rows`` as a slice when they are consecutive and ascending (indexing then gives
+    views, not copies), else unchanged."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1 and (rows.size < 3 or np.all(np.diff(rows) == 1)):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
 def fold_threshold(m: int, tau: float) -> int:
     """Pending rows that trigger a fold: ``ceil(m**tau)``, between 1 and m."""
     return min(m, max(1, math.ceil(m**tau * (1 - 1e-12))))
@@ -614,10 +622,12 @@ class DynamicAttention(ValidatedInputs):
         rows, one BLAS-3 GEMM per head for many."""
         s, xp = self._state, self._xp
         t, H, k = s.t, self._H, rows.size
-        numerator = s.N[:, rows]
+        # a run of consecutive rows (all of them, for output()) is read through views
+        index = _as_slice(rows)
+        numerator = s.N[:, index]
         if t:
-            new_w = s.pending_new_columns[:, :t][:, :, rows]  # (H, t, k)
-            old_w = s.pending_old_columns[:, :t][:, :, rows]
+            new_w = s.pending_new_columns[:, :t][:, :, index]  # (H, t, k)
+            old_w = s.pending_old_columns[:, :t][:, :, index]
             new_v, old_v = s.pending_new_values[:, :t], s.pending_old_values[:, :t]
             if H * k * t * self.e < 1 << 20:
                 numerator = numerator + xp.einsum("htk,hte->hke", new_w, new_v)
@@ -627,9 +637,8 @@ class DynamicAttention(ValidatedInputs):
                 for h in range(H):
                     numerator[h] += new_w[h].T @ new_v[h]
                     numerator[h] -= old_w[h].T @ old_v[h]
-        heads = np.repeat(np.arange(H), k)
-        row_bound, denominator = self._row_bounds(heads, np.tile(rows, H))
-        answer = numerator / xp.where(denominator > 0, denominator, 1.0).reshape(H, k, 1)
+        row_bound, denominator = self._row_bounds(slice(None), index)  # (H, k) each
+        answer = numerator / xp.where(denominator > 0, denominator, 1.0)[:, :, None]
         answer *= xp.asarray(s.value_unit)[:, None, :]
         if not s.visible_keys[rows].all():
             answer[:, xp.index(np.flatnonzero(s.visible_keys[rows] == 0))] = 0.0
@@ -640,7 +649,6 @@ class DynamicAttention(ValidatedInputs):
             answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
         if not return_lse:
             return answer, None
-        denominator = denominator.reshape(H, k)
         if doubtful.any():  # recomputed rows: the pending terms cancel, the sum is Z
             denominator[bad_heads, bad_rows] = s.Z[bad_heads, rows[bad_rows]]
         seen = xp.asarray(s.visible_keys[rows] > 0)[None, :]
@@ -648,10 +656,13 @@ class DynamicAttention(ValidatedInputs):
         return answer, xp.where(seen, lse, -math.inf)
 
     # ------------------------------------------------------------------ the certificate
-    def _row_bounds(self, heads: np.ndarray, rows: np.ndarray) -> tuple[Any, Any]:
+    def _row_bounds(self, heads: Any, rows: Any) -> tuple[Any, Any]:
         """``r/(1-r)`` with ``r = E/den`` (inf when not certifiable) and ``den``, per (head,
         row); multiplied by ``rho_j + 1`` this bounds the error relative to max|V[:, j]|
-        (:func:`dynattn.certificate.row_bound`). Rows that see no key are exact (0)."""
+        (:func:`dynattn.certificate.row_bound`). Rows that see no key are exact (0).
+
+        ``heads, rows`` are index arrays of (head, row) pairs, shape ``(k,)`` out; or
+        ``slice(None)`` and a row index (array or slice) for every head, ``(H, k)`` out."""
         s, xp = self._state, self._xp
         t = s.t
         z = s.Z[heads, rows]
@@ -1051,8 +1062,9 @@ class DynamicAttention(ValidatedInputs):
 
     # ================================================================== weight maintenance
     def _round_to_dtype(self, array: Any) -> None:
+        """Round a float64 array to the storage dtype, in place (stays float64)."""
         if self._dtype != np.float64:
-            array[...] = self._xp.astype(self._xp.astype(array, self._dtype), np.float64)
+            array[...] = self._xp.astype(array, self._dtype)
 
     def _masked_logits(self, heads: np.ndarray, c: int) -> Any:
         """``s * Q K_c^T`` for ``heads`` as ``(len(heads), n)``, -inf where key c is hidden."""
@@ -1201,13 +1213,17 @@ class DynamicAttention(ValidatedInputs):
             for start in range(0, positions.size, block):
                 where = positions[start : start + block]
                 part = rows[where]
-                logits = (s.Q64[h, part] @ xp.swap_last(s.K64[h])) * self._scale
+                # in place: a block is up to REFRESH_BLOCK_ENTRIES float64s, and every
+                # temporary of that size is fresh memory to fault in
+                logits = s.Q64[h, part] @ xp.swap_last(s.K64[h])
+                logits *= self._scale
                 visible = self._visibility(part)
                 if visible is not None:
-                    logits = xp.where(visible, logits, -math.inf)
+                    xp.fill_where_not_(logits, visible, -math.inf)
                 mu = xp.amax(logits, 1)
                 mu = xp.where(xp.isfinite(mu), mu, 0.0)
-                weights = xp.exp(logits - mu[:, None])
+                logits -= mu[:, None]
+                weights = xp.exp_(logits)
                 self._round_to_dtype(weights)
                 z = xp.sum(weights, 1)
                 full = weights @ values
