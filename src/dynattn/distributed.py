@@ -712,7 +712,10 @@ class ShardedAttention(ValidatedInputs):
         manifest["files"] = files
         try:
             self._exchange({k: [("save", (os.path.join(folder, f),), {})] for k, f in enumerate(files)})
-            previous = _manifest_files(path)
+            try:
+                previous = set(_read_manifest(path)["files"])
+            except (OSError, SnapshotError):
+                previous = set()
             with open(temporary, "w", encoding="utf-8") as handle:
                 json.dump(manifest, handle, indent=1)
                 handle.flush()
@@ -1068,16 +1071,6 @@ def _remove(path: str | None) -> None:
             pass
 
 
-def _manifest_files(path: str) -> set[str]:
-    """Shard files named by the manifest at ``path`` (none if it is missing or unreadable)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            files = json.load(handle)["files"]
-        return {f for f in files if isinstance(f, str) and os.path.basename(f) == f}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-
-
 def _read_manifest(path: str) -> dict[str, Any]:
     """The checked manifest at ``path`` (SnapshotError saying what is wrong)."""
     with open(path, "rb") as handle:
@@ -1086,42 +1079,37 @@ def _read_manifest(path: str) -> dict[str, Any]:
         manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SnapshotError(path, f"not a ShardedAttention manifest: not UTF-8 JSON ({exc})") from exc
-
-    def edges(value: Any, end: int | None) -> bool:
-        return (
-            isinstance(value, list)
-            and len(value) >= 2
-            and all(type(x) is int for x in value)
-            and value[0] == 0
-            and all(a < b for a, b in zip(value, value[1:], strict=False))
-            and end in (None, value[-1])
-        )
-
     if not isinstance(manifest, dict) or manifest.get("class") != "ShardedAttention":
-        raise SnapshotError(
-            path, "not a ShardedAttention manifest: expected an object with class ShardedAttention"
-        )
-    batch = manifest.get("batch_shape")
-    heads = (
-        math.prod(batch) if isinstance(batch, list) and all(type(x) is int and x > 0 for x in batch) else -1
-    )
-    count = (len(manifest.get("head_edges") or []) - 1) * (len(manifest.get("row_edges") or []) - 1)
-    norms: list[Any] = [manifest.get("q_norm_max"), manifest.get("k_norm_max")]
+        raise SnapshotError(path, "not a ShardedAttention manifest (no 'class': 'ShardedAttention')")
+
+    def get(key: str) -> Any:
+        return manifest.get(key)
+
+    def ints(x: Any, low: int) -> bool:
+        return isinstance(x, list) and len(x) >= low and all(type(v) is int and v >= 0 for v in x)
+
+    def edges(x: Any) -> bool:
+        return ints(x, 2) and x[0] == 0 and all(a < b for a, b in zip(x, x[1:], strict=False))
+
+    heads, rows, files = get("head_edges"), get("row_edges"), get("files")
     checks = {
-        "format": manifest.get("format") == MANIFEST_FORMAT,
-        "batch_shape": heads > 0,
-        "by": manifest.get("by") in ("heads", "rows", "auto"),
-        "q_norm_max": all(type(x) in (int, float) and math.isfinite(x) and x >= 0 for x in norms),
-        "head_edges": edges(manifest.get("head_edges"), heads),
-        "row_edges": edges(manifest.get("row_edges"), None),
-        "files": isinstance(manifest.get("files"), list)
-        and len(manifest["files"]) == count
-        and all(
-            isinstance(f, str) and f and os.path.basename(f) == f and f[0] != "." for f in manifest["files"]
+        "format": get("format") == MANIFEST_FORMAT,
+        "by": get("by") in ("heads", "rows", "auto"),
+        "batch_shape": ints(get("batch_shape"), 0) and 0 not in get("batch_shape"),
+        "head_edges": edges(heads)
+        and ints(get("batch_shape"), 0)
+        and heads[-1] == math.prod(get("batch_shape")),
+        "row_edges": edges(rows),
+        "q_norm_max": all(
+            type(get(x)) in (int, float) and 0 <= get(x) < math.inf for x in ("q_norm_max", "k_norm_max")
         ),
+        "files": edges(heads)
+        and edges(rows)
+        and isinstance(files, list)
+        and len(files) == (len(heads) - 1) * (len(rows) - 1)
+        and all(isinstance(f, str) and f and os.path.basename(f) == f and f[0] != "." for f in files),
     }
     for key, ok in checks.items():
         if not ok:
-            value = norms if key == "q_norm_max" else manifest.get(key)
-            raise SnapshotError(path, f"manifest {key!r} is missing or invalid: {value!r}")
+            raise SnapshotError(path, f"manifest {key!r} is missing or invalid: {get(key)!r}")
     return manifest
