@@ -154,6 +154,10 @@ def test_slide_keeps_the_window_and_the_sinks(storage, dtype):
     att._check()
     with pytest.raises(ValueError, match="window"):
         att.slide(k, v, window=0)
+    with pytest.raises(TypeError, match="window"):
+        att.slide(k, v, window=2.5)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        att.slide(k[:, :1], v, window=window)  # nothing was evicted
     model.check(att, context="after a bad call: ")
 
 
@@ -264,6 +268,9 @@ def test_merging_a_maintained_segment_with_another_equals_attention_over_both(st
 
 def test_merge_rejects_mismatched_states():
     o, lse = np.zeros((2, 3, 4)), np.zeros((2, 3))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="lses: expected finite"):
+            merge_states(o, lse, o, np.full((2, 3), bad))
     with pytest.raises(ValueError, match="state 1"):
         merge_states(o, lse, o, np.zeros((2, 4)))
     with pytest.raises(ValueError, match="same positive number"):

@@ -95,6 +95,10 @@ def merge_states_many(outputs: Sequence[Any], lses: Sequence[Any]) -> tuple[Any,
                 f"{tuple(outputs[0].shape[:-1])}, got {tuple(o.shape)} and {tuple(lse.shape)}"
             )
     stacked_lse = xp.stack(list(lses))  # (k, *batch, n)
+    if bool(xp.isnan(stacked_lse).any()) or bool((stacked_lse == math.inf).any()):
+        raise ValueError(
+            "lses: expected finite log-sum-exps or -inf (a row that sees no key), got NaN or +inf"
+        )
     if torch_inputs:
         top = stacked_lse.amax(dim=0)
     else:

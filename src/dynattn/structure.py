@@ -824,17 +824,19 @@ class DynamicAttention(ValidatedInputs):
         return self._append(q_row, k_row, v_row)
 
     def slide(self, k: Any, v: Any, *, window: int, sinks: int = 0, q: Any = None) -> tuple[int | None, int]:
-        """One step of a sliding window: append a key-value pair (and optionally a query
-        row ``q``), then delete the oldest live keys until ``window`` remain besides the
-        first ``sinks`` live keys (attention sinks, never evicted).
+        """One step of a sliding window: delete the oldest live keys so that, with the
+        new key, ``window`` keys remain besides the first ``sinks`` live keys (attention
+        sinks, never evicted); then append the key-value pair ``k, v`` (and the query row
+        ``q``, required when ``causal``) into an evicted index.
 
-        The evicted keys' indices are reused by later appends, so memory stays bounded
-        by the window plus the pending threshold. Returns ``append``'s
-        ``(query_index, key_index)``. Runtime complexity: that of ``append`` plus
-        O(H*n) per evicted key and O(m) to find the oldest.
+        Everything is checked before anything changes. Memory stays bounded by the
+        window plus the sinks. Returns ``append``'s ``(query_index, key_index)``.
+        Runtime complexity: that of ``append``, plus O(H*n) per evicted key and
+        O(m log m) to find the oldest.
         """
-        window = int(check_scalar("window", window, low=1.0))
-        sinks = int(check_scalar("sinks", sinks, low=0.0))
+        window, sinks = as_index("window", window), as_index("sinks", sinks)
+        if window < 1 or sinks < 0:
+            raise ValueError(f"window, sinks: expected window >= 1 and sinks >= 0, got {window} and {sinks}")
         if self._causal and q is None:
             raise ValueError("slide: a causal structure appends whole tokens; expected q, k and v")
         q_row = None if q is None else self._valid_query_row("q", q)
@@ -1113,12 +1115,11 @@ class DynamicAttention(ValidatedInputs):
         if logits is None:
             logits = self._masked_logits(heads, c)
         exponent = logits - s.mu[heads]
-        too_big = exponent > self._log_weight_limit
-        if bool(too_big.any()):
-            which, rows = xp.nonzero(too_big)
+        if float(xp.amax(xp.amax(exponent, 1), 0)) > self._log_weight_limit:
+            which, rows = xp.nonzero(exponent > self._log_weight_limit)
             self._rescale_rows(heads[which], rows, logits[which, rows])
             exponent = logits - s.mu[heads]
-        weights = xp.exp(exponent)
+        weights = xp.exp_(exponent)  # in place: no second (H, n) temporary
         self._round_to_dtype(weights)
         s.pending_new_columns[heads, slot] = weights
         s.column_error[heads, slot] = 0.0
