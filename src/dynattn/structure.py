@@ -279,9 +279,13 @@ class DynamicAttention(ValidatedInputs):
         """Grow or shrink axes; under ``storage="auto"``, switch dense storage to implicit
         before growing past ``memory_budget`` (the dense weights are dropped, not copied)."""
         s = self._state
+        sizes = {axis: size for axis, size in sizes.items() if size != s.sizes[axis]}
+        if not sizes:
+            return
         if self._memory_budget is not None and self._storage.name == "dense":
             capacity = s.capacity_after(**sizes)
-            if AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
+            grows = any(capacity[axis] > s.capacity_after()[axis] for axis in sizes)
+            if grows and AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
                 self._switch_to_implicit()
         s.resize(**sizes)
         self._after_resize()
