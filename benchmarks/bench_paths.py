@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -48,7 +47,17 @@ from typing import Any
 import numpy as np
 
 from dynattn import DynamicAttention
-from dynattn._timing import Timing, fmt_ratio, fmt_seconds, format_table, interleaved, machine_info
+from dynattn._timing import (
+    Timing,
+    fmt_ratio,
+    fmt_seconds,
+    format_table,
+    git_commit,
+    interleaved,
+    machine_info,
+    target,
+    targets_summary,
+)
 from dynattn.baselines import Eager, Rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,11 +163,6 @@ def _record(
         }
         for name, t in timings.items()
     ]
-
-
-def _target(description: str, value: float, bound: float, kind: str, where: dict[str, Any]) -> dict[str, Any]:
-    met = value >= bound if kind == "min" else value <= bound
-    return {"target": description, "measured": value, "bound": bound, "kind": kind, "met": bool(met), **where}
 
 
 def _heads_problem(heads: int, n: int, d: int, dtype: Any, seed: int) -> tuple[np.ndarray, ...]:
@@ -275,12 +279,10 @@ def _token_edits_at(cfg: PathsConfig, out: dict[str, Any], n: int) -> list[list[
             row.append(_vs(timings, name, ours))
         if "sdpa-rows" in timings:
             r = timings["sdpa-rows"].median / ours
-            out["targets"].append(_target(">= 2x SDPA over the k rows (fixed tau)", r, 2.0, "min", where))
-            out["targets"].append(
-                _target(">= 10x SDPA over the k rows (deferred tau)", r, 10.0, "min", where)
-            )
+            out["targets"].append(target(">= 2x SDPA over the k rows (fixed tau)", r, 2.0, "min", where))
+            out["targets"].append(target(">= 10x SDPA over the k rows (deferred tau)", r, 10.0, "min", where))
         r = timings["rows-numpy"].median / ours
-        out["targets"].append(_target(">= 10x numpy Rows (deferred tau)", r, 10.0, "min", where))
+        out["targets"].append(target(">= 10x numpy Rows (deferred tau)", r, 10.0, "min", where))
         row.append("sdpa >= 2x (fixed tau), >= 10x (deferred); Rows >= 10x (deferred)")
         table.append(row)
     return table
@@ -402,11 +404,11 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
         where = {"section": "b_decode", "n0": n0, "contender": name}
         ratio = t.median / reference
         stall = worst[name] / t.median
-        out["targets"].append(_target("median <= 1.2x numpy KV-cache", ratio, 1.2, "max", where))
-        out["targets"].append(_target("max single step <= 10x median", stall, 10.0, "max", where))
+        out["targets"].append(target("median <= 1.2x numpy KV-cache", ratio, 1.2, "max", where))
+        out["targets"].append(target("max single step <= 10x median", stall, 10.0, "max", where))
         if name == "dynattn-auto":
             out["targets"].append(
-                _target(
+                target(
                     "nbytes <= memory_budget (auto)",
                     peak_bytes[name] / cfg.memory_budget,
                     1.0,
@@ -486,7 +488,7 @@ def _all_rows_at(cfg: PathsConfig, out: dict[str, Any], n: int) -> list[list[Any
     case["mean_pending"] = float(np.mean(pending)) if pending else 0.0
     out["records"] += _record("c_all_rows", case, timings, "dynattn")
     ratio = timings["dynattn"].median / timings["eager"].median
-    out["targets"].append(_target("<= 1.1x Eager", ratio, 1.1, "max", {"section": "c_all_rows", "n": n}))
+    out["targets"].append(target("<= 1.1x Eager", ratio, 1.1, "max", {"section": "c_all_rows", "n": n}))
     table.append(
         [
             n,
@@ -557,8 +559,8 @@ def section_batches(cfg: PathsConfig, out: dict[str, Any]) -> list[list[Any]]:
     r_upd = updates["update_k loop"].median / updates["update_k_many"].median
     r_qry = queries["query loop"].median / queries["query_many"].median
     where = {"section": "d_batches", "n": n}
-    out["targets"].append(_target("update_k_many >= 5x a loop of update_k", r_upd, 5.0, "min", where))
-    out["targets"].append(_target("query_many faster than a loop (report)", r_qry, 1.0, "min", where))
+    out["targets"].append(target("update_k_many >= 5x a loop of update_k", r_upd, 5.0, "min", where))
+    out["targets"].append(target("query_many faster than a loop (report)", r_qry, 1.0, "min", where))
     return [
         [
             n,
@@ -615,7 +617,7 @@ def _construction_at(cfg: PathsConfig, out: dict[str, Any], n: int) -> list[list
     out["records"] += _record("e_construction", case, timings, "dynattn")
     ratio = timings["dynattn"].median / timings["numpy recompute"].median
     out["targets"].append(
-        _target("construction <= 1.3x a full recompute", ratio, 1.3, "max", {"section": "e", "n": n})
+        target("construction <= 1.3x a full recompute", ratio, 1.3, "max", {"section": "e", "n": n})
     )
     table.append(
         [
@@ -673,7 +675,7 @@ def _dtypes_at(
         out["records"].append(rec)
     speedup = timings["float64"].median / timings["float32"].median
     where = {"section": "f_dtypes", "n": n, "tau": tau}
-    out["targets"].append(_target("float32 >= 1.3x faster than float64", speedup, 1.3, "min", where))
+    out["targets"].append(target("float32 >= 1.3x faster than float64", speedup, 1.3, "min", where))
     table.append(
         [n, tau, T, _fmt(timings["float32"]), _fmt(timings["float64"]), f"{speedup:.2f}x", ">= 1.3x"]
     )
@@ -722,7 +724,7 @@ def section_fallbacks(cfg: PathsConfig, out: dict[str, Any]) -> list[list[Any]]:
         }
         out["records"].append(rec)
         where = {"section": "g_fallbacks", "n": n, "tau": tau}
-        out["targets"].append(_target("fallbacks < 1% of queries", fraction, 0.01, "max", where))
+        out["targets"].append(target("fallbacks < 1% of queries", fraction, 0.01, "max", where))
         table.append(
             [
                 n,
@@ -792,7 +794,7 @@ def section_eager(cfg: PathsConfig, out: dict[str, Any]) -> list[list[Any]]:
     out["records"] += _record("h_eager", {"n": n, "dtype": "float64"}, timings, "eager")
     ratio = timings["eager"].median / timings["plain numpy"].median
     out["targets"].append(
-        _target("Eager update_k <= 1.1x plain numpy rank-1", ratio, 1.1, "max", {"section": "h", "n": n})
+        target("Eager update_k <= 1.1x plain numpy rank-1", ratio, 1.1, "max", {"section": "h", "n": n})
     )
     return [[n, _fmt(timings["eager"]), _fmt(timings["plain numpy"]), f"{ratio:.2f}x", "<= 1.1x"]]
 
@@ -861,27 +863,6 @@ SECTIONS: list[tuple[str, str, Callable[[PathsConfig, dict[str, Any]], list[list
 ]
 
 
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "src"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty (src/ has uncommitted changes)" if dirty else "")
-
-
 def run_paths(
     cfg: PathsConfig,
     *,
@@ -896,7 +877,7 @@ def run_paths(
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": machine_info(),
         "torch": None if torch is None else torch.__version__,
         "config": asdict(cfg),
@@ -925,13 +906,7 @@ def run_paths(
         }
         text.append(block)
         echo(block + f"\n({time.perf_counter() - t0:.1f} s)")
-    met = sum(t["met"] for t in result["targets"])
-    summary = f"\ntargets met: {met} of {len(result['targets'])}"
-    for t in result["targets"]:
-        where = ", ".join(
-            f"{k}={v}" for k, v in t.items() if k not in ("target", "measured", "bound", "kind", "met")
-        )
-        summary += f"\n  [{'x' if t['met'] else ' '}] {t['target']}: {t['measured']:.3g} ({where})"
+    summary = targets_summary(result["targets"])
     text.append(summary)
     echo(summary)
     result["elapsed_s"] = time.perf_counter() - started

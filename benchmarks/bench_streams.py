@@ -61,7 +61,6 @@ import json
 import math
 import os
 import pstats
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -78,8 +77,11 @@ from dynattn._timing import (
     fmt_seconds,
     format_table,
     gemm_rate,
+    git_commit,
     interleaved,
     machine_info,
+    target,
+    targets_summary,
     usable_cores,
 )
 from dynattn.testing import TARGET, reference_attention
@@ -228,32 +230,6 @@ def _torch() -> Any:
         return None
 
 
-def _git_commit() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "src"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("+dirty (src/ has uncommitted changes)" if dirty else "")
-
-
-def _target(description: str, value: float, bound: float, kind: str, where: dict[str, Any]) -> dict[str, Any]:
-    met = value >= bound if kind == "min" else value <= bound
-    return {"target": description, "measured": value, "bound": bound, "kind": kind, "met": bool(met), **where}
-
-
 def live_window_error(att: DynamicAttention) -> float:
     """Worst ``|O - O_ref| / max|V[live, j]|`` of ``att.output()`` against the float64
     reference over the live keys only, over heads, rows and columns."""
@@ -399,7 +375,7 @@ def part_a(cfg: StreamsConfig, result: dict[str, Any], echo: Callable[[str], Non
         s = run["summary"]
         where = {"part": "a", "dtype": s["dtype"]}
         result["targets"].append(
-            _target(
+            target(
                 f"soak max nbytes after step {s['block']} / nbytes at step {s['block']} <= 1.10",
                 s["memory_ratio"],
                 1.10,
@@ -408,12 +384,12 @@ def part_a(cfg: StreamsConfig, result: dict[str, Any], echo: Callable[[str], Non
             )
         )
         result["targets"].append(
-            _target(
+            target(
                 "soak last block / second block per-step time <= 1.2", s["flatness_ratio"], 1.2, "max", where
             )
         )
         result["targets"].append(
-            _target(
+            target(
                 f"soak per-step time after {s['steps']} steps / after {s['block']} steps, interleaved <= 1.2",
                 s["aged_over_fresh"],
                 1.2,
@@ -422,7 +398,7 @@ def part_a(cfg: StreamsConfig, result: dict[str, Any], echo: Callable[[str], Non
             )
         )
         result["targets"].append(
-            _target(
+            target(
                 f"soak worst error / max|V[live, j]| <= {s['accuracy_target']:g}",
                 s["worst_error"],
                 s["accuracy_target"],
@@ -604,7 +580,7 @@ def part_b(cfg: StreamsConfig, result: dict[str, Any], echo: Callable[[str], Non
         where = {"part": "b", "threads": threads}
         if "torch SDPA" in timings:
             result["targets"].append(
-                _target(
+                target(
                     "window step: torch SDPA recompute / dynattn >= 20",
                     record["contenders"]["torch SDPA"]["ratio_to_dynattn"],
                     20.0,
@@ -689,7 +665,7 @@ def run_streams(
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": machine_info(rates),
         "threads_at_start": thread_settings(),
         "torch": None if torch is None else torch.__version__,
@@ -712,13 +688,7 @@ def run_streams(
             text.append(part_a(cfg, result, echo))
     if "b" in parts:
         text.append(part_b(cfg, result, echo, profile))
-    met = sum(t["met"] for t in result["targets"])
-    summary = f"\ntargets met: {met} of {len(result['targets'])}"
-    for t in result["targets"]:
-        where = ", ".join(
-            f"{k}={v}" for k, v in t.items() if k not in ("target", "measured", "bound", "kind", "met")
-        )
-        summary += f"\n  [{'x' if t['met'] else ' '}] {t['target']}: {t['measured']:.3g} ({where})"
+    summary = targets_summary(result["targets"])
     text.append(summary)
     echo(summary)
     result["elapsed_s"] = time.perf_counter() - started

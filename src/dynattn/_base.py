@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from dynattn._validation import check_dtype, check_matrix, check_scalar
+from dynattn._validation import (
+    as_index,
+    check_dtype,
+    check_index,
+    check_index_array,
+    check_matrix,
+    check_scalar,
+)
 from dynattn.backends import resolve_backend
 
 
@@ -51,6 +58,8 @@ class ValidatedInputs:
 
     #: whether Q, K, V may carry leading head/batch axes ``(*batch, rows, cols)``
     _batched = False
+    #: the number of heads (the product of ``batch_shape``), set by subclasses
+    _H: int
 
     def __init__(
         self,
@@ -135,6 +144,55 @@ class ValidatedInputs:
                 f"{self._dtype}; expected a delta keeping it finite"
             )
         return new
+
+    def _head_index(self, head: Any) -> int:
+        """The flat head index named by ``head=``.
+
+        Without a head axis: None or the integer index 0. With one: an integer
+        index into the flattened leading axes, or a tuple of one integer index
+        per leading axis. Integer indices follow :func:`check_index`.
+        """
+        if not self.batch_shape:
+            if head is None:
+                return 0
+            index = as_index("head", head)
+            if index != 0:
+                raise IndexError(
+                    f"head={index} is out of range: this structure has no head axis, so its only "
+                    "head is 0; pass head=None (or head=0)"
+                )
+            return 0
+        if head is None:
+            raise TypeError(
+                f"head: expected an index into the leading axes {self.batch_shape}, got None; "
+                f"pass an int below {self._H} or a {len(self.batch_shape)}-tuple"
+            )
+        if isinstance(head, tuple):
+            if len(head) != len(self.batch_shape):
+                raise IndexError(
+                    f"head: expected a {len(self.batch_shape)}-tuple (one index per leading axis of "
+                    f"{self.batch_shape}), got {head!r}"
+                )
+            parts = [
+                check_index(f"head[{k}]", x, s, axis=f"leading axis {k} of {self.batch_shape}")
+                for k, (x, s) in enumerate(zip(head, self.batch_shape, strict=True))
+            ]
+            return int(np.ravel_multi_index(parts, self.batch_shape))
+        return check_index("head", head, self._H, axis=f"flattened leading axes {self.batch_shape}")
+
+    def _head_indices(self, heads: Any, size: int) -> np.ndarray:
+        """``heads=`` as an int64 array of ``size`` flat head indices (None: head 0, without a head axis)."""
+        if heads is None:
+            if self.batch_shape:
+                raise TypeError(
+                    f"heads: expected head indices for leading axes {self.batch_shape}, got None; "
+                    f"pass one flat head index (below {self._H}) per entry"
+                )
+            return np.zeros(size, dtype=np.int64)
+        heads = check_index_array("heads", heads, self._H, axis=f"flattened leading axes {self.batch_shape}")
+        if heads.size != size:
+            raise ValueError(f"heads: expected {size} head indices, got {heads.size}")
+        return heads
 
     def __repr__(self) -> str:
         heads = f"batch_shape={self.batch_shape}, " if self.batch_shape else ""

@@ -319,6 +319,42 @@ def source_version() -> str:
     return f"{__version__} ({commit}{'+dirty' if dirty else ''})" if commit else __version__
 
 
+def git_commit() -> str:
+    """The checkout's full commit, with ``+dirty`` when ``src/`` has uncommitted changes
+    ("unknown" outside a git checkout): what a benchmark output records."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head, dirty = (
+            subprocess.run(
+                ["git", "-C", root, *args], capture_output=True, text=True, timeout=5, check=True
+            ).stdout.strip()
+            for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no", "src"])
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty (src/ has uncommitted changes)" if dirty else "")
+
+
+def target(description: str, value: float, bound: float, kind: str, where: dict[str, Any]) -> dict[str, Any]:
+    """A benchmark target record: ``value`` against ``bound`` (``kind`` "min" or "max")."""
+    met = value >= bound if kind == "min" else value <= bound
+    return {"target": description, "measured": value, "bound": bound, "kind": kind, "met": bool(met), **where}
+
+
+def targets_summary(targets: Sequence[dict[str, Any]]) -> str:
+    """``targets met: k of n`` and one checkbox line per :func:`target` record."""
+    met = sum(t["met"] for t in targets)
+    summary = f"\ntargets met: {met} of {len(targets)}"
+    for t in targets:
+        where = ", ".join(
+            f"{k}={v}" for k, v in t.items() if k not in ("target", "measured", "bound", "kind", "met")
+        )
+        summary += f"\n  [{'x' if t['met'] else ' '}] {t['target']}: {t['measured']:.3g} ({where})"
+    return summary
+
+
 def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Where a measurement came from: CPU, cores, numpy/BLAS, Python, GEMM rates.
 

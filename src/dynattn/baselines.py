@@ -53,7 +53,6 @@ import numpy as np
 
 from dynattn._base import ValidatedInputs
 from dynattn._validation import (
-    as_index,
     check_choice,
     check_flag,
     check_index,
@@ -413,51 +412,6 @@ class Baseline(ValidatedInputs):
         """A validated host copy of a row argument ``(*batch, width)``, as ``(H, width)``."""
         row = check_rows(name, self._xp.to_numpy(value), dtype=self._dtype, shape=(*self.batch_shape, width))
         return row.reshape(self._H, width)
-
-    def _head_index(self, head: Any) -> int:
-        """The flat head index named by ``head=``: None or 0 without head axes; with them an
-        int below H or a tuple of one index per leading axis."""
-        if not self.batch_shape:
-            if head is None:
-                return 0
-            index = as_index("head", head)
-            if index != 0:
-                raise IndexError(
-                    f"head={index} is out of range: this structure has no head axis, so its only "
-                    "head is 0; pass head=None (or head=0)"
-                )
-            return 0
-        if head is None:
-            raise TypeError(
-                f"head: expected an index into the leading axes {self.batch_shape}, got None; "
-                f"pass an int below {self._H} or a {len(self.batch_shape)}-tuple"
-            )
-        if isinstance(head, tuple):
-            if len(head) != len(self.batch_shape):
-                raise IndexError(
-                    f"head: expected a {len(self.batch_shape)}-tuple (one index per leading axis of "
-                    f"{self.batch_shape}), got {head!r}"
-                )
-            parts = [
-                check_index(f"head[{k}]", x, s, axis=f"leading axis {k} of {self.batch_shape}")
-                for k, (x, s) in enumerate(zip(head, self.batch_shape, strict=True))
-            ]
-            return int(np.ravel_multi_index(parts, self.batch_shape))
-        return check_index("head", head, self._H, axis=f"flattened leading axes {self.batch_shape}")
-
-    def _head_indices(self, heads: Any, size: int) -> np.ndarray:
-        """``heads=`` as ``size`` flat head indices (None: head 0, without head axes)."""
-        if heads is None:
-            if self.batch_shape:
-                raise TypeError(
-                    f"heads: expected head indices for leading axes {self.batch_shape}, got None; "
-                    f"pass one flat head index (below {self._H}) per entry"
-                )
-            return np.zeros(size, dtype=np.int64)
-        heads = check_index_array("heads", heads, self._H, axis=f"flattened leading axes {self.batch_shape}")
-        if heads.size != size:
-            raise ValueError(f"heads: expected {size} head indices, got {heads.size}")
-        return heads
 
 
 def _stack(xp: Any, parts: list[Any], axis: int = 0) -> Any:
