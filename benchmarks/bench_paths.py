@@ -35,7 +35,6 @@ to change), with the command line and the git commit.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -57,6 +56,7 @@ from dynattn._timing import (
     machine_info,
     target,
     targets_summary,
+    write_report,
 )
 from dynattn.baselines import Eager, Rows
 
@@ -913,11 +913,7 @@ def run_paths(
     text.append(f"\nelapsed {result['elapsed_s']:.0f} s")
     result["text"] = "\n".join(text) + "\n"
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "paths.json").write_text(
-            json.dumps({k: v for k, v in result.items() if k != "text"}, indent=1)
-        )
-        (out_dir / "paths.txt").write_text(result["text"])
+        write_report(result, out_dir, "paths")
     return result
 
 

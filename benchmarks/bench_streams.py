@@ -57,7 +57,6 @@ import contextlib
 import cProfile
 import ctypes
 import io
-import json
 import math
 import os
 import pstats
@@ -83,6 +82,7 @@ from dynattn._timing import (
     target,
     targets_summary,
     usable_cores,
+    write_report,
 )
 from dynattn.testing import TARGET, reference_attention
 
@@ -695,11 +695,7 @@ def run_streams(
     text.append(f"\nelapsed {result['elapsed_s']:.0f} s")
     result["text"] = "\n".join(text) + "\n"
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "streams.json").write_text(
-            json.dumps({k: v for k, v in result.items() if k != "text"}, indent=1)
-        )
-        (out_dir / "streams.txt").write_text(result["text"])
+        write_report(result, out_dir, "streams")
     return result
 
 

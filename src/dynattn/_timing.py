@@ -355,6 +355,18 @@ def targets_summary(targets: Sequence[dict[str, Any]]) -> str:
     return summary
 
 
+def write_report(result: dict[str, Any], out_dir: Any, stem: str) -> None:
+    """Write a benchmark's ``result`` as ``{stem}.json`` (all but its text) and its
+    ``result["text"]`` as ``{stem}.txt`` in the folder ``out_dir`` (a ``Path``; created)."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(
+        json.dumps({k: v for k, v in result.items() if k != "text"}, indent=1)
+    )
+    (out_dir / f"{stem}.txt").write_text(result["text"])
+
+
 def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Where a measurement came from: CPU, cores, numpy/BLAS, Python, GEMM rates.
 

@@ -283,8 +283,8 @@ class DynamicAttention(ValidatedInputs):
         if not sizes:
             return
         if self._memory_budget is not None and self._storage.name == "dense":
-            capacity = s.capacity_after(**sizes)
-            grows = any(capacity[axis] > s.capacity_after()[axis] for axis in sizes)
+            capacity, allocated = s.capacity_after(**sizes), s.capacity_after()
+            grows = any(capacity[axis] > allocated[axis] for axis in sizes)
             if grows and AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
                 self._switch_to_implicit()
         s.resize(**sizes)
