@@ -948,9 +948,7 @@ class DynamicAttention(ValidatedInputs):
         slot, new_logits = s.slot_of.get(c), None
         if slot is None:
             slot, new_logits = self._open_pending(c, k)
-        s.K[:, c] = self._xp.asarray(k)
-        s.sync_float64_copies(K=c)
-        self._note_key_row(c, k)
+        self._write_key_row(c, k)
         self._set_fresh_columns(slot, c, np.arange(self._H), new_logits)
         s.key_changed[slot] = True
 
@@ -958,12 +956,25 @@ class DynamicAttention(ValidatedInputs):
         """V[:, c] = v (validated ``(H, e)``)."""
         s = self._state
         slot = self._slot_for(c)
+        self._write_value_row(c, v)
+        s.pending_new_values[:, slot] = self._scaled_values(c)
+        s.value_changed[slot] = True
+
+    def _write_key_row(self, c: int, k: np.ndarray) -> None:
+        """Store key row c of every head, ``k: (H, d)``, with its float64 copy and norms
+        (no weights: the callers decide what the new key does to them)."""
+        self._state.K[:, c] = self._xp.asarray(k)
+        self._state.sync_float64_copies(K=c)
+        self._note_key_row(c, k)
+
+    def _write_value_row(self, c: int, v: np.ndarray) -> None:
+        """Store value row c of every head, ``v: (H, e)``, with its float64 copy and the
+        value-scale bookkeeping (no pending values: the callers decide)."""
+        s = self._state
         old = np.abs(self._xp.to_numpy(s.V64[:, c]))
         s.V[:, c] = self._xp.asarray(v)
         s.sync_float64_copies(V=c)
         self._note_new_values(old, np.abs(v.astype(np.float64)))
-        s.pending_new_values[:, slot] = self._scaled_values(c)
-        s.value_changed[slot] = True
 
     def _apply_query_row(self, i: int, q: np.ndarray) -> None:
         """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly."""
@@ -985,24 +996,18 @@ class DynamicAttention(ValidatedInputs):
         exact without it: no pending row is opened and nothing of size n is
         computed; a query row appended later is computed exactly, key included.
         """
-        s, xp = self._state, self._xp
-        c = self.m - 1  # the caller made room
+        s, H = self._state, self._H
+        c = self.m - 1  # the caller made room (a new row: its stored key and value are 0)
         s.threshold = max(s.threshold, fold_threshold(self.m, self._tau))
-        s.K[:, c] = xp.asarray(k)
-        s.V[:, c] = xp.asarray(v)
-        s.sync_float64_copies(K=c, V=c)
-        self._note_key_row(c, k)
-        s.key_visible[c] = True
+        self._write_key_row(c, k)
+        self._write_value_row(c, v)
         s.key_pos[c] = position
-        seeing = self._rows_seeing_position(position)
-        s.visible_keys[seeing] += 1
+        self._set_key_visible(c, True)
         self._storage.append_column(c)
-        H = self._H
-        if self._causal and not seeing.any():
-            self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
+        if self._causal and not np.any(self._rows_seeing_position(position)):
             return
-        slot = self._open_slot(c, xp.zeros((H, self.n), np.float64), np.zeros(H), np.zeros(H), new_row=True)
-        self._note_new_values(np.zeros((H, self.e)), np.abs(v.astype(np.float64)))
+        zero_column = self._xp.zeros((H, self.n), np.float64)
+        slot = self._open_slot(c, zero_column, np.zeros(H), np.zeros(H), new_row=True)
         s.pending_new_values[:, slot] = self._scaled_values(c)
         self._set_fresh_columns(slot, c, np.arange(H))
         s.key_changed[slot] = s.value_changed[slot] = True
@@ -1015,20 +1020,14 @@ class DynamicAttention(ValidatedInputs):
         slot = s.slot_of.get(c)
         s.key_free[c] = False
         s.key_pos[c] = position
-        if self._causal and not np.any(s.query_pos >= position):
+        if self._causal and not np.any(self._rows_seeing_position(position)):
             # no row sees it: its weights stay 0 (pending or folded), only the inputs change
-            s.key_visible[c] = True
-            s.all_keys_visible = bool(s.key_visible.all())
-            s.K[:, c] = self._xp.asarray(k)
-            s.sync_float64_copies(K=c)
-            self._note_key_row(c, k)
-            old = np.abs(self._xp.to_numpy(s.V64[:, c]))
-            s.V[:, c] = self._xp.asarray(v)
-            s.sync_float64_copies(V=c)
-            self._note_new_values(old, np.abs(v.astype(np.float64)))
-            if slot is not None:
-                s.pending_new_values[:, slot] = self._scaled_values(c)
-                s.value_changed[slot] = True
+            self._set_key_visible(c, True)
+            self._write_key_row(c, k)
+            if slot is None:
+                self._write_value_row(c, v)
+            else:
+                self._apply_value_row(c, v)
             return
         if slot is None:
             self._slot_for(c)
