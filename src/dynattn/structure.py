@@ -257,6 +257,7 @@ class DynamicAttention(ValidatedInputs):
         self._column_error_limit = cert.column_error_limit(self._unit, self._tol)
         self._mass_rates: dict[int, float] = {}  # cert.mass_rate by pending count t
         self._dtype_max = float(info.max)
+        self._subnormal_step = float(info.smallest_subnormal)
 
     def _after_resize(self) -> None:
         """Sizes and size-dependent constants after the state grew or shrank."""
@@ -374,7 +375,10 @@ class DynamicAttention(ValidatedInputs):
             self._round_to_dtype(column)
             s.column_error[h, slot] = error
             s.column_growth[h, slot] = grown
-            s.column_max[h, slot] *= math.exp(growth) * (1 + 4 * self._unit)
+            # relative growth, plus one subnormal step: a weight that rounds into the dtype's
+            # subnormal range can round up by half a step, more than the relative 4 units
+            grown_max = s.column_max[h, slot] * math.exp(growth) * (1 + 4 * self._unit)
+            s.column_max[h, slot] = grown_max + self._subnormal_step
             if s.column_max[h, slot] > self._weight_limit:
                 self._restabilize_column(h, slot)
         s.key_changed[slot] = True
