@@ -96,3 +96,17 @@ def backend(request):
 
     with use_backend(request.param):
         yield request.param
+
+
+#: Rates for tau="auto" in tests: fixed (not measured), so that the policy's decisions
+#: are the same on every machine; tests that need other decisions set their own.
+TEST_RATES = (2e10, 5e9, 2e-6)
+
+
+@pytest.fixture(autouse=True)
+def policy_rates():
+    """Every test runs with :data:`TEST_RATES`, restored afterwards whatever it set."""
+    from dynattn import policy
+
+    with policy.use_rates(policy.Rates(*TEST_RATES)):
+        yield

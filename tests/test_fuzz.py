@@ -63,12 +63,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynattn import DynamicAttention
+from dynattn import DynamicAttention, policy
 from dynattn.testing import allowed_error, as_numpy, reference_attention
 
 STORAGES = ("dense", "implicit")
 DTYPES = (np.float64, np.float32)
-TAUS = (0.0, 0.3, 0.5, 1.0)
+TAUS = (0.0, 0.3, 0.5, 1.0, "auto")
+#: rates (GEMM flop/s, GEMV flop/s, seconds per call) that steer tau="auto" into each of its
+#: regimes: folds and column purchases decided by rent, folds only at the memory cap
+#: (columns read lazily until a fold), and columns bought after a few reads
+POLICY_RATES = ((2e10, 5e9, 2e-6), (1e3, 1e12, 0.0), (1e3, 1e4, 0.0))
 WORKLOADS = ("random", "adversarial")
 #: leading (head/batch) axes of Q, K, V
 BATCH_SHAPES = ((), (1,), (3,), (2, 2))
@@ -117,8 +121,10 @@ class FuzzConfig:
         Storage dtype (float32 or float64).
     storage : {"dense", "implicit"}
         Storage strategy.
-    tau : float
-        Laziness exponent.
+    tau : float or "auto"
+        Laziness exponent, or the online policy.
+    rates : tuple of 3 floats or None
+        The policy's rates (:class:`dynattn.policy.Rates`) for ``tau="auto"``.
     workload : {"random", "adversarial"}
         Which content and action weights the sequence uses.
     causal : bool
@@ -135,7 +141,8 @@ class FuzzConfig:
 
     dtype: np.dtype
     storage: str
-    tau: float
+    tau: float | str
+    rates: tuple[float, float, float] | None
     workload: str
     causal: bool
     use_key_mask: bool
@@ -163,13 +170,16 @@ class FuzzConfig:
 
 
 def draw_config(
-    rng: np.random.Generator, *, dtype: Any, storage: str, tau: float, workload: str
+    rng: np.random.Generator, *, dtype: Any, storage: str, tau: float | str, workload: str
 ) -> FuzzConfig:
-    """Draw the configuration axes that are not given (mask, causality, scale, heads, sizes)."""
+    """Draw the configuration axes that are not given (mask, causality, scale, heads, sizes,
+    and the policy's rates for tau="auto")."""
+    rates = POLICY_RATES[int(rng.integers(len(POLICY_RATES)))]
     return FuzzConfig(
         dtype=np.dtype(dtype),
         storage=storage,
         tau=tau,
+        rates=rates if tau == "auto" else None,
         workload=workload,
         causal=bool(rng.random() < 0.5),
         use_key_mask=bool(rng.random() < 0.4),
@@ -357,6 +367,9 @@ class Fuzzer:
             "causal": config.causal,
             "key_mask": key_mask,
         }
+        if config.rates is not None:
+            self.record(f"policy.set_rates(policy.Rates(*{config.rates!r}))")
+            policy.set_rates(policy.Rates(*config.rates))
         self.record(
             f"att = DynamicAttention({_literal(Q)}, {_literal(K)}, {_literal(V)}, "
             + ", ".join(f"{name}={_literal(value)}" for name, value in arguments.items() if name != "dtype")
@@ -807,7 +820,7 @@ class Fuzzer:
     def failure(self, message: str) -> FuzzFailure:
         """A FuzzFailure naming the configuration, the step and the last calls; writes the reproducer."""
         script = self.folder / "reproducer.py"
-        header = ["import numpy as np", "from dynattn import DynamicAttention"]
+        header = ["import numpy as np", "from dynattn import DynamicAttention, policy"]
         if self.backend != "numpy":
             header += ["from dynattn.backends import use_backend", f"use_backend({self.backend!r})"]
         script.write_text("\n".join([*header, "", *self.calls, ""]))

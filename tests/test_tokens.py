@@ -86,7 +86,7 @@ def problem(batch, n, m, d, e, seed, dtype=np.float64):
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, "auto"])
 def test_row_edits_match_reference(storage, dtype, tau):
     n, m, d, e = 11, 13, 4, 3
     Q, K, V = problem((), n, m, d, e, seed=1, dtype=dtype)

@@ -293,6 +293,11 @@ class ShardedAttention(ValidatedInputs):
         options["dtype"] = self._dtype
         shards = _count(1)("shards", shards)
         by = check_choice("by", by, ("heads", "rows", "auto"))
+        if not isinstance(probe.tau, float):
+            raise ValueError(
+                f"tau: expected a number in [0, 1] for ShardedAttention, got {probe.tau!r} (the "
+                "online policy decides per structure; shards would decide apart)"
+            )
         self._H, self._tau, self._causal = probe.heads, probe.tau, probe.causal
         self._helper = self._make_helper()
         inputs = {"Q": self._Q, "K": self._K, "V": self._V}

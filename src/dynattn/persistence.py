@@ -68,6 +68,7 @@ _FIELDS = ("format", "class", "batch_shape", "sizes", "dtype", "storage", "pendi
 #: Options saved in meta (``DynamicAttention.config()`` less dtype, storage, batch_shape).
 _OPTIONS = {
     "tau": float,
+    "adaptive": bool,
     "scale": float,
     "tol": float,
     "certify": bool,
@@ -506,6 +507,7 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
         "next_position": (lambda x: x >= 0, ">= 0"),
         "k_norm_max": (lambda x: x >= 0, ">= 0"),
         "q_norm_max": (lambda x: x >= 0, ">= 0"),
+        "pending_rent": (lambda x: x >= 0, ">= 0"),
     }
     for name, (check, wanted) in checks.items():
         if not check(meta[name]):

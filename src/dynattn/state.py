@@ -120,6 +120,10 @@ class AttentionState:
     column_error = StateArray("HS", np.float64, device=False)  # relative error of each new column
     column_growth = StateArray("HS", np.float64, device=False)  # log-growth since computed fresh
     column_max = StateArray("HS", np.float64, device=False)  # upper bound of each new column
+    # tau="auto" (docs/policy.md): a deferred new column is not stored; reads compute its
+    # weights at the rows they read, and the seconds they spent doing so are its rent
+    column_deferred = StateArray("S", bool, device=False)
+    column_rent = StateArray("S", np.float64, device=False)
     # -- masks and positions -----------------------------------------------------------
     query_pos = StateArray("n", np.int64, device=False)
     key_pos = StateArray("m", np.int64, device=False)
@@ -144,6 +148,7 @@ class AttentionState:
         "k_norm_max": float,
         "q_norm_max": float,
         "all_keys_visible": bool,
+        "pending_rent": float,
     }
 
     def __init__(self, xp: Any, dtype: np.dtype, sizes: dict[str, int], storage: Any):
@@ -159,6 +164,7 @@ class AttentionState:
         self.k_norm_max = 0.0  # upper bound of every |K_c| (does not decrease between full refreshes)
         self.q_norm_max = 0.0
         self.all_keys_visible = True
+        self.pending_rent = 0.0  # seconds pending rows added to reads since the last fold
         self.slot_of: dict[int, int] = {}  # key/value row -> its pending slot
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         self._buffers: dict[str, tuple[Any, StateArray, Any]] = {}
@@ -328,4 +334,8 @@ STAT_NAMES = (
     "rows_rescaled",
     "fresh_columns",
     "storage_switches",
+    "columns_deferred",
+    "columns_materialized",
+    "updates",
+    "reads",
 )

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from dynattn import certificate as cert
+from dynattn import policy
 from dynattn._base import ValidatedInputs
 from dynattn._validation import (
     as_index,
@@ -70,7 +71,7 @@ UNIT_RANGE = (2.0**-60, 2.0**60)
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Saved-file format version (``save`` / ``load``).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Host-side operations (bookkeeping arrays are always numpy).
 HOST = NumpyBackend()
 
@@ -93,6 +94,14 @@ def fold_threshold(m: int, tau: float) -> int:
     return min(m, max(1, math.ceil(m**tau * (1 - 1e-12))))
 
 
+def adaptive_threshold(m: int, H: int, n: int, e: int, memory_budget: float) -> int:
+    """Most pending rows ``tau="auto"`` keeps before it must fold: all m rows, unless their
+    pending buffers (``H*(2n + 2e)`` float64 per row) would take more than a quarter of
+    ``memory_budget``; never fewer than ``ceil(sqrt(m))``."""
+    per_row = 8 * H * (2 * n + 2 * e)
+    return min(m, max(fold_threshold(m, 0.5), int(memory_budget / 4 // per_row)))
+
+
 class DynamicAttention(ValidatedInputs):
     """Softmax attention ``O = D^-1 exp(scale * Q K^T) V`` kept current under edits.
 
@@ -104,10 +113,15 @@ class DynamicAttention(ValidatedInputs):
         Keys (copied).
     V : (m, e) or (*batch, m, e) array_like
         Values (copied).
-    tau : float in [0, 1], keyword-only
+    tau : float in [0, 1] or "auto", keyword-only
         Laziness exponent: pending key/value rows are folded when their number
         reaches ``threshold = ceil(m**tau)``. 0 folds every change at once
-        (the ``Eager`` baseline); 1 lets up to m rows wait.
+        (the ``Eager`` baseline); 1 lets up to m rows wait. ``"auto"`` lets an
+        online policy decide (``docs/policy.md``): a changed key's weight column
+        is *deferred* (queries compute its logits at the rows they read) until
+        reading it lazily has cost as much as computing it, and pending rows are
+        folded once the work they add to queries reaches the cost of the fold
+        (at most ``adaptive_threshold`` rows wait, for memory).
     scale : float, keyword-only
         Softmax scale (1.0 as in the paper; transformers use ``1/sqrt(d)``).
     dtype : float64 or float32, keyword-only
@@ -162,7 +176,7 @@ class DynamicAttention(ValidatedInputs):
         K: Any,
         V: Any,
         *,
-        tau: float = 0.5,
+        tau: float | str = 0.5,
         scale: float = 1.0,
         dtype: Any = None,
         storage: str = "auto",
@@ -175,7 +189,10 @@ class DynamicAttention(ValidatedInputs):
         device: Any = None,
     ):
         super().__init__(Q, K, V, scale=scale, dtype=dtype, backend=backend, device=device)
-        tau = check_scalar("tau", tau, low=0.0, high=1.0)
+        adaptive = isinstance(tau, str)
+        if adaptive and tau != "auto":
+            raise TypeError(f'tau: expected a real number in [0, 1] or "auto", got {tau!r}')
+        tau = 1.0 if adaptive else check_scalar("tau", tau, low=0.0, high=1.0)
         budget = check_scalar("memory_budget", memory_budget, low=0.0)
         check_choice("storage", storage, (*STORAGES, "auto"))
         if tol is not None:
@@ -195,11 +212,12 @@ class DynamicAttention(ValidatedInputs):
                 )
             visible = mask.copy()
         H = int(np.prod(self.batch_shape, dtype=np.int64))
-        threshold = fold_threshold(m, tau)
+        threshold = adaptive_threshold(m, H, n, e, budget) if adaptive else fold_threshold(m, tau)
         # pending slots are allocated as they fill (capacity doubles up to the threshold)
         sizes = {"H": H, "n": n, "m": m, "d": d, "e": e, "S": min(threshold, INITIAL_SLOTS)}
         self._configure(
             tau=tau,
+            adaptive=adaptive,
             tol=tol,
             certify=certify,
             causal=causal,
@@ -234,6 +252,7 @@ class DynamicAttention(ValidatedInputs):
         self,
         *,
         tau: float,
+        adaptive: bool,
         tol: float | None,
         certify: bool,
         causal: bool,
@@ -243,6 +262,8 @@ class DynamicAttention(ValidatedInputs):
     ) -> None:
         """Options and the constants derived from them (shared by ``__init__`` and ``load``)."""
         self._tau, self._certify, self._causal = tau, certify, causal
+        #: tau="auto": deferred key columns and the online fold policy (docs/policy.md)
+        self._adaptive = adaptive
         #: bytes the state may take with dense storage (None: the storage was chosen by name)
         self._memory_budget = memory_budget
         self._tol = cert.DEFAULT_TOL[self._dtype] if tol is None else tol
@@ -358,6 +379,11 @@ class DynamicAttention(ValidatedInputs):
         s.k_norms[h, c] = row_norm
         if row_norm > s.k_norm_max:
             s.k_norm_max = row_norm
+        if self._adaptive and (s.column_deferred[slot] or not s.key_changed[slot]):
+            self._defer_column(slot)  # O(1): reads compute the column's logits they need
+            s.key_changed[slot] = True
+            self._fold_if_full()
+            return
         step = self._scale * (new - old)
         growth = abs(step) * float(s.q_col_absmax[h, j])
         error = float(s.column_error[h, slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
@@ -431,6 +457,8 @@ class DynamicAttention(ValidatedInputs):
         s.pending_rows[slot] = c
         s.key_changed[slot] = False
         s.value_changed[slot] = False
+        s.column_deferred[slot] = False
+        s.column_rent[slot] = 0.0
         s.column_error[:, slot] = error
         s.column_growth[:, slot] = growth
         s.column_max[:, slot] = self._xp.to_numpy(self._xp.amax(column, 1))
@@ -439,7 +467,10 @@ class DynamicAttention(ValidatedInputs):
         return slot
 
     def _fold_if_full(self) -> None:
-        if self._state.t >= self._state.threshold:
+        """After each update operation: fold when the pending rows reach the threshold."""
+        s = self._state
+        s.stats["updates"] += 1
+        if s.t >= s.threshold:
             self._fold()
 
     def _fold(self) -> None:
@@ -449,6 +480,8 @@ class DynamicAttention(ValidatedInputs):
         t = s.t
         if t == 0:
             return
+        if self._adaptive:
+            self._materialize(np.flatnonzero(s.column_deferred[:t]))
         rows = s.pending_rows[:t]
         s.k_norms[:, rows] = cert.norms(xp.to_numpy(s.K64[:, rows]))
         key_changed = s.key_changed[:t]
@@ -479,6 +512,7 @@ class DynamicAttention(ValidatedInputs):
         s.drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(s.Z)
         s.slot_of.clear()
         s.t = 0
+        s.pending_rent = 0.0
         s.refreshed_slots[...] = 0
         s.stats["folds"] += 1
         if values_moved:
@@ -557,6 +591,7 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if s.visible_keys[i] == 0:
             return 0.0  # the row sees no key: its answer is exactly 0
+        self._prepare_read(np.array([h]), np.array([i]), 1, self.e)
         row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
         ratio = float(self._column_ratio(np.full(self.e, h), np.arange(self.e)).max())
         incremental = row_bound * (ratio + 1)
@@ -579,6 +614,7 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if s.visible_keys[i] == 0:
             return 0.0  # the row sees no key
+        self._prepare_read(np.array([h]), np.array([i]), 1, 1)
         t = s.t
         numerator = float(s.N[h, i, j])
         z = float(s.Z[h, i])
@@ -605,6 +641,7 @@ class DynamicAttention(ValidatedInputs):
     def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
         s, xp = self._state, self._xp
+        self._prepare_read(heads, rows, rows.size, 1)
         t = s.t
         numerator = xp.copy(s.N[heads, rows, cols])
         if t:
@@ -629,9 +666,10 @@ class DynamicAttention(ValidatedInputs):
         row's log-sum-exp ``(H, k)``. Runtime complexity: O(H*k*t*e): one einsum for few
         rows, one BLAS-3 GEMM per head for many."""
         s, xp = self._state, self._xp
-        t, H, k = s.t, self._H, rows.size
         # a run of consecutive rows (all of them, for output()) is read through views
         index = _as_slice(rows)
+        self._prepare_read(slice(None), index, self._H * rows.size, self.e)
+        t, H, k = s.t, self._H, rows.size
         numerator = s.N[:, index]
         if t:
             new_w = s.pending_new_columns[:, :t][:, :, index]  # (H, t, k)
@@ -913,7 +951,7 @@ class DynamicAttention(ValidatedInputs):
             slot = self._slot_for(c)
             s.key_free[c] = False
             self._set_key_visible(c, True)
-            self._set_fresh_columns(slot, c, np.arange(self._H))
+            self._renew_column(slot, c)
             s.key_changed[slot] = True
         self._fold_if_full()
 
@@ -925,7 +963,7 @@ class DynamicAttention(ValidatedInputs):
             return
         slot = self._slot_for(c)
         self._set_key_visible(c, False)
-        self._set_fresh_columns(slot, c, np.arange(self._H))
+        self._renew_column(slot, c)
         s.key_changed[slot] = True
 
     def _set_key_visible(self, c: int, visible: bool) -> None:
@@ -951,9 +989,9 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         slot, new_logits = s.slot_of.get(c), None
         if slot is None:
-            slot, new_logits = self._open_pending(c, k)
+            slot, new_logits = self._open_pending(c, None if self._adaptive else k)
         self._write_key_row(c, k)
-        self._set_fresh_columns(slot, c, np.arange(self._H), new_logits)
+        self._renew_column(slot, c, new_logits)
         s.key_changed[slot] = True
 
     def _apply_value_row(self, c: int, v: np.ndarray) -> None:
@@ -1013,7 +1051,7 @@ class DynamicAttention(ValidatedInputs):
         zero_column = self._xp.zeros((H, self.n), np.float64)
         slot = self._open_slot(c, zero_column, np.zeros(H), np.zeros(H), new_row=True)
         s.pending_new_values[:, slot] = self._scaled_values(c)
-        self._set_fresh_columns(slot, c, np.arange(H))
+        self._renew_column(slot, c)
         s.key_changed[slot] = s.value_changed[slot] = True
 
     def _reuse_key(self, c: int, k: np.ndarray, v: np.ndarray, position: int) -> None:
@@ -1059,15 +1097,18 @@ class DynamicAttention(ValidatedInputs):
         """Index of the query rows that the causal mask lets see a key at ``position``."""
         return self._state.query_pos >= position if self._causal else slice(None)
 
-    def _visibility(self, rows: np.ndarray) -> np.ndarray | None:
-        """Which keys each query row in ``rows`` sees, ``(len(rows), m)``; None if all of them."""
+    def _visibility(self, rows: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray | None:
+        """Which keys (all, or ``keys``) each query row in ``rows`` sees, ``(len(rows),
+        len(keys))``; None if all of them."""
         s = self._state
-        if s.all_keys_visible and not self._causal:
-            return None
-        visible = np.broadcast_to(s.key_visible, (rows.size, self.m))
+        if keys is None:
+            if s.all_keys_visible and not self._causal:
+                return None
+            keys = np.arange(self.m)
+        visible = np.broadcast_to(s.key_visible[keys], (rows.size, keys.size))
         if self._causal:
-            visible = visible & (s.key_pos[None, :] <= s.query_pos[rows][:, None])
-        return visible
+            visible = visible & (s.key_pos[keys][None, :] <= s.query_pos[rows][:, None])
+        return None if visible.all() else visible
 
     # ================================================================== weight maintenance
     def _round_to_dtype(self, array: Any) -> None:
@@ -1115,6 +1156,8 @@ class DynamicAttention(ValidatedInputs):
         ``mu`` (computed here unless given); moves ``mu`` up first where a weight would exceed
         the limit."""
         s, xp = self._state, self._xp
+        assert heads.size == self._H or not s.column_deferred[slot], "a deferred column is computed whole"
+        s.column_deferred[slot] = False
         if not s.key_visible[c]:  # a hidden key weighs 0 for every row
             s.pending_new_columns[heads, slot] = 0.0
             s.column_error[heads, slot] = s.column_growth[heads, slot] = s.column_max[heads, slot] = 0.0
@@ -1133,6 +1176,109 @@ class DynamicAttention(ValidatedInputs):
         s.column_growth[heads, slot] = 0.0
         s.column_max[heads, slot] = xp.to_numpy(xp.amax(weights, 1))
         s.stats["fresh_columns"] += 1
+
+    def _renew_column(self, slot: int, c: int, logits: Any = None) -> None:
+        """The pending column of row c after its key or visibility changed: deferred under
+        ``tau="auto"`` (O(1)), else computed now from ``logits`` (or fresh, O(H*n*d))."""
+        if self._adaptive:
+            self._defer_column(slot)
+        else:
+            self._set_fresh_columns(slot, c, np.arange(self._H), logits)
+
+    def _defer_column(self, slot: int) -> None:
+        """Stop storing the slot's new column: reads compute its weights where they need
+        them, and pay for that in ``column_rent`` (kept if it was deferred already)."""
+        s = self._state
+        if not s.column_deferred[slot]:
+            s.column_deferred[slot] = True
+            s.column_rent[slot] = 0.0
+            s.stats["columns_deferred"] += 1
+
+    def _materialize(self, slots: np.ndarray) -> None:
+        """Compute the deferred new columns of ``slots`` for every head, one GEMM per head
+        (``K_C Q^T``), moving ``mu`` up first where a weight would exceed the limit.
+        Runtime complexity: O(H*n*d*len(slots))."""
+        if not slots.size:
+            return
+        s, xp = self._state, self._xp
+        keys = s.pending_rows[slots]
+        visible = self._visibility(np.arange(self.n), keys)
+        for h in range(self._H):
+            logits = s.K64[h, keys] @ s.Q64_T[h]  # (len(slots), n)
+            logits *= self._scale
+            if visible is not None:
+                xp.fill_where_not_(logits, visible.T, -math.inf)
+            exponent = logits - s.mu[h][None, :]
+            top = xp.to_numpy(xp.amax(exponent, 0))
+            if top.max(initial=-math.inf) > self._log_weight_limit:
+                rows = np.flatnonzero(top > self._log_weight_limit)
+                self._rescale_rows(np.full(rows.size, h), rows, xp.amax(logits[:, xp.index(rows)], 0))
+                exponent = logits - s.mu[h][None, :]
+            weights = xp.exp_(exponent)
+            self._round_to_dtype(weights)
+            s.pending_new_columns[h, xp.index(slots)] = weights
+            s.column_max[h, slots] = xp.to_numpy(xp.amax(weights, 1))
+        s.column_error[:, slots] = s.column_growth[:, slots] = 0.0
+        s.column_deferred[slots] = False
+        s.stats["columns_materialized"] += int(slots.size)
+
+    def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
+        """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
+        rows`` as in :meth:`_row_bounds`), under ``tau="auto"``: fold when the rent the
+        pending rows charged reads since the last fold reaches the fold's price; else buy
+        (compute whole) the deferred columns whose rent reaches their price, and compute
+        the others' weights at the rows read (docs/policy.md)."""
+        s = self._state
+        s.stats["reads"] += 1
+        t = s.t
+        if not self._adaptive or t == 0:
+            return
+        deferred = np.flatnonzero(s.column_deferred[:t])
+        rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
+        products = int(s.key_changed[:t].sum()) + int(s.value_changed[:t].sum())
+        price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
+        if s.pending_rent + rent >= price:
+            self._fold()
+            return
+        s.pending_rent += rent
+        if not deferred.size:
+            return
+        rent = policy.column_rent(pairs, self.d)
+        buy = s.column_rent[deferred] + rent >= policy.column_price(self._H, self.n, self.d)
+        if buy.any():
+            self._materialize(deferred[buy])
+            deferred = deferred[~buy]
+        if deferred.size:
+            s.column_rent[deferred] += rent
+            self._fill_deferred(heads, rows, deferred)
+
+    def _fill_deferred(self, heads: Any, rows: Any, slots: np.ndarray) -> None:
+        """Write the current weights of the deferred columns ``slots`` at the (head, row)
+        pairs read into ``pending_new_columns`` (the rest of those columns is left stale).
+        Runtime complexity: O(pairs*len(slots)*d)."""
+        s, xp = self._state, self._xp
+        keys = s.pending_rows[slots]
+        if isinstance(heads, slice):
+            row_array = np.arange(self.n)[rows]
+            groups = [(h, row_array) for h in range(self._H)]
+        else:
+            groups = [(h, np.unique(rows[heads == h])) for h in np.unique(heads).tolist()]
+        for h, part in groups:
+            logits = s.Q64[h, part] @ xp.swap_last(s.K64[h, keys])  # (len(part), len(slots))
+            logits *= self._scale
+            visible = self._visibility(part, keys)
+            if visible is not None:
+                xp.fill_where_not_(logits, visible, -math.inf)
+            exponent = logits - s.mu[h, part][:, None]
+            top = xp.to_numpy(xp.amax(exponent, 1))
+            if top.max(initial=-math.inf) > self._log_weight_limit:
+                over = np.flatnonzero(top > self._log_weight_limit)
+                self._rescale_rows(np.full(over.size, h), part[over], xp.amax(logits[xp.index(over)], 1))
+                exponent = logits - s.mu[h, part][:, None]
+            weights = xp.exp_(exponent)
+            self._round_to_dtype(weights)
+            where = xp.index(slots[:, None]), xp.index(part[None, :])
+            s.pending_new_columns[h, where[0], where[1]] = xp.swap_last(weights)
 
     def _restabilize_column(self, h: int, slot: int) -> None:
         """A multiplicatively updated column may hold weights above the limit: move those rows' mu."""
@@ -1256,9 +1402,9 @@ class DynamicAttention(ValidatedInputs):
 
     # ================================================================== properties
     @property
-    def tau(self) -> float:
-        """Laziness exponent."""
-        return self._tau
+    def tau(self) -> float | str:
+        """Laziness exponent, or ``"auto"`` for the online policy."""
+        return "auto" if self._adaptive else self._tau
 
     @property
     def threshold(self) -> int:
@@ -1328,6 +1474,7 @@ class DynamicAttention(ValidatedInputs):
         """The options that, with the state, make up the structure (saved with it)."""
         return {
             "tau": self._tau,
+            "adaptive": self._adaptive,
             "scale": self._scale,
             "tol": self._tol,
             "certify": self._certify,
@@ -1365,6 +1512,7 @@ class DynamicAttention(ValidatedInputs):
         self._scale = float(config["scale"])
         self._configure(
             tau=float(config["tau"]),
+            adaptive=bool(config["adaptive"]),
             tol=float(config["tol"]),
             certify=bool(config["certify"]),
             causal=bool(config["causal"]),
@@ -1505,7 +1653,13 @@ class DynamicAttention(ValidatedInputs):
         for label, block in (("new", new), ("old", old)):
             assert np.all(block >= 0) and np.all(block <= self._weight_limit * (1 + 1e-12)), label
             assert np.array_equal(block, block.astype(self._dtype).astype(np.float64)), f"{label} not rounded"
-        assert np.all(s.column_max[:, :t] >= new.max(axis=2, initial=0) * (1 - 1e-12)), "column_max"
+        # deferred columns (tau="auto" only) are not stored: their slots hold stale weights
+        deferred = s.column_deferred[:t]
+        assert self._adaptive or not deferred.any(), "a deferred column without tau='auto'"
+        assert np.all(s.column_rent[:t] >= 0) and s.pending_rent >= 0, "negative rent"
+        stored = ~deferred
+        column_max = s.column_max[:, :t][:, stored]
+        assert np.all(column_max >= new[:, stored].max(axis=2, initial=0) * (1 - 1e-12)), "column_max"
         assert np.all(s.column_error[:, :t] <= self._column_error_limit), "column_error over its limit"
         assert np.all(s.column_growth[:, :t] <= MAX_COLUMN_GROWTH), "column_growth over its limit"
         # value side: units are powers of two at the value scale, pending values in units
@@ -1528,13 +1682,17 @@ class DynamicAttention(ValidatedInputs):
         visible = self._visibility(np.arange(n))
         if visible is not None:
             logits = np.where(visible[None], logits, -np.inf)
-        fresh_weights = np.exp(logits - s.mu[:, :, None])  # (H, n, m)
+        with np.errstate(over="ignore"):  # a deferred key may outgrow mu until it is read
+            fresh_weights = np.exp(logits - s.mu[:, :, None])  # (H, n, m)
+        stored_keys = np.ones(self.m, dtype=bool)
+        stored_keys[s.pending_rows[:t][deferred]] = False
+        assert np.isfinite(fresh_weights[:, :, stored_keys]).all(), "a stored weight overflows against mu"
         slack = 2 * self._logit_error(s.q_norm)[:, :, None] + 4 * self._unit
         floor = self._weight_floor
         if t:
             expected = fresh_weights[:, :, s.pending_rows[:t]].transpose(0, 2, 1)
             allowed = (s.column_error[:, :t, None] + slack.transpose(0, 2, 1)) * np.maximum(expected, new)
-            bad = np.abs(new - expected) > allowed * 1.01 + floor
+            bad = (np.abs(new - expected) > allowed * 1.01 + floor) & stored[None, :, None]
             assert not bad.any(), (
                 f"pending columns drifted: (head, slot, row) {np.argwhere(bad)[:3].tolist()}"
             )

@@ -1,0 +1,136 @@
+"""The online policy of ``DynamicAttention(tau="auto")``: when to compute a deferred
+weight column, and when to fold (``docs/policy.md``).
+
+Both decisions are rent-or-buy problems. A *rent* is paid on every read while
+the decision is put off (the logits of a deferred column at the rows read; the
+pending rows' share of a query); *buying* ends the rents (computing the whole
+column once; folding every pending row into the snapshot). The rule buys
+exactly when the rents paid reach the price, which costs at most twice what the
+best choice in hindsight costs for that decision (the break-even rule of ski
+rental; ``docs/policy.md`` states the model and the proof).
+
+Prices and rents are seconds: flop counts divided by rates that are measured
+once per process on this machine (:func:`rates`), plus a per-call overhead, so
+the policy needs no constant tuned to one machine. ``DYNATTN_RATES`` (three
+numbers: GEMM flop/s, GEMV flop/s, seconds per call) or :func:`set_rates`
+fixes them, for reproducible decisions in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Speeds of this machine as the policy sees them.
+
+    Attributes
+    ----------
+    gemm : float
+        Float64 flops per second of a large matrix product (folds, whole columns).
+    gemv : float
+        Float64 flops per second of a matrix-vector product over memory (reads of
+        deferred columns, the pending rows' share of a query).
+    call : float
+        Seconds of fixed cost of one array operation (dispatch, small temporaries).
+    """
+
+    gemm: float
+    gemv: float
+    call: float
+
+
+_rates: Rates | None = None
+
+
+def _best_seconds(work: object, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def measure_rates() -> Rates:
+    """Time a GEMM, a GEMV and a tiny operation (best of five each; about 30 ms)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
+    matrix, vector = rng.standard_normal((2048, 512)), rng.standard_normal(512)
+    tiny = rng.standard_normal(4)
+    a @ b, matrix @ vector  # warm-up
+    gemm = 2 * 256**3 / _best_seconds(lambda: a @ b)
+    gemv = 2 * matrix.size / _best_seconds(lambda: matrix @ vector)
+    call = _best_seconds(lambda: [np.dot(tiny, tiny) for _ in range(100)]) / 100
+    return Rates(gemm=gemm, gemv=gemv, call=call)
+
+
+def rates() -> Rates:
+    """This process's rates: ``DYNATTN_RATES`` if set, else measured on first use."""
+    global _rates
+    if _rates is None:
+        given = os.environ.get("DYNATTN_RATES")
+        if given:
+            try:
+                gemm, gemv, call = (float(x) for x in given.split(","))
+            except ValueError:
+                raise ValueError(
+                    f"DYNATTN_RATES: expected three numbers 'gemm,gemv,call' (flop/s, flop/s, "
+                    f"seconds), got {given!r}"
+                ) from None
+            _rates = Rates(gemm=gemm, gemv=gemv, call=call)
+        else:
+            _rates = measure_rates()
+    return _rates
+
+
+def set_rates(value: Rates | None) -> None:
+    """Fix the rates the policy uses (None: measure again on next use)."""
+    global _rates
+    _rates = value
+
+
+# ---------------------------------------------------------------------- prices and rents
+def column_price(heads: int, n: int, d: int) -> float:
+    """Seconds to compute one key's weight column for every head: ``heads*n`` logits."""
+    r = rates()
+    return 2 * heads * n * d / r.gemv + r.call
+
+
+def column_rent(pairs: int, d: int) -> float:
+    """Seconds one deferred column costs a read of ``pairs`` (head, row) pairs."""
+    return 2 * pairs * d / rates().gemv
+
+
+def fold_price(heads: int, n: int, d: int, e: int, products: int, deferred: int) -> float:
+    """Seconds of a fold of ``products`` pending products (key- plus value-changed rows)
+    with ``deferred`` columns still to compute: one GEMM each, per head."""
+    r = rates()
+    return (2 * heads * n * (e * products + d * deferred)) / r.gemm + heads * r.call
+
+
+def pending_rent(pairs: int, t: int, width: int, deferred: int, d: int) -> float:
+    """Seconds the ``t`` pending rows (``deferred`` of them deferred) add to a read of
+    ``pairs`` (head, row) pairs and ``width`` output columns: two weighted sums per
+    pending row, the logits of the deferred ones, and the fixed cost of those steps."""
+    r = rates()
+    return (4 * pairs * t * (width + 1) + 2 * pairs * deferred * d) / r.gemv + 4 * r.call
+
+
+@contextlib.contextmanager
+def use_rates(value: Rates | None) -> Iterator[None]:
+    """Use ``value`` as the rates inside a ``with`` block (None: measured), then restore."""
+    global _rates
+    saved = _rates
+    _rates = value
+    try:
+        yield
+    finally:
+        _rates = saved
