@@ -130,6 +130,20 @@ def note_new_values(state: Any, index: Any, old_abs: Any, new_abs: Any) -> bool:
     return bool(np.any(scale / 2 >= state.value_unit[index]))
 
 
+def note_new_value(state: Any, h: int, j: int, old_abs: float, new_abs: float) -> bool:
+    """:func:`note_new_values` for one entry ``(h, j)``, in Python floats (the entry-update
+    hot path)."""
+    value_max = float(state.value_max[h, j])
+    if new_abs >= value_max:
+        state.value_max[h, j] = new_abs
+        state.value_max_stale[h, j] = False
+    elif old_abs >= value_max:
+        state.value_max_stale[h, j] = True
+    if new_abs > state.value_scale[h, j]:
+        state.value_scale[h, j] = new_abs
+    return bool(state.value_scale[h, j] / 2 >= state.value_unit[h, j])
+
+
 def norms(x: Any) -> np.ndarray:
     """Euclidean norms along the last axis, without overflow or underflow of the squares."""
     x = np.asarray(x, dtype=np.float64)

@@ -64,11 +64,12 @@ def measure_rates() -> Rates:
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
     matrix, vector = rng.standard_normal((2048, 512)), rng.standard_normal(512)
-    tiny = rng.standard_normal(4)
+    small = rng.standard_normal((2, 8))
     a @ b, matrix @ vector  # warm-up
     gemm = 2 * 256**3 / _best_seconds(lambda: a @ b)
     gemv = 2 * matrix.size / _best_seconds(lambda: matrix @ vector)
-    call = _best_seconds(lambda: [np.dot(tiny, tiny) for _ in range(100)]) / 100
+    # the fixed cost of one step of a read: a small contraction and its indexing
+    call = _best_seconds(lambda: [np.einsum("kt,kt->k", small, small)[0] for _ in range(100)]) / 100
     return Rates(gemm=gemm, gemv=gemv, call=call)
 
 
@@ -111,9 +112,11 @@ def column_rent(pairs: int, d: int) -> float:
 
 def fold_price(heads: int, n: int, d: int, e: int, products: int, deferred: int) -> float:
     """Seconds of a fold of ``products`` pending products (key- plus value-changed rows)
-    with ``deferred`` columns still to compute: one GEMM each, per head."""
+    with ``deferred`` columns still to compute: the GEMMs, and at least one pass over the
+    snapshot ``N: (heads, n, e)``, read and written whatever the number of rows."""
     r = rates()
-    return (2 * heads * n * (e * products + d * deferred)) / r.gemm + heads * r.call
+    products_s = 2 * heads * n * (e * products + d * deferred) / r.gemm
+    return products_s + 4 * heads * n * e / r.gemv + heads * r.call
 
 
 def pending_rent(pairs: int, t: int, width: int, deferred: int, d: int) -> float:

@@ -415,11 +415,11 @@ class DynamicAttention(ValidatedInputs):
         on a first touch), plus an amortized fold."""
         s = self._state
         slot = self._slot_for(c)
-        old = np.float64(abs(float(s.V64[h, c, j])))
+        old = abs(float(s.V64[h, c, j]))
         new = float(new_value)
         s.V[h, c, j] = new
         s.V64[h, c, j] = new
-        if cert.note_new_values(s, (h, j), old, np.float64(abs(new))):
+        if cert.note_new_value(s, h, j, old, abs(new)):
             self._raise_value_units()
         s.pending_new_values[h, slot, j] = new / s.value_unit[h, j]
         s.value_changed[slot] = True
@@ -593,10 +593,10 @@ class DynamicAttention(ValidatedInputs):
             return 0.0  # the row sees no key: its answer is exactly 0
         self._prepare_read(np.array([h]), np.array([i]), 1, self.e)
         row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
-        ratio = float(self._column_ratio(np.full(self.e, h), np.arange(self.e)).max())
-        incremental = row_bound * (ratio + 1)
-        if incremental > self._tol:
-            incremental = 0.0  # queries would answer from an exact recomputation
+        # per column, as entry queries decide: a column whose bound exceeds tol is answered
+        # from an exact recomputation (error 0 here), the others incrementally
+        incremental_by_column = row_bound * (self._column_ratio(np.full(self.e, h), np.arange(self.e)) + 1)
+        incremental = float(np.where(incremental_by_column <= self._tol, incremental_by_column, 0.0).max())
         fresh = float(cert.fresh_error(self._logit_error(float(s.q_norm[h, i])), self._unit, self.m))
         output_rounding = self._xp.unit_roundoff(self._output_dtype)
         return (incremental + fresh) * (1 + output_rounding) + output_rounding
@@ -1263,8 +1263,13 @@ class DynamicAttention(ValidatedInputs):
             groups = [(h, row_array) for h in range(self._H)]
         else:
             groups = [(h, np.unique(rows[heads == h])) for h in np.unique(heads).tolist()]
+        # many deferred keys: one product with all of K (as OnDemand does) instead of a gather
+        whole = 3 * keys.size >= self.m
         for h, part in groups:
-            logits = s.Q64[h, part] @ xp.swap_last(s.K64[h, keys])  # (len(part), len(slots))
+            if whole:
+                logits = (s.Q64[h, part] @ xp.swap_last(s.K64[h]))[:, xp.index(keys)]
+            else:
+                logits = s.Q64[h, part] @ xp.swap_last(s.K64[h, keys])  # (len(part), len(slots))
             logits *= self._scale
             visible = self._visibility(part, keys)
             if visible is not None:
@@ -1447,9 +1452,32 @@ class DynamicAttention(ValidatedInputs):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: folds, rows refreshed exactly, query fallbacks, full refreshes,
-        rows rescaled (stabilizer moved), fresh column computations."""
+        """Counters since construction: folds, rows refreshed exactly, query fallbacks,
+        full refreshes, rows rescaled (stabilizer moved), fresh column computations,
+        storage switches, columns deferred and columns materialized (``tau="auto"``),
+        update operations and reads (answer calls)."""
         return dict(self._state.stats)
+
+    @property
+    def policy(self) -> str:
+        """What the fold schedule is doing now and why, in words (``docs/policy.md``)."""
+        s = self._state
+        t, reads, updates = s.t, s.stats["reads"], s.stats["updates"]
+        ratio = f"{reads / updates:.3g}" if updates else "no updates yet"
+        if not self._adaptive:
+            return (
+                f"fixed tau={self._tau:g}: fold every {s.threshold} pending rows ({t} pending now); "
+                f"reads per update so far: {ratio}"
+            )
+        deferred = int(s.column_deferred[:t].sum())
+        products = int(s.key_changed[:t].sum()) + int(s.value_changed[:t].sum())
+        price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred)
+        return (
+            f'tau="auto": {t} pending rows ({deferred} with deferred columns, read lazily); '
+            f"reads since the last fold were charged {s.pending_rent * 1e6:.3g} us for them, the fold "
+            f"would cost {price * 1e6:.3g} us, so it folds when the charge reaches that (or at "
+            f"{s.threshold} pending rows); reads per update so far: {ratio}"
+        )
 
     @property
     def nbytes(self) -> int:

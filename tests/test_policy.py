@@ -1,0 +1,206 @@
+"""tau="auto": deferred key columns and the online policy (docs/policy.md).
+
+The rules are checked with fixed rates (:func:`dynattn.policy.use_rates`), so each
+decision is a deterministic function of the operation sequence: a deferred column is
+bought at the read where its rent reaches its price, the fold happens at the read
+where the pending rows' rent reaches the fold's price, and answers stay exact while
+the policy switches between regimes.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynattn import DynamicAttention, policy
+from dynattn.testing import as_numpy, assert_attention_close, random_problem
+
+STORAGES = ("dense", "implicit")
+DTYPES = (np.float64, np.float32)
+
+
+def _inputs(att):
+    """The structure's current inputs as float64 ``(n, d), (m, d), (m, e)`` (one head)."""
+    return (as_numpy(x).astype(np.float64) for x in (att._Q, att._K, att._V))
+
+
+def _certified(att, *, mask=None, context=""):
+    Q, K, V = _inputs(att)
+    assert_attention_close(
+        as_numpy(att.output()), Q, K, V, scale=att._scale, dtype=att._dtype, mask=mask, context=context
+    )
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_key_updates_compute_no_column_until_read(storage):
+    """Entry and row edits of keys under tau="auto" record the change only."""
+    Q, K, V = random_problem(40, 30, 6, 5, seed=1)
+    with policy.use_rates(policy.Rates(gemm=1.0, gemv=1e9, call=0.0)):  # folds: never by rent
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage)
+        for c in range(6):
+            att.update_k(c, c % 6, 0.3)
+        att.set_key(7, np.ones(6))
+        stats = att.stats
+        assert stats["fresh_columns"] == 0 and stats["columns_materialized"] == 0
+        assert stats["columns_deferred"] == 7 and att.pending == 7
+        att._check()
+        value = att.query(3, 2)  # one row read: its logits only, no whole column
+        assert att.stats["columns_materialized"] == 0
+        Q64, K64, V64 = _inputs(att)
+        logits = Q64[3] @ K64.T
+        weights = np.exp(logits - logits.max())
+        assert value == pytest.approx(weights @ V64[:, 2] / weights.sum(), rel=1e-12)
+        att._check()
+
+
+def test_deferred_column_is_bought_when_its_rent_reaches_its_price():
+    n, d = 40, 4
+    Q, K, V = random_problem(n, 9, d, 3, seed=2)
+    with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e9, call=0.0)):  # folds: never by rent
+        att = DynamicAttention(Q, K, V, tau="auto", storage="dense")
+        att.update_k(4, 1, 0.5)
+        price, rent = policy.column_price(1, n, d), policy.column_rent(1, d)
+        reads = 0
+        while att.stats["columns_materialized"] == 0:
+            att.query(reads % n, 0)
+            reads += 1
+            att._check()
+            assert reads <= n + 2, "never bought"
+        # bought by the read whose rent would have reached the price (ski rental's break-even)
+        assert abs(reads - price / rent) <= 1
+        assert att.stats["folds"] == 0 and att.pending == 1
+        _certified(att)
+
+
+def test_fold_happens_when_the_pending_rent_reaches_its_price():
+    n, m, d, e = 40, 12, 8, 8
+    Q, K, V = random_problem(n, m, d, e, seed=3)
+    rates = policy.Rates(gemm=1e12, gemv=1e6, call=1e-6)
+    with policy.use_rates(rates):
+        att = DynamicAttention(Q, K, V, tau="auto", storage="implicit")
+        for c in range(5):
+            att.update_k(c, 0, 0.2)
+        t = att.pending
+        rent = policy.pending_rent(1, t, 1, t, d)
+        price = policy.fold_price(1, n, d, e, t, t)
+        # no column is bought first
+        assert price / rent < policy.column_price(1, n, d) / policy.column_rent(1, d)
+        reads = 0
+        while att.stats["folds"] == 0:
+            att.query(reads % n, 1)
+            reads += 1
+            assert reads < 1000, "never folded"
+        # the read whose rent makes the total reach the price folds (up to the float sums)
+        assert reads in (math.ceil(price / rent), math.ceil(price / rent) + 1)
+        assert att.pending == 0 and att.stats["columns_materialized"] == t
+        _certified(att)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_deferred_key_far_above_the_stabilizer_moves_it_when_read(storage, causal):
+    """A deferred key whose weight would exceed the dtype's limit for some rows: the read
+    moves those rows' stabilizers first (float32: limit e**22)."""
+    Q, K, V = random_problem(6, 6, 2, 3, seed=4, dtype=np.float32)
+    with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e12, call=0.0)):  # read lazily, fold never
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=np.float32, causal=causal)
+        q = as_numpy(att._Q)[5].astype(np.float64)
+        att.set_key(2, (40.0 * q / (q @ q)).astype(np.float32))  # logit 40 for row 5
+        att.query(5, 0)
+        assert att.stats["columns_materialized"] == 0 and att.stats["rows_rescaled"] >= 1
+        att._check()
+        _certified(att, mask=np.tril(np.ones((6, 6), bool)) if causal else None)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_save_and_load_with_deferred_columns(storage, tmp_path):
+    Q, K, V = random_problem(20, 15, 4, 3, seed=5)
+    with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e12, call=0.0)):
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage)
+        for c in range(4):
+            att.update_k(c, 1, 0.4)
+        att.set_value(9, np.ones(3))
+        att.query(2, 1)
+        path = tmp_path / "deferred.npz"
+        att.save(path)
+        loaded = DynamicAttention.load(path)
+        assert loaded.tau == "auto" and loaded.pending == att.pending
+        assert loaded._state.column_deferred[:4].all() and not loaded._state.column_deferred[4]
+        for twin in (att, loaded):
+            twin.update_k(11, 0, -0.7)
+            twin.set_key(3, np.full(4, 0.5))
+        assert np.array_equal(as_numpy(att.output()), as_numpy(loaded.output()))
+        loaded._check()
+
+
+def test_tau_auto_is_validated_and_reported():
+    Q, K, V = random_problem(5, 5, 2, 2)
+    with pytest.raises(TypeError, match="tau: expected a real number in \\[0, 1\\] or \"auto\", got 'fast'"):
+        DynamicAttention(Q, K, V, tau="fast")
+    att = DynamicAttention(Q, K, V, tau="auto")
+    assert att.tau == "auto" and att.config()["adaptive"] is True
+    assert att.policy.startswith('tau="auto"')
+    assert DynamicAttention(Q, K, V, tau=0.5).policy.startswith("fixed tau=0.5")
+
+
+BURST = st.tuples(
+    st.sampled_from(["updates", "reads", "rows", "tokens"]), st.integers(1, 40), st.integers(0, 2**16)
+)
+
+
+@settings(max_examples=30)
+@given(
+    bursts=st.lists(BURST, min_size=2, max_size=8),
+    storage=st.sampled_from(STORAGES),
+    dtype=st.sampled_from(DTYPES),
+    causal=st.booleans(),
+    rates=st.sampled_from([(2e10, 5e9, 2e-6), (1e3, 1e12, 0.0), (1e3, 1e4, 0.0), (1e12, 1e6, 1e-6)]),
+)
+def test_abrupt_changes_of_the_read_update_ratio(bursts, storage, dtype, causal, rates):
+    """Bursts of updates, then of reads, then of token edits: the policy defers, buys and
+    folds as the ratio swings, and every read is exact."""
+    n = m = 11
+    Q, K, V = random_problem(n, m, 3, 2, seed=len(bursts), logit_scale=3.0)
+    mask = np.tril(np.ones((n, m), bool)) if causal else None
+    with policy.use_rates(policy.Rates(*rates)):
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=dtype, causal=causal)
+        for kind, count, seed in bursts:
+            rng = np.random.default_rng(seed)
+            for _ in range(count):
+                c = int(rng.integers(m))
+                if kind == "updates":
+                    att.update_k(c, int(rng.integers(3)), float(rng.normal()))
+                    att.update_v(int(rng.integers(m)), int(rng.integers(2)), float(rng.normal()))
+                elif kind == "tokens":
+                    att.set_token(c, k=rng.normal(size=3) * 2, v=rng.normal(size=2))
+                elif kind == "reads":
+                    i, j = int(rng.integers(n)), int(rng.integers(2))
+                    Q64, K64, V64 = _inputs(att)
+                    assert_attention_close(
+                        np.array([att.query(i, j)]),
+                        Q64,
+                        K64,
+                        V64,
+                        scale=1.0,
+                        dtype=dtype,
+                        rows=np.array([i]),
+                        cols=np.array([j]),
+                        mask=mask,
+                    )
+                else:
+                    rows = rng.integers(n, size=3)
+                    Q64, K64, V64 = _inputs(att)
+                    assert_attention_close(
+                        as_numpy(att.query_rows(rows)),
+                        Q64,
+                        K64,
+                        V64,
+                        scale=1.0,
+                        dtype=dtype,
+                        rows=rows,
+                        mask=mask,
+                    )
+            att._check()
+        _certified(att, mask=mask)
