@@ -61,7 +61,7 @@ def test_deferred_column_is_bought_when_its_rent_reaches_its_price():
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e9, call=0.0)):  # folds: never by rent
         att = DynamicAttention(Q, K, V, tau="auto", storage="dense")
         att.update_k(4, 1, 0.5)
-        price, rent = policy.column_price(1, n, d), policy.column_rent(1, d)
+        price, rent = policy.column_price(1, n, d), policy.column_rent(1, d, 1)
         reads = 0
         while att.stats["columns_materialized"] == 0:
             att.query(reads % n, 0)
@@ -86,7 +86,7 @@ def test_fold_happens_when_the_pending_rent_reaches_its_price():
         rent = policy.pending_rent(1, t, 1, t, d)
         price = policy.fold_price(1, n, d, e, t, t)
         # no column is bought first
-        assert price / rent < policy.column_price(1, n, d) / policy.column_rent(1, d)
+        assert price / rent < policy.column_price(1, n, d) / policy.column_rent(1, d, t)
         reads = 0
         while att.stats["folds"] == 0:
             att.query(reads % n, 1)

@@ -508,6 +508,8 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
         "k_norm_max": (lambda x: x >= 0, ">= 0"),
         "q_norm_max": (lambda x: x >= 0, ">= 0"),
         "pending_rent": (lambda x: x >= 0, ">= 0"),
+        "read_rate": (lambda x: x >= 0, ">= 0"),
+        "reads_since_update": (lambda x: x >= 0, ">= 0"),
     }
     for name, (check, wanted) in checks.items():
         if not check(meta[name]):

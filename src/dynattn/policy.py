@@ -99,32 +99,67 @@ def set_rates(value: Rates | None) -> None:
 
 
 # ---------------------------------------------------------------------- prices and rents
+#: Array operations a read makes for its deferred columns (logits, mask, exponentials,
+#: the write-back), each costing ``Rates.call``: a cost of having deferred columns at all.
+DEFERRED_STEPS = 8
+#: Flop-equivalents (at the GEMV rate) of reading one pending row's weights and values for
+#: one (head, row) pair: four scattered loads, each a cache line, bound by memory latency.
+GATHER_FLOPS = 1024
+#: Passes over an N-sized array ``(heads, n, e)`` that a fold makes whatever its number of
+#: rows (the product's temporary, the update of N, drift and value bookkeeping), each a
+#: read and a write of 8-byte elements: 4 flop-equivalents per element at the GEMV rate.
+FOLD_PASSES = 8
+
+
 def column_price(heads: int, n: int, d: int) -> float:
     """Seconds to compute one key's weight column for every head: ``heads*n`` logits."""
     r = rates()
     return 2 * heads * n * d / r.gemv + r.call
 
 
-def column_rent(pairs: int, d: int) -> float:
-    """Seconds one deferred column costs a read of ``pairs`` (head, row) pairs."""
-    return 2 * pairs * d / rates().gemv
+def column_rent(pairs: int, d: int, deferred: int) -> float:
+    """Seconds one of ``deferred`` deferred columns costs a read of ``pairs`` (head, row)
+    pairs: its logits, and its share of the read's fixed deferred steps."""
+    r = rates()
+    return 2 * pairs * d / r.gemv + DEFERRED_STEPS * r.call / max(deferred, 1)
 
 
 def fold_price(heads: int, n: int, d: int, e: int, products: int, deferred: int) -> float:
     """Seconds of a fold of ``products`` pending products (key- plus value-changed rows)
-    with ``deferred`` columns still to compute: the GEMMs, and at least one pass over the
-    snapshot ``N: (heads, n, e)``, read and written whatever the number of rows."""
+    with ``deferred`` columns still to compute: the GEMMs, and the passes over N-sized
+    arrays that every fold makes whatever its number of rows."""
     r = rates()
     products_s = 2 * heads * n * (e * products + d * deferred) / r.gemm
-    return products_s + 4 * heads * n * e / r.gemv + heads * r.call
+    return products_s + FOLD_PASSES * 4 * heads * n * e / r.gemv + heads * r.call
+
+
+#: Flop-equivalents (at the GEMV rate) of one exponential of a multiplicative (Hadamard)
+#: column update, and the array operations around it.
+EXP_FLOPS = 32
+HADAMARD_STEPS = 3
+
+
+def hadamard_price(n: int) -> float:
+    """Seconds of one entry update of a stored column (``a *= exp(s*delta*Q[:, j])``)."""
+    r = rates()
+    return EXP_FLOPS * n / r.gemv + HADAMARD_STEPS * r.call
+
+
+def deferred_read_price(deferred: int, m: int, d: int) -> float:
+    """Seconds that ``deferred`` deferred columns cost one entry read: their logits (one
+    product with all of K once they are many) and the fixed deferred steps."""
+    r = rates()
+    return 2 * min(deferred, m) * d / r.gemv + DEFERRED_STEPS * r.call
 
 
 def pending_rent(pairs: int, t: int, width: int, deferred: int, d: int) -> float:
     """Seconds the ``t`` pending rows (``deferred`` of them deferred) add to a read of
-    ``pairs`` (head, row) pairs and ``width`` output columns: two weighted sums per
-    pending row, the logits of the deferred ones, and the fixed cost of those steps."""
-    r = rates()
-    return (4 * pairs * t * (width + 1) + 2 * pairs * deferred * d) / r.gemv + 4 * r.call
+    ``pairs`` (head, row) pairs and ``width`` output columns, in proportion to their
+    number: their loads and two weighted sums, and the logits of the deferred ones. This
+    is what a fold removes; the fixed steps of a read with pending rows are not counted,
+    since the next update brings them back whatever the schedule."""
+    flops = pairs * t * (4 * width + GATHER_FLOPS) + 2 * pairs * deferred * d
+    return flops / rates().gemv
 
 
 @contextlib.contextmanager

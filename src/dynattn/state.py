@@ -149,6 +149,8 @@ class AttentionState:
         "q_norm_max": float,
         "all_keys_visible": bool,
         "pending_rent": float,
+        "read_rate": float,
+        "reads_since_update": int,
     }
 
     def __init__(self, xp: Any, dtype: np.dtype, sizes: dict[str, int], storage: Any):
@@ -165,6 +167,8 @@ class AttentionState:
         self.q_norm_max = 0.0
         self.all_keys_visible = True
         self.pending_rent = 0.0  # seconds pending rows added to reads since the last fold
+        self.read_rate = 0.0  # reads per update, averaged over recent updates (tau="auto")
+        self.reads_since_update = 0
         self.slot_of: dict[int, int] = {}  # key/value row -> its pending slot
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         self._buffers: dict[str, tuple[Any, StateArray, Any]] = {}

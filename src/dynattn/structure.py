@@ -68,6 +68,8 @@ MAX_COLUMN_GROWTH = 32.0
 #: units instead of the m value rows: no product or sum can overflow, and an underflowing
 #: product errs by at most 2**-1015 of a unit, below the weight floor the bound charges.
 UNIT_RANGE = (2.0**-60, 2.0**60)
+#: tau="auto" averages the reads per update over about this many updates.
+READ_RATE_HORIZON = 32.0
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Saved-file format version (``save`` / ``load``).
@@ -379,7 +381,7 @@ class DynamicAttention(ValidatedInputs):
         s.k_norms[h, c] = row_norm
         if row_norm > s.k_norm_max:
             s.k_norm_max = row_norm
-        if self._adaptive and (s.column_deferred[slot] or not s.key_changed[slot]):
+        if self._adaptive and (s.column_deferred[slot] or self._reads_are_rare()):
             self._defer_column(slot)  # O(1): reads compute the column's logits they need
             s.key_changed[slot] = True
             self._fold_if_full()
@@ -470,6 +472,9 @@ class DynamicAttention(ValidatedInputs):
         """After each update operation: fold when the pending rows reach the threshold."""
         s = self._state
         s.stats["updates"] += 1
+        # reads per update, averaged over about the last READ_RATE_HORIZON updates
+        s.read_rate += (s.reads_since_update - s.read_rate) / READ_RATE_HORIZON
+        s.reads_since_update = 0
         if s.t >= s.threshold:
             self._fold()
 
@@ -1101,9 +1106,9 @@ class DynamicAttention(ValidatedInputs):
         """Which keys (all, or ``keys``) each query row in ``rows`` sees, ``(len(rows),
         len(keys))``; None if all of them."""
         s = self._state
+        if s.all_keys_visible and not self._causal:
+            return None
         if keys is None:
-            if s.all_keys_visible and not self._causal:
-                return None
             keys = np.arange(self.m)
         visible = np.broadcast_to(s.key_visible[keys], (rows.size, keys.size))
         if self._causal:
@@ -1185,6 +1190,15 @@ class DynamicAttention(ValidatedInputs):
         else:
             self._set_fresh_columns(slot, c, np.arange(self._H), logits)
 
+    def _reads_are_rare(self) -> bool:
+        """Whether an entry update of a stored column should defer it rather than update it
+        in place: when the reads expected per update (``read_rate``) would pay less for
+        the deferred columns, one more included, than the in-place update costs now."""
+        s = self._state
+        deferred = int(np.count_nonzero(s.column_deferred[: s.t])) + 1
+        read_price = policy.deferred_read_price(deferred, self.m, self.d) / deferred
+        return s.read_rate * read_price < policy.hadamard_price(self.n)
+
     def _defer_column(self, slot: int) -> None:
         """Stop storing the slot's new column: reads compute its weights where they need
         them, and pay for that in ``column_rent`` (kept if it was deferred already)."""
@@ -1230,20 +1244,21 @@ class DynamicAttention(ValidatedInputs):
         the others' weights at the rows read (docs/policy.md)."""
         s = self._state
         s.stats["reads"] += 1
+        s.reads_since_update += 1
         t = s.t
         if not self._adaptive or t == 0:
             return
         deferred = np.flatnonzero(s.column_deferred[:t])
         rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
-        products = int(s.key_changed[:t].sum()) + int(s.value_changed[:t].sum())
-        price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
+        products = np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t])
+        price = policy.fold_price(self._H, self.n, self.d, self.e, int(products), deferred.size)
         if s.pending_rent + rent >= price:
             self._fold()
             return
         s.pending_rent += rent
         if not deferred.size:
             return
-        rent = policy.column_rent(pairs, self.d)
+        rent = policy.column_rent(pairs, self.d, deferred.size)
         buy = s.column_rent[deferred] + rent >= policy.column_price(self._H, self.n, self.d)
         if buy.any():
             self._materialize(deferred[buy])
@@ -1261,6 +1276,8 @@ class DynamicAttention(ValidatedInputs):
         if isinstance(heads, slice):
             row_array = np.arange(self.n)[rows]
             groups = [(h, row_array) for h in range(self._H)]
+        elif heads.size == 1:  # an entry query
+            groups = [(int(heads[0]), rows)]
         else:
             groups = [(h, np.unique(rows[heads == h])) for h in np.unique(heads).tolist()]
         # many deferred keys: one product with all of K (as OnDemand does) instead of a gather
