@@ -63,7 +63,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dynattn import DynamicAttention, policy
+from dynattn import DynamicAttention, policy, structure
 from dynattn.testing import allowed_error, as_numpy, reference_attention
 
 STORAGES = ("dense", "implicit")
@@ -1067,3 +1067,15 @@ def test_action_names_cover_every_action(tmp_path, backend):
         fuzzer = Fuzzer(config, 0, tmp_path, backend)
         names |= set(fuzzer.actions()) | set(fuzzer.actions(burst=True))
     assert names == set(ACTION_NAMES)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, "auto"])
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_folds_in_blocks_of_one_slot(dtype, storage, tau, tmp_path, backend, monkeypatch):
+    """Folds split into blocks of slots (here one slot each, the most roundings into N and
+    Z): every answer stays within its certificate."""
+    monkeypatch.setattr(structure, "FOLD_BLOCK_ENTRIES", 1)
+    for number in range(2):
+        fuzzer = run_seeded(dtype, storage, tau, "adversarial", number, QUICK_STEPS, tmp_path, backend)
+        assert fuzzer.step > 0

@@ -40,11 +40,16 @@ class Rates:
         deferred columns, the pending rows' share of a query).
     call : float
         Seconds of fixed cost of one array operation (dispatch, small temporaries).
+    measured : bool
+        Whether they were measured here (then structures also correct their fold and
+        column prices by the times their own folds and column computations take; with
+        rates fixed by hand every decision is a deterministic function of the operations).
     """
 
     gemm: float
     gemv: float
     call: float
+    measured: bool = False
 
 
 _rates: Rates | None = None
@@ -70,7 +75,7 @@ def measure_rates() -> Rates:
     gemv = 2 * matrix.size / _best_seconds(lambda: matrix @ vector)
     # the fixed cost of one step of a read: a small contraction and its indexing
     call = _best_seconds(lambda: [np.einsum("kt,kt->k", small, small)[0] for _ in range(100)]) / 100
-    return Rates(gemm=gemm, gemv=gemv, call=call)
+    return Rates(gemm=gemm, gemv=gemv, call=call, measured=True)
 
 
 def rates() -> Rates:
@@ -150,6 +155,21 @@ def deferred_read_price(deferred: int, m: int, d: int) -> float:
     product with all of K once they are many) and the fixed deferred steps."""
     r = rates()
     return 2 * min(deferred, m) * d / r.gemv + DEFERRED_STEPS * r.call
+
+
+#: How much one measured fold or column computation moves a structure's price correction
+#: (an exponential average), and the range the correction is kept in.
+CORRECTION_WEIGHT = 0.5
+CORRECTION_RANGE = (0.25, 64.0)
+
+
+def corrected(correction: float, predicted_s: float, measured_s: float) -> float:
+    """The price correction after an operation predicted to take ``predicted_s`` took
+    ``measured_s`` (only with measured rates; else ``correction`` unchanged)."""
+    if not rates().measured or predicted_s <= 0:
+        return correction
+    ratio = min(max(measured_s / predicted_s, CORRECTION_RANGE[0]), CORRECTION_RANGE[1])
+    return correction + CORRECTION_WEIGHT * (ratio - correction)
 
 
 def pending_rent(pairs: int, t: int, width: int, deferred: int, d: int) -> float:

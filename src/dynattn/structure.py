@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,8 @@ MAX_COLUMN_GROWTH = 32.0
 UNIT_RANGE = (2.0**-60, 2.0**60)
 #: tau="auto" averages the reads per update over about this many updates.
 READ_RATE_HORIZON = 32.0
+#: A fold works on blocks of pending slots of at most this many float64 weights at once.
+FOLD_BLOCK_ENTRIES = 1 << 21
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Saved-file format version (``save`` / ``load``).
@@ -78,9 +81,10 @@ FORMAT_VERSION = 3
 HOST = NumpyBackend()
 
 
-def _slots(flags: np.ndarray) -> Any:
-    """Index for the flagged pending slots: a slice (a view, no copy) when all are flagged."""
-    return slice(None) if flags.all() else flags
+def _blocks(slots: np.ndarray, size: int) -> list[Any]:
+    """``slots`` (ascending) in blocks of at most ``size``, each a slice (a view) where it
+    is a run of consecutive slots, else an index array."""
+    return [_as_slice(slots[start : start + size]) for start in range(0, slots.size, size)]
 
 
 def _as_slice(rows: np.ndarray) -> Any:
@@ -279,6 +283,9 @@ class DynamicAttention(ValidatedInputs):
         self._weight_limit = math.exp(self._log_weight_limit)
         self._column_error_limit = cert.column_error_limit(self._unit, self._tol)
         self._mass_rates: dict[int, float] = {}  # cert.mass_rate by pending count t
+        #: measured over predicted time of this structure's folds and column computations
+        #: (tau="auto" with measured rates, docs/policy.md)
+        self._fold_correction = self._column_correction = 1.0
         self._dtype_max = float(info.max)
         self._subnormal_step = float(info.smallest_subnormal)
 
@@ -485,8 +492,13 @@ class DynamicAttention(ValidatedInputs):
         t = s.t
         if t == 0:
             return
+        started = time.perf_counter()
+        predicted = 0.0
         if self._adaptive:
-            self._materialize(np.flatnonzero(s.column_deferred[:t]))
+            deferred = np.flatnonzero(s.column_deferred[:t])
+            products = int(np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t]))
+            predicted = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
+            self._materialize(deferred)
         rows = s.pending_rows[:t]
         s.k_norms[:, rows] = cert.norms(xp.to_numpy(s.K64[:, rows]))
         key_changed = s.key_changed[:t]
@@ -495,26 +507,30 @@ class DynamicAttention(ValidatedInputs):
         old_columns = s.pending_old_columns[:, :t]
         new_values = s.pending_new_values[:, :t]
         old_values = s.pending_old_values[:, :t]
+        # blocks of slots keep every temporary below FOLD_BLOCK_ENTRIES float64s
+        block = max(1, FOLD_BLOCK_ENTRIES // (self._H * self.n))
+        key_blocks = _blocks(np.flatnonzero(key_changed), block)
+        value_blocks = _blocks(np.flatnonzero(value_changed), block)
+        # each block beyond the first of its kind is one more rounded addition into N and Z
+        extra = max(len(key_blocks) - 1, 0) + max(len(value_blocks) - 1, 0)
         mass = xp.sum(new_columns, 1) + xp.sum(old_columns, 1)
-        drift = 2 * cert.gamma(t + 3) * mass
+        drift = 2 * cert.gamma(t + 3 + 2 * extra) * mass
         everywhere = (slice(None), slice(None))
         drift = drift + self._storage.mismatch_error(s, old_columns, 1, self._mismatch_rate, *everywhere)
-        if key_changed.any():
-            which = _slots(key_changed)
-            delta = new_columns[:, which] - old_columns[:, which]
-            self._add_transposed_products(delta, new_values[:, which])
+        for slots in key_blocks:
+            delta = new_columns[:, slots] - old_columns[:, slots]
+            self._add_transposed_products(delta, new_values[:, slots])
             s.Z += xp.sum(delta, 1)
             self._storage.commit_columns(
-                rows[which],
-                new_columns[:, which],
-                s.column_error[:, :t][:, which],
-                s.column_growth[:, :t][:, which],
+                rows[slots], new_columns[:, slots], s.column_error[:, slots], s.column_growth[:, slots]
             )
-        values_moved = bool(value_changed.any())
-        if values_moved:
-            which = _slots(value_changed)
-            self._add_transposed_products(old_columns[:, which], new_values[:, which] - old_values[:, which])
-        s.drift += drift + 2 * UNIT_ROUNDOFF * xp.abs(s.Z)
+        for slots in value_blocks:
+            self._add_transposed_products(old_columns[:, slots], new_values[:, slots] - old_values[:, slots])
+        values_moved = bool(value_blocks)
+        s.drift += drift + 2 * (1 + extra) * UNIT_ROUNDOFF * xp.abs(s.Z)
+        if self._adaptive:
+            elapsed = time.perf_counter() - started
+            self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
         s.slot_of.clear()
         s.t = 0
         s.pending_rent = 0.0
@@ -1215,6 +1231,7 @@ class DynamicAttention(ValidatedInputs):
         if not slots.size:
             return
         s, xp = self._state, self._xp
+        started = time.perf_counter()
         keys = s.pending_rows[slots]
         visible = self._visibility(np.arange(self.n), keys)
         for h in range(self._H):
@@ -1235,6 +1252,10 @@ class DynamicAttention(ValidatedInputs):
         s.column_error[:, slots] = s.column_growth[:, slots] = 0.0
         s.column_deferred[slots] = False
         s.stats["columns_materialized"] += int(slots.size)
+        predicted = slots.size * policy.column_price(self._H, self.n, self.d)
+        self._column_correction = policy.corrected(
+            self._column_correction, predicted, time.perf_counter() - started
+        )
 
     def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
         """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
@@ -1252,14 +1273,15 @@ class DynamicAttention(ValidatedInputs):
         rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
         products = np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t])
         price = policy.fold_price(self._H, self.n, self.d, self.e, int(products), deferred.size)
-        if s.pending_rent + rent >= price:
+        if s.pending_rent + rent >= price * self._fold_correction:
             self._fold()
             return
         s.pending_rent += rent
         if not deferred.size:
             return
         rent = policy.column_rent(pairs, self.d, deferred.size)
-        buy = s.column_rent[deferred] + rent >= policy.column_price(self._H, self.n, self.d)
+        column_price = policy.column_price(self._H, self.n, self.d) * self._column_correction
+        buy = s.column_rent[deferred] + rent >= column_price
         if buy.any():
             self._materialize(deferred[buy])
             deferred = deferred[~buy]
