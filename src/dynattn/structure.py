@@ -1234,19 +1234,13 @@ class DynamicAttention(ValidatedInputs):
         started = time.perf_counter()
         keys = s.pending_rows[slots]
         visible = self._visibility(np.arange(self.n), keys)
+        every_row = np.arange(self.n)
         for h in range(self._H):
             logits = s.K64[h, keys] @ s.Q64_T[h]  # (len(slots), n)
             logits *= self._scale
             if visible is not None:
                 xp.fill_where_not_(logits, visible.T, -math.inf)
-            exponent = logits - s.mu[h][None, :]
-            top = xp.to_numpy(xp.amax(exponent, 0))
-            if top.max(initial=-math.inf) > self._log_weight_limit:
-                rows = np.flatnonzero(top > self._log_weight_limit)
-                self._rescale_rows(np.full(rows.size, h), rows, xp.amax(logits[:, xp.index(rows)], 0))
-                exponent = logits - s.mu[h][None, :]
-            weights = xp.exp_(exponent)
-            self._round_to_dtype(weights)
+            weights = self._stabilized_weights(logits, np.full(self.n, h), every_row)
             s.pending_new_columns[h, xp.index(slots)] = weights
             s.column_max[h, slots] = xp.to_numpy(xp.amax(weights, 1))
         s.column_error[:, slots] = s.column_growth[:, slots] = 0.0
@@ -1313,16 +1307,24 @@ class DynamicAttention(ValidatedInputs):
             visible = self._visibility(part, keys)
             if visible is not None:
                 xp.fill_where_not_(logits, visible, -math.inf)
-            exponent = logits - s.mu[h, part][:, None]
-            top = xp.to_numpy(xp.amax(exponent, 1))
-            if top.max(initial=-math.inf) > self._log_weight_limit:
-                over = np.flatnonzero(top > self._log_weight_limit)
-                self._rescale_rows(np.full(over.size, h), part[over], xp.amax(logits[xp.index(over)], 1))
-                exponent = logits - s.mu[h, part][:, None]
-            weights = xp.exp_(exponent)
-            self._round_to_dtype(weights)
+            weights = self._stabilized_weights(xp.swap_last(logits), np.full(part.size, h), part)
             where = xp.index(slots[:, None]), xp.index(part[None, :])
-            s.pending_new_columns[h, where[0], where[1]] = xp.swap_last(weights)
+            s.pending_new_columns[h, where[0], where[1]] = weights
+
+    def _stabilized_weights(self, logits: Any, heads: np.ndarray, rows: np.ndarray) -> Any:
+        """``exp(logits - mu)`` rounded to the dtype, for ``logits: (k, p)``: k logits of each
+        of the p (head, row) pairs ``heads, rows: (p,)``. A pair whose weight would exceed
+        the limit has its stabilizer moved up first (:meth:`_rescale_rows`)."""
+        s, xp = self._state, self._xp
+        exponent = logits - s.mu[heads, rows][None, :]
+        top = xp.to_numpy(xp.amax(exponent, 0))
+        if top.max(initial=-math.inf) > self._log_weight_limit:
+            over = np.flatnonzero(top > self._log_weight_limit)
+            self._rescale_rows(heads[over], rows[over], xp.amax(logits[:, xp.index(over)], 0))
+            exponent = logits - s.mu[heads, rows][None, :]
+        weights = xp.exp_(exponent)
+        self._round_to_dtype(weights)
+        return weights
 
     def _restabilize_column(self, h: int, slot: int) -> None:
         """A multiplicatively updated column may hold weights above the limit: move those rows' mu."""
