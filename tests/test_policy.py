@@ -204,3 +204,19 @@ def test_abrupt_changes_of_the_read_update_ratio(bursts, storage, dtype, causal,
                     )
             att._check()
         _certified(att, mask=mask)
+
+
+def test_pending_rows_are_capped_by_the_memory_budget_also_after_appends(tmp_path):
+    from dynattn.structure import adaptive_threshold
+
+    Q, K, V = random_problem(16, 100, 3, 2, seed=6)
+    budget = 4 * 8 * (2 * 16 + 2 * 2) * 20  # room for 20 pending rows
+    att = DynamicAttention(Q, K, V, tau="auto", storage="implicit", memory_budget=budget)
+    assert att.threshold == 20 == adaptive_threshold(100, 1, 16, 2, budget)
+    for _ in range(30):
+        att.append(k=np.ones(3), v=np.ones(2))
+        assert att.threshold == adaptive_threshold(att.m, 1, 16, 2, budget) and att.pending < 20
+    att.save(tmp_path / "capped.npz")
+    loaded = DynamicAttention.load(tmp_path / "capped.npz")
+    assert loaded.config() == att.config() and loaded.threshold == att.threshold
+    loaded._check()

@@ -229,7 +229,8 @@ class DynamicAttention(ValidatedInputs):
             causal=causal,
             storage=choose_storage(storage, sizes, self._dtype, budget),
             batch_shape=self.batch_shape,
-            memory_budget=budget if storage == "auto" else None,
+            memory_budget=budget,
+            auto_storage=storage == "auto",
         )
         given = [x.reshape(H, *x.shape[-2:]) for x in (self._Q, self._K, self._V)]
         self._state = s = AttentionState(self._xp, self._dtype, sizes, self._storage)
@@ -264,14 +265,16 @@ class DynamicAttention(ValidatedInputs):
         causal: bool,
         storage: str,
         batch_shape: tuple[int, ...],
-        memory_budget: float | None,
+        memory_budget: float,
+        auto_storage: bool,
     ) -> None:
         """Options and the constants derived from them (shared by ``__init__`` and ``load``)."""
         self._tau, self._certify, self._causal = tau, certify, causal
         #: tau="auto": deferred key columns and the online fold policy (docs/policy.md)
         self._adaptive = adaptive
-        #: bytes the state may take with dense storage (None: the storage was chosen by name)
-        self._memory_budget = memory_budget
+        #: bytes the state may take with dense storage under storage="auto" (which
+        #: ``_auto_storage`` says), and that bounds tau="auto"'s pending buffers
+        self._memory_budget, self._auto_storage = memory_budget, auto_storage
         self._tol = cert.DEFAULT_TOL[self._dtype] if tol is None else tol
         self.batch_shape = tuple(batch_shape)
         self._H = int(np.prod(self.batch_shape, dtype=np.int64))
@@ -288,6 +291,12 @@ class DynamicAttention(ValidatedInputs):
         self._fold_correction = self._column_correction = 1.0
         self._dtype_max = float(info.max)
         self._subnormal_step = float(info.smallest_subnormal)
+
+    def _threshold_for_size(self) -> int:
+        """The fold threshold for the current sizes (``append`` raises it, never lowers it)."""
+        if self._adaptive:
+            return adaptive_threshold(self.m, self._H, self.n, self.e, self._memory_budget)
+        return fold_threshold(self.m, self._tau)
 
     def _after_resize(self) -> None:
         """Sizes and size-dependent constants after the state grew or shrank."""
@@ -313,7 +322,7 @@ class DynamicAttention(ValidatedInputs):
         sizes = {axis: size for axis, size in sizes.items() if size != s.sizes[axis]}
         if not sizes:
             return
-        if self._memory_budget is not None and self._storage.name == "dense":
+        if self._auto_storage and self._storage.name == "dense":
             capacity, allocated = s.capacity_after(**sizes), s.capacity_after()
             grows = any(capacity[axis] > allocated[axis] for axis in sizes)
             if grows and AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
@@ -1061,7 +1070,7 @@ class DynamicAttention(ValidatedInputs):
         """
         s, H = self._state, self._H
         c = self.m - 1  # the caller made room (a new row: its stored key and value are 0)
-        s.threshold = max(s.threshold, fold_threshold(self.m, self._tau))
+        s.threshold = max(s.threshold, self._threshold_for_size())
         self._write_key_row(c, k)
         self._write_value_row(c, v)
         s.key_pos[c] = position
@@ -1551,8 +1560,8 @@ class DynamicAttention(ValidatedInputs):
             "dtype": self._dtype.name,
             "storage": self._storage.name,
             "batch_shape": list(self.batch_shape),
-            "auto_storage": self._memory_budget is not None,
-            "memory_budget": float(self._memory_budget or 0.0),
+            "auto_storage": self._auto_storage,
+            "memory_budget": float(self._memory_budget),
         }
 
     @classmethod
@@ -1587,7 +1596,8 @@ class DynamicAttention(ValidatedInputs):
             causal=bool(config["causal"]),
             storage=config["storage"],
             batch_shape=tuple(config["batch_shape"]),
-            memory_budget=float(config["memory_budget"]) if config["auto_storage"] else None,
+            memory_budget=float(config["memory_budget"]),
+            auto_storage=bool(config["auto_storage"]),
         )
         self._state = AttentionState.restore(xp, self._dtype, self._storage, arrays, numbers)
         self._after_resize()
