@@ -101,11 +101,11 @@ def fold_threshold(m: int, tau: float) -> int:
 
 
 def adaptive_threshold(m: int, H: int, n: int, e: int, memory_budget: float) -> int:
-    """Most pending rows ``tau="auto"`` keeps before it must fold: all m rows, unless their
-    pending buffers (``H*(2n + 2e)`` float64 per row) would take more than a quarter of
-    ``memory_budget``; never fewer than ``ceil(sqrt(m))``."""
-    per_row = 8 * H * (2 * n + 2 * e)
-    return min(m, max(fold_threshold(m, 0.5), int(memory_budget / 4 // per_row)))
+    """Pending rows at which ``tau="auto"`` must fold: ``m + 1`` (never) when the pending
+    buffers of all m rows (``H*(2n + 2e)`` float64 per row) fit a quarter of
+    ``memory_budget``, else as many as fit, and never fewer than ``ceil(sqrt(m))``."""
+    fitting = int(memory_budget / 4 // (8 * H * (2 * n + 2 * e)))
+    return m + 1 if fitting >= m else max(fold_threshold(m, 0.5), fitting)
 
 
 class DynamicAttention(ValidatedInputs):
@@ -300,6 +300,8 @@ class DynamicAttention(ValidatedInputs):
 
     def _after_resize(self) -> None:
         """Sizes and size-dependent constants after the state grew or shrank."""
+        #: tau="auto": the deferred slots and the fold's price, kept between updates
+        self._read_plan: tuple[np.ndarray, float] | None = None
         sizes = self._state.sizes
         self.n, self.m, self.d, self.e = sizes["n"], sizes["m"], sizes["d"], sizes["e"]
         info = np.finfo(self._dtype)
@@ -488,6 +490,7 @@ class DynamicAttention(ValidatedInputs):
         """After each update operation: fold when the pending rows reach the threshold."""
         s = self._state
         s.stats["updates"] += 1
+        self._read_plan = None
         # reads per update, averaged over about the last READ_RATE_HORIZON updates
         s.read_rate += (s.reads_since_update - s.read_rate) / READ_RATE_HORIZON
         s.reads_since_update = 0
@@ -542,6 +545,7 @@ class DynamicAttention(ValidatedInputs):
             self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
         s.slot_of.clear()
         s.t = 0
+        self._read_plan = None
         s.pending_rent = 0.0
         s.refreshed_slots[...] = 0
         s.stats["folds"] += 1
@@ -621,7 +625,7 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if s.visible_keys[i] == 0:
             return 0.0  # the row sees no key: its answer is exactly 0
-        self._prepare_read(np.array([h]), np.array([i]), 1, self.e)
+        self._prepare_read(h, i, 1, self.e)
         row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
         # per column, as entry queries decide: a column whose bound exceeds tol is answered
         # from an exact recomputation (error 0 here), the others incrementally
@@ -644,7 +648,7 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if s.visible_keys[i] == 0:
             return 0.0  # the row sees no key
-        self._prepare_read(np.array([h]), np.array([i]), 1, 1)
+        self._prepare_read(h, i, 1, 1)
         t = s.t
         numerator = float(s.N[h, i, j])
         z = float(s.Z[h, i])
@@ -1254,6 +1258,7 @@ class DynamicAttention(ValidatedInputs):
             s.column_max[h, slots] = xp.to_numpy(xp.amax(weights, 1))
         s.column_error[:, slots] = s.column_growth[:, slots] = 0.0
         s.column_deferred[slots] = False
+        self._read_plan = None
         s.stats["columns_materialized"] += int(slots.size)
         predicted = slots.size * policy.column_price(self._H, self.n, self.d)
         self._column_correction = policy.corrected(
@@ -1262,21 +1267,24 @@ class DynamicAttention(ValidatedInputs):
 
     def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
         """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
-        rows`` as in :meth:`_row_bounds`), under ``tau="auto"``: fold when the rent the
-        pending rows charged reads since the last fold reaches the fold's price; else buy
-        (compute whole) the deferred columns whose rent reaches their price, and compute
-        the others' weights at the rows read (docs/policy.md)."""
+        rows`` as in :meth:`_row_bounds`, or two ints for one pair), under ``tau="auto"``:
+        fold when the rent the pending rows charged reads since the last fold reaches the
+        fold's price; else buy (compute whole) the deferred columns whose rent reaches their
+        price, and compute the others' weights at the rows read (docs/policy.md)."""
         s = self._state
         s.stats["reads"] += 1
         s.reads_since_update += 1
         t = s.t
         if not self._adaptive or t == 0:
             return
-        deferred = np.flatnonzero(s.column_deferred[:t])
+        if self._read_plan is None:  # the deferred slots and the fold's price, until they change
+            deferred = np.flatnonzero(s.column_deferred[:t])
+            products = int(np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t]))
+            price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
+            self._read_plan = deferred, price * self._fold_correction
+        deferred, price = self._read_plan
         rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
-        products = np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t])
-        price = policy.fold_price(self._H, self.n, self.d, self.e, int(products), deferred.size)
-        if s.pending_rent + rent >= price * self._fold_correction:
+        if s.pending_rent + rent >= price:
             self._fold()
             return
         s.pending_rent += rent
@@ -1290,6 +1298,8 @@ class DynamicAttention(ValidatedInputs):
             deferred = deferred[~buy]
         if deferred.size:
             s.column_rent[deferred] += rent
+            if isinstance(heads, int):  # an entry read: one (head, row) pair
+                heads, rows = np.array([heads]), np.array([rows])
             self._fill_deferred(heads, rows, deferred)
 
     def _fill_deferred(self, heads: Any, rows: Any, slots: np.ndarray) -> None:
