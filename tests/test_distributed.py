@@ -384,3 +384,12 @@ def test_missing_ray_says_how_to_install_it(monkeypatch):
     Q, K, V = problem()
     with pytest.raises(ImportError, match="dynattn"):
         ShardedAttention(Q, K, V, shards=2)
+
+
+def test_tau_auto_is_refused_before_any_actor_starts():
+    """Shards would each run their own policy and fold apart: ``tau="auto"`` is refused
+    with a message (no Ray cluster is needed to refuse it)."""
+    rng = np.random.default_rng(0)
+    Q, K, V = rng.standard_normal((N, D)), rng.standard_normal((N, D)), rng.standard_normal((N, E))
+    with pytest.raises(ValueError, match=r"tau: expected a number in \[0, 1\] for ShardedAttention"):
+        ShardedAttention(Q, K, V, tau="auto", **FAST)
