@@ -1746,6 +1746,8 @@ class DynamicAttention(ValidatedInputs):
         deferred = s.column_deferred[:t]
         assert self._adaptive or not deferred.any(), "a deferred column without tau='auto'"
         assert np.all(s.column_rent[:t] >= 0) and s.pending_rent >= 0, "negative rent"
+        if self._read_plan is not None:
+            assert np.array_equal(self._read_plan[0], np.flatnonzero(deferred)), "stale read plan"
         stored = ~deferred
         column_max = s.column_max[:, :t][:, stored]
         assert np.all(column_max >= new[:, stored].max(axis=2, initial=0) * (1 - 1e-12)), "column_max"
