@@ -1062,7 +1062,7 @@ def test_action_names_cover_every_action(tmp_path, backend):
     names = set()
     for workload in WORKLOADS:
         config = FuzzConfig(
-            np.dtype(np.float64), "dense", 0.5, workload, False, False, "unit", (), 3, 3, 2, 2
+            np.dtype(np.float64), "dense", 0.5, None, workload, False, False, "unit", (), 3, 3, 2, 2
         )
         fuzzer = Fuzzer(config, 0, tmp_path, backend)
         names |= set(fuzzer.actions()) | set(fuzzer.actions(burst=True))
