@@ -66,9 +66,11 @@ def test_deferred_column_is_bought_when_its_rent_reaches_its_price():
         while att.stats["columns_materialized"] == 0:
             att.query(reads % n, 0)
             reads += 1
+            assert att.stats["columns_materialized"] == 0, "a read decided"
+            att.update_v(4, 0, 0.0)  # an update: where the policy acts
             att._check()
             assert reads <= n + 2, "never bought"
-        # bought by the read whose rent would have reached the price (ski rental's break-even)
+        # bought at the update after the read whose rent reached the price (break-even)
         assert abs(reads - price / rent) <= 1
         assert att.stats["folds"] == 0 and att.pending == 1
         _certified(att)
@@ -87,12 +89,16 @@ def test_fold_happens_when_the_pending_rent_reaches_its_price():
         price = policy.fold_price(1, n, d, e, t, t)
         # no column is bought first
         assert price / rent < policy.column_price(1, n, d) / policy.column_rent(1, d, t)
+        att.update_v(0, 0, 0.0)  # row 0 pending for its value too: the price is final
+        price = policy.fold_price(1, n, d, e, t + 1, t)
         reads = 0
         while att.stats["folds"] == 0:
             att.query(reads % n, 1)
             reads += 1
+            assert att.stats["folds"] == 0, "a read decided"
+            att.update_v(0, 0, 0.0)
             assert reads < 1000, "never folded"
-        # the read whose rent makes the total reach the price folds (up to the float sums)
+        # folded at the update after the read whose rent made the total reach the price
         assert reads in (math.ceil(price / rent), math.ceil(price / rent) + 1)
         assert att.pending == 0 and att.stats["columns_materialized"] == t
         _certified(att)

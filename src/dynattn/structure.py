@@ -494,6 +494,7 @@ class DynamicAttention(ValidatedInputs):
         # reads per update, averaged over about the last READ_RATE_HORIZON updates
         s.read_rate += (s.reads_since_update - s.read_rate) / READ_RATE_HORIZON
         s.reads_since_update = 0
+        self._apply_policy()
         if s.t >= s.threshold:
             self._fold()
 
@@ -1268,39 +1269,50 @@ class DynamicAttention(ValidatedInputs):
     def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
         """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
         rows`` as in :meth:`_row_bounds`, or two ints for one pair), under ``tau="auto"``:
-        fold when the rent the pending rows charged reads since the last fold reaches the
-        fold's price; else buy (compute whole) the deferred columns whose rent reaches their
-        price, and compute the others' weights at the rows read (docs/policy.md)."""
+        charge the read's rents (to the pending rows and to each deferred column) and
+        compute the deferred columns' weights at the rows read. A read decides nothing:
+        what the rents buy is done at the next update (:meth:`_apply_policy`), so that no
+        read changes what ``error_bound`` promised for another row (docs/policy.md)."""
         s = self._state
         s.stats["reads"] += 1
         s.reads_since_update += 1
         t = s.t
         if not self._adaptive or t == 0:
             return
-        if self._read_plan is None:  # the deferred slots and the fold's price, until they change
+        deferred, _ = self._policy_plan()
+        s.pending_rent += policy.pending_rent(pairs, t, width, deferred.size, self.d)
+        if deferred.size:
+            s.column_rent[deferred] += policy.column_rent(pairs, self.d, deferred.size)
+            if isinstance(heads, int):  # an entry read: one (head, row) pair
+                heads, rows = np.array([heads]), np.array([rows])
+            self._fill_deferred(heads, rows, deferred)
+
+    def _policy_plan(self) -> tuple[np.ndarray, float]:
+        """The deferred slots and the fold's price (corrected), kept until they change."""
+        if self._read_plan is None:
+            s, t = self._state, self._state.t
             deferred = np.flatnonzero(s.column_deferred[:t])
             products = int(np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t]))
             price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
             self._read_plan = deferred, price * self._fold_correction
-        deferred, price = self._read_plan
-        rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
-        if s.pending_rent + rent >= price:
+        return self._read_plan
+
+    def _apply_policy(self) -> None:
+        """At an update, under ``tau="auto"``: fold when the rent that reads charged the
+        pending rows since the last fold has reached the fold's price; else compute whole
+        the deferred columns whose rent has reached their price (docs/policy.md)."""
+        s = self._state
+        if not self._adaptive or s.t == 0:
+            return
+        deferred, price = self._policy_plan()
+        if s.pending_rent >= price:
             self._fold()
             return
-        s.pending_rent += rent
-        if not deferred.size:
-            return
-        rent = policy.column_rent(pairs, self.d, deferred.size)
-        column_price = policy.column_price(self._H, self.n, self.d) * self._column_correction
-        buy = s.column_rent[deferred] + rent >= column_price
-        if buy.any():
-            self._materialize(deferred[buy])
-            deferred = deferred[~buy]
         if deferred.size:
-            s.column_rent[deferred] += rent
-            if isinstance(heads, int):  # an entry read: one (head, row) pair
-                heads, rows = np.array([heads]), np.array([rows])
-            self._fill_deferred(heads, rows, deferred)
+            column_price = policy.column_price(self._H, self.n, self.d) * self._column_correction
+            bought = deferred[s.column_rent[deferred] >= column_price]
+            if bought.size:
+                self._materialize(bought)
 
     def _fill_deferred(self, heads: Any, rows: Any, slots: np.ndarray) -> None:
         """Write the current weights of the deferred columns ``slots`` at the (head, row)
