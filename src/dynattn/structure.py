@@ -300,7 +300,7 @@ class DynamicAttention(ValidatedInputs):
 
     def _after_resize(self) -> None:
         """Sizes and size-dependent constants after the state grew or shrank."""
-        #: tau="auto": the deferred slots and the fold's price, kept between updates
+        #: tau="auto": the deferred slots and the fold's predicted price, kept between updates
         self._read_plan: tuple[np.ndarray, float] | None = None
         sizes = self._state.sizes
         self.n, self.m, self.d, self.e = sizes["n"], sizes["m"], sizes["d"], sizes["e"]
@@ -508,9 +508,7 @@ class DynamicAttention(ValidatedInputs):
         started = time.perf_counter()
         predicted = 0.0
         if self._adaptive:
-            deferred = np.flatnonzero(s.column_deferred[:t])
-            products = int(np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t]))
-            predicted = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
+            deferred, predicted = self._policy_plan()
             self._materialize(deferred)
         rows = s.pending_rows[:t]
         s.k_norms[:, rows] = cert.norms(xp.to_numpy(s.K64[:, rows]))
@@ -1288,13 +1286,14 @@ class DynamicAttention(ValidatedInputs):
             self._fill_deferred(heads, rows, deferred)
 
     def _policy_plan(self) -> tuple[np.ndarray, float]:
-        """The deferred slots and the fold's price (corrected), kept until they change."""
+        """The deferred slots and the fold's predicted price (before the measured
+        correction), kept until they change."""
         if self._read_plan is None:
             s, t = self._state, self._state.t
             deferred = np.flatnonzero(s.column_deferred[:t])
             products = int(np.count_nonzero(s.key_changed[:t]) + np.count_nonzero(s.value_changed[:t]))
             price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred.size)
-            self._read_plan = deferred, price * self._fold_correction
+            self._read_plan = deferred, price
         return self._read_plan
 
     def _apply_policy(self) -> None:
@@ -1305,7 +1304,7 @@ class DynamicAttention(ValidatedInputs):
         if not self._adaptive or s.t == 0:
             return
         deferred, price = self._policy_plan()
-        if s.pending_rent >= price:
+        if s.pending_rent >= price * self._fold_correction:
             self._fold()
             return
         if deferred.size:
@@ -1541,9 +1540,8 @@ class DynamicAttention(ValidatedInputs):
                 f"fixed tau={self._tau:g}: fold every {s.threshold} pending rows ({t} pending now); "
                 f"reads per update so far: {ratio}"
             )
-        deferred = int(s.column_deferred[:t].sum())
-        products = int(s.key_changed[:t].sum()) + int(s.value_changed[:t].sum())
-        price = policy.fold_price(self._H, self.n, self.d, self.e, products, deferred)
+        deferred_slots, predicted = self._policy_plan()
+        deferred, price = deferred_slots.size, predicted * self._fold_correction
         return (
             f'tau="auto": {t} pending rows ({deferred} with deferred columns, read lazily); '
             f"reads since the last fold were charged {s.pending_rent * 1e6:.3g} us for them, the fold "
