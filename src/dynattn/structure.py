@@ -1245,8 +1245,8 @@ class DynamicAttention(ValidatedInputs):
         s, xp = self._state, self._xp
         started = time.perf_counter()
         keys = s.pending_rows[slots]
-        visible = self._visibility(np.arange(self.n), keys)
         every_row = np.arange(self.n)
+        visible = self._visibility(every_row, keys)
         for h in range(self._H):
             logits = s.K64[h, keys] @ s.Q64_T[h]  # (len(slots), n)
             logits *= self._scale
