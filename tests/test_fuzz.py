@@ -69,6 +69,10 @@ from dynattn.testing import allowed_error, as_numpy, reference_attention
 STORAGES = ("dense", "implicit")
 DTYPES = (np.float64, np.float32)
 TAUS = (0.0, 0.3, 0.5, 1.0, "auto")
+#: fold schedules, and the taus "spread" is fuzzed with (tau=0 folds at every update and
+#: "auto" decides when to fold itself)
+SCHEDULES = ("amortized", "spread")
+SPREAD_TAUS = (0.3, 0.5, 1.0)
 #: rates (GEMM flop/s, GEMV flop/s, seconds per call) that steer tau="auto" into each of its
 #: regimes: folds and column purchases decided by rent, folds only at the memory cap
 #: (columns read lazily until a fold), and columns bought after a few reads
@@ -137,6 +141,8 @@ class FuzzConfig:
         Leading axes of Q, K, V.
     n, m, d, e : int
         Initial query rows, key rows, key width, value width.
+    schedule : {"amortized", "spread"}
+        When folds are done.
     """
 
     dtype: np.dtype
@@ -152,6 +158,7 @@ class FuzzConfig:
     m: int
     d: int
     e: int
+    schedule: str = "amortized"
 
     @property
     def scale(self) -> float:
@@ -170,11 +177,18 @@ class FuzzConfig:
 
 
 def draw_config(
-    rng: np.random.Generator, *, dtype: Any, storage: str, tau: float | str, workload: str
+    rng: np.random.Generator,
+    *,
+    dtype: Any,
+    storage: str,
+    tau: float | str,
+    workload: str,
+    schedule: str = "amortized",
 ) -> FuzzConfig:
     """Draw the configuration axes that are not given (mask, causality, scale, heads, sizes,
     and the policy's rates for tau="auto")."""
     config = FuzzConfig(
+        schedule=schedule,
         dtype=np.dtype(dtype),
         storage=storage,
         tau=tau,
@@ -363,6 +377,7 @@ class Fuzzer:
         self.mirror = Mirror(config, Q, K, V, key_mask)
         arguments = {
             "tau": config.tau,
+            "schedule": config.schedule,
             "scale": config.scale,
             "dtype": config.dtype.type,
             "storage": config.storage,
@@ -962,6 +977,20 @@ def test_random_operation_sequences(dtype, storage, tau, workload, sequence, tmp
     assert fuzzer.step > 0
 
 
+@pytest.mark.parametrize("workload", WORKLOADS)
+@pytest.mark.parametrize("tau", SPREAD_TAUS)
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_random_sequences_with_spread_folds(
+    dtype, storage, tau, workload, sequence, tmp_path, backend, request
+):
+    """The same, with folds spread over the updates that follow them (so most operations,
+    saves and loads included, meet a fold in progress)."""
+    steps = QUICK_STEPS * fuzz_factor(request.config)
+    fuzzer = run_seeded(dtype, storage, tau, workload, sequence, steps, tmp_path, backend, "spread")
+    assert fuzzer.step > 0
+
+
 def run_seeded(
     dtype: Any,
     storage: str,
@@ -971,17 +1000,25 @@ def run_seeded(
     steps: int,
     folder: Path,
     backend: str,
+    schedule: str = "amortized",
 ) -> Fuzzer:
-    """The sequence that ``test_random_operation_sequences`` runs for these parameters."""
+    """The sequence that ``test_random_operation_sequences`` (or, for ``schedule="spread"``,
+    ``test_random_sequences_with_spread_folds``) runs for these parameters."""
     seed = [
         DTYPES.index(dtype),
         STORAGES.index(storage),
         TAUS.index(tau),
         WORKLOADS.index(workload),
         sequence,
+        *([SCHEDULES.index(schedule)] if schedule != "amortized" else []),
     ]
     config = draw_config(
-        np.random.default_rng([*seed, 1]), dtype=dtype, storage=storage, tau=tau, workload=workload
+        np.random.default_rng([*seed, 1]),
+        dtype=dtype,
+        storage=storage,
+        tau=tau,
+        workload=workload,
+        schedule=schedule,
     )
     return run_sequence(config, seed, steps, folder, backend)
 
@@ -1035,6 +1072,7 @@ def test_hypothesis_operation_sequences(tmp_path_factory, backend, request):
         dtype=st.sampled_from(DTYPES),
         storage=st.sampled_from(STORAGES),
         tau=st.sampled_from(TAUS),
+        schedule=st.sampled_from(SCHEDULES),
         workload=st.sampled_from(WORKLOADS),
         config_seed=st.integers(0, 2**32 - 1),
         actions=st.lists(
@@ -1043,9 +1081,14 @@ def test_hypothesis_operation_sequences(tmp_path_factory, backend, request):
             max_size=12 * factor,
         ),
     )
-    def check(dtype, storage, tau, workload, config_seed, actions):
+    def check(dtype, storage, tau, schedule, workload, config_seed, actions):
         config = draw_config(
-            np.random.default_rng(config_seed), dtype=dtype, storage=storage, tau=tau, workload=workload
+            np.random.default_rng(config_seed),
+            dtype=dtype,
+            storage=storage,
+            tau=tau,
+            workload=workload,
+            schedule="amortized" if tau == "auto" else schedule,
         )
         fuzzer = Fuzzer(config, config_seed, tmp_path_factory.mktemp("fuzz"), backend)
         with fuzzer.reporting("construction"):
@@ -1072,13 +1115,17 @@ def test_action_names_cover_every_action(tmp_path, backend):
     assert names == set(ACTION_NAMES)
 
 
-@pytest.mark.parametrize("tau", [0.5, 1.0, "auto"])
+@pytest.mark.parametrize(
+    ("tau", "schedule"), [(0.5, "amortized"), (1.0, "amortized"), ("auto", "amortized"), (1.0, "spread")]
+)
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
-def test_folds_in_blocks_of_one_slot(dtype, storage, tau, tmp_path, backend, monkeypatch):
+def test_folds_in_blocks_of_one_slot(dtype, storage, tau, schedule, tmp_path, backend, monkeypatch):
     """Folds split into blocks of slots (here one slot each, the most roundings into N and
     Z): every answer stays within its certificate."""
     monkeypatch.setattr(structure, "FOLD_BLOCK_ENTRIES", 1)
     for number in range(2):
-        fuzzer = run_seeded(dtype, storage, tau, "adversarial", number, QUICK_STEPS, tmp_path, backend)
+        fuzzer = run_seeded(
+            dtype, storage, tau, "adversarial", number, QUICK_STEPS, tmp_path, backend, schedule
+        )
         assert fuzzer.step > 0

@@ -298,12 +298,11 @@ def test_pending_map_inconsistent(saved, tmp_path):
     (c0, s0), (c1, s1) = list(pending.items())[:2]
     check("array 'state.pending_rows': expected key row", {**base, "pending": {**pending, c0: s1, c1: s0}})
     fewer = dict(list(pending.items())[1:])
-    check(f"meta 't': expected the number of pending rows \\({t - 1}\\), got {t}", {**base, "pending": fewer})
+    check("array state.slot_kind: expected kind 1 exactly at slots", {**base, "pending": fewer})
     check(
-        f"meta 'pending': expected slots 0..{t - 2} once each",
-        {**base, "pending": fewer, "t": t - 1},
+        "meta 'pending', 'folding': expected distinct slots below t", {**base, "pending": fewer, "t": t - 1}
     )
-    check("meta 'pending': expected slots", {**base, "pending": {**pending, c0: s1}})
+    check("meta 'pending', 'folding': expected distinct slots", {**base, "pending": {**pending, c0: s1}})
     rows = arrays["state.pending_rows"].copy()
     rows[s0] = 99
     moved = {**{c: s for c, s in pending.items() if c != c0}, "99": s0}
@@ -311,10 +310,22 @@ def test_pending_map_inconsistent(saved, tmp_path):
         "meta 'pending': key row 99 is out of range", {**base, "pending": moved}, {"state.pending_rows": rows}
     )
     check(
-        f"meta 't': expected fewer pending rows than the threshold \\({t}\\), got {t}",
+        f"meta 'pending': expected fewer pending rows than the threshold \\({t}\\), got {t}",
         {**base, "threshold": t},
     )
-    check("meta 'sizes' S: expected t", {**base, "sizes": {**base["sizes"], "S": t - 1}})
+    check("meta 't': expected pending and folding slots", {**base, "sizes": {**base["sizes"], "S": t - 1}})
+    check(
+        "meta 'folding': expected no folding slots with schedule 'amortized'",
+        {**base, "pending": fewer, "folding": {c0: s0}},
+    )
+    kinds = arrays["state.slot_kind"].copy()
+    kinds[s0] = 2
+    check(
+        "array state.slot_kind: expected kind 2 exactly at slots",
+        {**base, "schedule": "spread", "pending": fewer, "folding": {}},
+        {"state.slot_kind": kinds},
+    )
+    check("meta 'schedule': expected one of", {**base, "schedule": "eager"})
 
 
 # ---------------------------------------------------------------------- state arrays

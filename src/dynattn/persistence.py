@@ -64,7 +64,18 @@ _READ_ERRORS = (
 )
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"
-_FIELDS = ("format", "class", "batch_shape", "sizes", "dtype", "storage", "pending", "stats")
+_FIELDS = (
+    "format",
+    "class",
+    "batch_shape",
+    "sizes",
+    "dtype",
+    "storage",
+    "schedule",
+    "pending",
+    "folding",
+    "stats",
+)
 #: Options saved in meta (``DynamicAttention.config()`` less dtype, storage, batch_shape).
 _OPTIONS = {
     "tau": float,
@@ -210,7 +221,9 @@ def save(att: Any, path: str | os.PathLike[str]) -> None:
         "sizes": numbers.pop("sizes"),
         "dtype": config.pop("dtype"),
         "storage": config.pop("storage"),
+        "schedule": config.pop("schedule"),
         "pending": {str(c): s for c, s in numbers.pop("slot_of").items()},
+        "folding": {str(c): s for c, s in numbers.pop("folding_slot_of").items()},
         "stats": numbers.pop("stats"),
         **config,
         **numbers,
@@ -271,9 +284,11 @@ def load(cls: Any, path: str | os.PathLike[str], *, backend: str | None = None, 
     path = os.fspath(path)
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     meta, arrays = read_snapshot(path, cls=cls)
-    config = {name: meta[name] for name in (*_OPTIONS, "dtype", "storage", "batch_shape")}
+    config = {name: meta[name] for name in (*_OPTIONS, "dtype", "storage", "schedule", "batch_shape")}
     numbers = {name: meta[name] for name in AttentionState.SCALARS}
-    numbers.update(sizes=meta["sizes"], slot_of=meta["pending"], stats=meta["stats"])
+    numbers.update(
+        sizes=meta["sizes"], slot_of=meta["pending"], folding_slot_of=meta["folding"], stats=meta["stats"]
+    )
     state_arrays = {name[len(_PREFIX) :]: array for name, array in arrays.items()}
     return cls._restore(xp, config, state_arrays, numbers)
 
@@ -510,17 +525,29 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
         "pending_rent": (lambda x: x >= 0, ">= 0"),
         "read_rate": (lambda x: x >= 0, ">= 0"),
         "reads_since_update": (lambda x: x >= 0, ">= 0"),
+        "slots_opened": (lambda x: x >= 0, ">= 0"),
+        "spread_updates": (lambda x: x >= 0, ">= 0"),
+        "spread_length": (lambda x: x >= 0, ">= 0"),
     }
     for name, (check, wanted) in checks.items():
         if not check(meta[name]):
             raise fail(f"meta {name!r}: expected a value {wanted}, got {meta[name]!r}")
 
-    pending = meta["pending"]
-    if not isinstance(pending, dict):
-        raise fail(f"meta 'pending': expected an object (key row -> slot), got {pending!r}")
-    for row, slot in pending.items():
-        if not re.fullmatch(r"0|[1-9][0-9]*", row) or type(slot) is not int or slot < 0:
-            raise fail(f"meta 'pending': expected key row -> slot as integers >= 0, got {row!r}: {slot!r}")
+    from dynattn.structure import SCHEDULES
+
+    if meta["schedule"] not in SCHEDULES:
+        raise fail(
+            f"meta 'schedule': expected one of {', '.join(map(repr, SCHEDULES))}, got {meta['schedule']!r}"
+        )
+    for field in ("pending", "folding"):
+        slot_map = meta[field]
+        if not isinstance(slot_map, dict):
+            raise fail(f"meta {field!r}: expected an object (key row -> slot), got {slot_map!r}")
+        for row, slot in slot_map.items():
+            if not re.fullmatch(r"0|[1-9][0-9]*", row) or type(slot) is not int or slot < 0:
+                raise fail(
+                    f"meta {field!r}: expected key row -> slot as integers >= 0, got {row!r}: {slot!r}"
+                )
     stats = meta["stats"]
     if not isinstance(stats, dict) or set(stats) != set(STAT_NAMES):
         got = sorted(stats) if isinstance(stats, dict) else repr(stats)
@@ -530,14 +557,25 @@ def _check_meta(cls: Any, meta: dict[str, Any], fail: Any) -> dict[str, Any]:
             raise fail(f"meta 'stats' {key}: expected an integer >= 0, got {value!r}")
 
     t, threshold, slots = meta["t"], meta["threshold"], sizes["S"]
-    if t != len(pending):
-        raise fail(f"meta 't': expected the number of pending rows ({len(pending)}), got {t}")
-    if not (0 <= t < threshold or (threshold == 1 and t == 0)):
-        raise fail(f"meta 't': expected fewer pending rows than the threshold ({threshold}), got {t}")
-    if not t <= slots <= threshold:
-        raise fail(f"meta 'sizes' S: expected t ({t}) <= S <= threshold ({threshold}), got {slots}")
-    if sorted(pending.values()) != list(range(t)):
-        raise fail(f"meta 'pending': expected slots 0..{t - 1} once each, got {sorted(pending.values())}")
+    live, folding = len(meta["pending"]), len(meta["folding"])
+    if not (0 <= live < threshold or (threshold == 1 and live == 0)):
+        raise fail(
+            f"meta 'pending': expected fewer pending rows than the threshold ({threshold}), got {live}"
+        )
+    if meta["schedule"] == "amortized" and folding:
+        raise fail(f"meta 'folding': expected no folding slots with schedule 'amortized', got {folding}")
+    if not live + folding <= t <= slots:
+        raise fail(
+            f"meta 't': expected pending and folding slots ({live + folding}) <= t <= S ({slots}), got {t}"
+        )
+    used = sorted([*meta["pending"].values(), *meta["folding"].values()])
+    if len(set(used)) != len(used) or (used and used[-1] >= t):
+        raise fail(f"meta 'pending', 'folding': expected distinct slots below t ({t}), got {used}")
+    if not 0 <= meta["folded_rows"] <= sizes["n"] or (meta["folded_rows"] and not folding):
+        raise fail(
+            "meta 'folded_rows': expected 0..n during a spread fold and 0 otherwise, "
+            f"got {meta['folded_rows']}"
+        )
     return meta
 
 
@@ -556,19 +594,28 @@ def _expected_arrays(
 
 def _check_invariants(meta: dict[str, Any], arrays: dict[str, np.ndarray], fail: Any) -> None:
     """Cross-array checks: pending rows, positions, the key-visibility flag."""
+    from dynattn.state import FOLDING, LIVE
+
     sizes, t = meta["sizes"], meta["t"]
     name = _PREFIX + "pending_rows"
-    rows = arrays[name]
-    for row, slot in meta["pending"].items():
-        c = int(row)
-        if c >= sizes["m"]:
-            raise fail(f"meta 'pending': key row {c} is out of range (m = {sizes['m']})")
-        if rows[slot] != c:
+    rows, kinds = arrays[name], arrays[_PREFIX + "slot_kind"]
+    for field, kind in (("pending", LIVE), ("folding", FOLDING)):
+        for row, slot in meta[field].items():
+            c = int(row)
+            if c >= sizes["m"]:
+                raise fail(f"meta {field!r}: key row {c} is out of range (m = {sizes['m']})")
+            if rows[slot] != c:
+                raise fail(
+                    f"array {name!r}: expected key row {c} at slot {slot} (meta {field!r}), "
+                    f"got {int(rows[slot])}"
+                )
+        expected = sorted(meta[field].values())
+        if np.flatnonzero(kinds[:t] == kind).tolist() != expected:
             raise fail(
-                f"array {name!r}: expected key row {c} at slot {slot} (meta 'pending'), got {int(rows[slot])}"
+                f"array {_PREFIX}slot_kind: expected kind {kind} exactly at slots {expected} (meta {field!r})"
             )
-    if t and np.unique(rows[:t]).size != t:
-        raise fail(f"array {name!r}: expected {t} distinct pending rows, got {rows[:t].tolist()}")
+    if np.any(kinds[t:] != 0):
+        raise fail(f"array {_PREFIX}slot_kind: expected free slots from t = {t} on")
     end = meta["next_position"]
     for name in (_PREFIX + "query_pos", _PREFIX + "key_pos"):
         positions = arrays[name]

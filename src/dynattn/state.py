@@ -12,7 +12,7 @@ axis   meaning
 ``m``  key/value rows (grows with ``append``)
 ``d``  key width
 ``e``  value width
-``S``  pending slots allocated (grows by doubling up to the fold threshold)
+``S``  pending slots allocated (grows by doubling up to the slot capacity)
 =====  ==========================================================
 
 Arrays live in buffers whose growable axes have spare capacity (doubling, as a
@@ -115,6 +115,11 @@ class AttentionState:
     pending_new_values = StateArray("HSe", np.float64)  # in value units
     pending_old_values = StateArray("HSe", np.float64)
     pending_rows = StateArray("S", np.int64, device=False)  # key/value row of each slot
+    # what each slot of 0..t-1 holds: FREE (a hole: zero weights, contributes nothing),
+    # LIVE (a pending row, in slot_of) or FOLDING (frozen, being folded row block by row
+    # block under schedule="spread": zero weights at the rows folded so far)
+    slot_kind = StateArray("S", np.int8, device=False)
+    slot_sequence = StateArray("S", np.int64, device=False)  # when the slot was opened
     key_changed = StateArray("S", bool, device=False)
     value_changed = StateArray("S", bool, device=False)
     column_error = StateArray("HS", np.float64, device=False)  # relative error of each new column
@@ -131,7 +136,9 @@ class AttentionState:
     key_free = StateArray("m", bool, device=False)  # deleted: a later append may reuse the index
     visible_keys = StateArray("n", np.int64, device=False)  # how many keys each query row sees
     # -- certificate bookkeeping (docs/accuracy.md) ---------------------------------------
-    refreshed_slots = StateArray("Hn", np.int64, device=False)  # slots set by the row's last refresh
+    # slots opened before the row's last exact refresh (slot_sequence < this) hold weights
+    # that refresh computed or that came from dense storage; later ones were recomputed
+    refreshed_at = StateArray("Hn", np.int64, device=False)
     k_norms = StateArray("Hm", np.float64, device=False)  # upper bounds of |K_c|
     q_col_absmax = StateArray("Hd", np.float64, device=False)  # upper bound of max_i |Q[i, j]|
     value_max = StateArray("He", np.float64, device=False)  # max|V[:, j]| (exact unless stale)
@@ -144,6 +151,10 @@ class AttentionState:
     SCALARS: dict[str, type] = {
         "t": int,
         "threshold": int,
+        "slots_opened": int,
+        "folded_rows": int,
+        "spread_updates": int,
+        "spread_length": int,
         "next_position": int,
         "k_norm_max": float,
         "q_norm_max": float,
@@ -160,8 +171,14 @@ class AttentionState:
         #: current sizes of every axis, and allocated sizes of the growable ones
         self.sizes = dict(sizes)
         self._capacity = {axis: self.sizes[axis] for axis in GROWABLE}
-        self.t = 0  # pending rows (slots 0..t-1 are in use)
-        self.threshold = 1  # t that triggers a fold: ceil(m**tau)
+        self.t = 0  # slots 0..t-1 are in use (answers add up their terms)
+        self.threshold = 1  # pending rows that trigger a fold: ceil(m**tau)
+        self.slots_opened = 0  # slots opened since construction (the next slot_sequence)
+        # schedule="spread": query rows 0..folded_rows-1 hold the FOLDING slots' terms in
+        # N and Z; spread_updates of the spread_length updates the fold may take have passed
+        self.folded_rows = 0
+        self.spread_updates = 0
+        self.spread_length = 0
         self.next_position = 0  # position (causal mask) of the next appended token
         self.k_norm_max = 0.0  # upper bound of every |K_c| (does not decrease between full refreshes)
         self.q_norm_max = 0.0
@@ -169,7 +186,8 @@ class AttentionState:
         self.pending_rent = 0.0  # seconds pending rows added to reads since the last fold
         self.read_rate = 0.0  # reads per update, averaged over recent updates (tau="auto")
         self.reads_since_update = 0
-        self.slot_of: dict[int, int] = {}  # key/value row -> its pending slot
+        self.slot_of: dict[int, int] = {}  # key/value row -> its LIVE pending slot
+        self.folding_slot_of: dict[int, int] = {}  # key/value row -> its FOLDING slot
         self.stats = dict.fromkeys(STAT_NAMES, 0)
         self._buffers: dict[str, tuple[Any, StateArray, Any]] = {}
         for key, owner, spec in self._declarations():
@@ -236,7 +254,9 @@ class AttentionState:
                     self.__dict__[name] = self.__dict__[spec.float64_copy_of]
 
     def resize(self, **sizes: int) -> None:
-        """Set the sizes of growable axes, doubling buffers that are too small."""
+        """Set the sizes of growable axes, doubling buffers that are too small. Entries that
+        a growing axis brings into view are zero (spare capacity may hold stale entries,
+        left by :meth:`remove_index`)."""
         allocated = self.capacity_after(**sizes)
         grow = {a: allocated[a] for a in sizes if allocated[a] > self._capacity[a]}
         if grow:
@@ -246,6 +266,13 @@ class AttentionState:
                     bigger = self._zeros(spec, spec.shape(allocated))
                     bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
                     self._buffers[key] = (owner, spec, bigger)
+        exposed = {
+            a: (self.sizes[a], size) for a, size in sizes.items() if size > self.sizes[a] and a not in grow
+        }
+        for _owner, spec, buffer in self._buffers.values():
+            for axis, (old, new) in exposed.items():
+                if axis in spec.axes:
+                    buffer[tuple(slice(old, new) if a == axis else slice(None) for a in spec.axes)] = 0
         self.sizes.update(sizes)
         self._reslice()
 
@@ -274,12 +301,17 @@ class AttentionState:
     # ------------------------------------------------------------------ export / restore
     def export(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Host copies of every array (storage arrays prefixed ``storage.``) and the numbers:
-        ``SCALARS``, ``sizes``, ``slot_of`` and ``stats``."""
+        ``SCALARS``, ``sizes``, ``slot_of``, ``folding_slot_of`` and ``stats``."""
         arrays = {}
         for key, (owner, spec, _buffer) in self._buffers.items():
             arrays[key] = np.array(self._xp.to_numpy(owner.__dict__[spec.name]))
         numbers = {name: getattr(self, name) for name in self.SCALARS}
-        numbers.update(sizes=dict(self.sizes), slot_of=dict(self.slot_of), stats=dict(self.stats))
+        numbers.update(
+            sizes=dict(self.sizes),
+            slot_of=dict(self.slot_of),
+            folding_slot_of=dict(self.folding_slot_of),
+            stats=dict(self.stats),
+        )
         return arrays, numbers
 
     @classmethod
@@ -295,6 +327,7 @@ class AttentionState:
         for name, kind in cls.SCALARS.items():
             setattr(state, name, kind(numbers[name]))
         state.slot_of = {int(c): int(s) for c, s in numbers["slot_of"].items()}
+        state.folding_slot_of = {int(c): int(s) for c, s in numbers["folding_slot_of"].items()}
         state.stats = {name: int(numbers["stats"][name]) for name in STAT_NAMES}
         state._buffers = {}
         for key, owner, spec in state._declarations():
@@ -308,6 +341,7 @@ class AttentionState:
         twin = copy.copy(self)
         twin._xp, twin._storage = xp, storage
         twin.slot_of, twin.stats, twin.sizes = dict(self.slot_of), dict(self.stats), dict(self.sizes)
+        twin.folding_slot_of = dict(self.folding_slot_of)
         twin._buffers = {}
         for key, (owner, spec, buffer) in self._buffers.items():
             moved = xp.asarray(self._xp.to_numpy(buffer)) if spec.device else buffer.copy()
@@ -324,7 +358,7 @@ class AttentionState:
             assert self._xp.shares_memory(view, buffer), f"{key} was rebound instead of written in place"
         arrays = set(declared_arrays(type(self)))
         public = {k for k in vars(self) if not k.startswith("_")} - arrays
-        assert public == {*self.SCALARS, "sizes", "slot_of", "stats"}, public
+        assert public == {*self.SCALARS, "sizes", "slot_of", "folding_slot_of", "stats"}, public
         for name, kind in self.SCALARS.items():
             assert type(getattr(self, name)) is kind, (name, type(getattr(self, name)))
 
@@ -342,4 +376,8 @@ STAT_NAMES = (
     "columns_materialized",
     "updates",
     "reads",
+    "fold_slices",
 )
+
+#: ``slot_kind`` values.
+FREE, LIVE, FOLDING = 0, 1, 2

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from dynattn.state import AttentionState, StateArray
+from dynattn.state import FOLDING, FREE, AttentionState, StateArray
 
 #: ``compute(c, new_key)``: column c of every head as folded ``(H, n)`` and, when
 #: ``new_key: (H, d)`` is given, the masked logits of that new key ``(H, n)`` (else None).
@@ -64,11 +64,11 @@ class DenseStorage:
         return column, self.column_error[:, c].copy(), self.column_growth[:, c].copy(), None
 
     def commit_columns(
-        self, key_rows: np.ndarray, columns: Any, errors: np.ndarray, growths: np.ndarray
+        self, key_rows: np.ndarray, columns: Any, errors: np.ndarray, growths: np.ndarray, rows: Any
     ) -> None:
-        """Store new snapshot columns ``columns: (H, t, n)`` of ``key_rows: (t,)`` at a fold
-        (exact: they are already rounded to the dtype)."""
-        self.weights_t[:, key_rows] = self.xp.astype(columns, self.weights_t.dtype)
+        """Store new snapshot columns ``columns: (H, t, len(rows))`` of ``key_rows: (t,)`` at
+        query rows ``rows`` (a slice) at a fold (exact: they are already rounded to the dtype)."""
+        self.weights_t[:, key_rows, rows] = self.xp.astype(columns, self.weights_t.dtype)
         self.column_error[:, key_rows] = errors
         self.column_growth[:, key_rows] = growths
 
@@ -88,7 +88,14 @@ class DenseStorage:
         self.column_growth[:, c] = 0
 
     def mismatch_error(
-        self, state: Any, old_weights: Any, slot_axis: int, rate: RateFunction, heads: Any, rows: Any
+        self,
+        state: Any,
+        old_weights: Any,
+        slot_axis: int,
+        rate: RateFunction,
+        heads: Any,
+        rows: Any,
+        slots: Any,
     ) -> Any:
         """A stored column cancels exactly what was folded: no mismatch."""
         return 0.0
@@ -96,15 +103,24 @@ class DenseStorage:
     def check(self, state: Any, fresh_weights: np.ndarray, slack: np.ndarray, floor: float) -> None:
         """Invariants (numpy state): stored weights agree with a fresh computation, and the
         pending old columns are exactly the stored ones."""
-        t = state.t
+        t, folded = state.t, state.folded_rows
         stored = self.weights_t.astype(np.float64)
-        pending = state.pending_rows[:t]
+        kinds = state.slot_kind[:t]
+        expected = stored[:, state.pending_rows[:t]]  # (H, t, n)
+        # a row that also has a folding slot: where that slot is not folded yet, the row's
+        # folded weights are the folding slot's (frozen) new ones, not yet in A
+        for c, folding_slot in state.folding_slot_of.items():
+            if c in state.slot_of:
+                expected[:, state.slot_of[c], folded:] = state.pending_new_columns[:, folding_slot, folded:]
+        expected[:, kinds == FOLDING, :folded] = 0.0  # folded and cleared
+        expected[:, kinds == FREE] = 0.0
         old = state.pending_old_columns[:, :t]
-        assert np.array_equal(old, stored[:, pending]), "pending old columns differ from stored A"
+        assert np.array_equal(old, expected), "pending old columns differ from stored A"
         limit = float(np.finfo(self.weights_t.dtype).max) ** 0.25 * (1 + 1e-12)
         assert np.all(stored >= 0) and np.all(stored <= limit), "stored weights out of range"
         stable = np.ones(stored.shape[1], dtype=bool)
-        stable[pending] = False
+        stable[list(state.slot_of)] = False
+        stable[list(state.folding_slot_of)] = False
         stored_rows = stored.transpose(0, 2, 1)  # (H, n, m)
         allowed = (self.column_error[:, None, :] + slack) * np.maximum(fresh_weights, stored_rows)
         diff = np.abs(stored_rows - fresh_weights)
@@ -131,7 +147,7 @@ class ImplicitStorage:
         return column, np.zeros(column.shape[0]), np.zeros(column.shape[0]), new_logits
 
     def commit_columns(
-        self, key_rows: np.ndarray, columns: Any, errors: np.ndarray, growths: np.ndarray
+        self, key_rows: np.ndarray, columns: Any, errors: np.ndarray, growths: np.ndarray, rows: Any
     ) -> None:
         pass
 
@@ -145,18 +161,25 @@ class ImplicitStorage:
         pass
 
     def mismatch_error(
-        self, state: Any, old_weights: Any, slot_axis: int, rate: RateFunction, heads: Any, rows: Any
+        self,
+        state: Any,
+        old_weights: Any,
+        slot_axis: int,
+        rate: RateFunction,
+        heads: Any,
+        rows: Any,
+        slots: Any,
     ) -> Any:
         """``rate(heads, rows)`` times the pending old weights ``old_weights`` of the (head,
-        row) pairs (slots along ``slot_axis``) in the slots opened since the row's last
-        exact refresh (``state.refreshed_slots``): those were recomputed, not folded."""
+        row) pairs (of ``slots``, along ``slot_axis``) in the slots opened since the row's
+        last exact refresh (``state.refreshed_at``): those were recomputed, not folded."""
         t = old_weights.shape[slot_axis]
         if t == 0:
             return 0.0
-        first_recomputed = state.refreshed_slots[heads, rows]
         shape = [1] * old_weights.ndim
         shape[slot_axis] = t
-        recomputed = np.arange(t).reshape(shape) >= np.expand_dims(first_recomputed, slot_axis)
+        opened = state.slot_sequence[slots].reshape(shape)
+        recomputed = opened >= np.expand_dims(state.refreshed_at[heads, rows], slot_axis)
         mass = self.xp.sum(old_weights * self.xp.asarray(recomputed, np.float64), slot_axis)
         return rate(heads, rows) * mass
 

@@ -52,7 +52,7 @@ from dynattn._validation import (
 )
 from dynattn.backends import NumpyBackend
 from dynattn.certificate import UNIT_ROUNDOFF
-from dynattn.state import AttentionState
+from dynattn.state import FOLDING, FREE, LIVE, AttentionState
 from dynattn.storage import STORAGES, DenseStorage, ImplicitStorage, choose_storage
 
 #: Pending slots allocated up front; more are added by doubling, up to the threshold.
@@ -73,10 +73,16 @@ UNIT_RANGE = (2.0**-60, 2.0**60)
 READ_RATE_HORIZON = 32.0
 #: A fold works on blocks of pending slots of at most this many float64 weights at once.
 FOLD_BLOCK_ENTRIES = 1 << 21
+#: schedule="spread" folds at least this many query rows at once (n/8 if that is fewer; the
+#: last slice may be thinner): thinner slices make each GEMM re-read the folding values for
+#: little work.
+MIN_SLICE_ROWS = 16
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
+#: Fold schedules: a whole fold at once, or spread over the updates that follow (docs/latency.md).
+SCHEDULES = ("amortized", "spread")
 #: Saved-file format version (``save`` / ``load``).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Host-side operations (bookkeeping arrays are always numpy).
 HOST = NumpyBackend()
 
@@ -128,6 +134,14 @@ class DynamicAttention(ValidatedInputs):
         reading it lazily has cost as much as computing it, and pending rows are
         folded once the work they add to queries reaches the cost of the fold
         (at most ``adaptive_threshold`` rows wait, for memory).
+    schedule : {"amortized", "spread"}, keyword-only
+        When a fold's work is done. ``"amortized"`` (the paper's): all at once,
+        when the pending rows reach the threshold, so that update stalls.
+        ``"spread"``: a fold starts when half the threshold is pending, and a
+        slice of its query rows is folded at each update that follows, so it is
+        done when the next one starts; no single update pays a whole fold
+        (``docs/latency.md``). Answers and their certificate are the same.
+        Not with ``tau="auto"``.
     scale : float, keyword-only
         Softmax scale (1.0 as in the paper; transformers use ``1/sqrt(d)``).
     dtype : float64 or float32, keyword-only
@@ -183,6 +197,7 @@ class DynamicAttention(ValidatedInputs):
         V: Any,
         *,
         tau: float | str = 0.5,
+        schedule: str = "amortized",
         scale: float = 1.0,
         dtype: Any = None,
         storage: str = "auto",
@@ -201,6 +216,12 @@ class DynamicAttention(ValidatedInputs):
         tau = 1.0 if adaptive else check_scalar("tau", tau, low=0.0, high=1.0)
         budget = check_scalar("memory_budget", memory_budget, low=0.0)
         check_choice("storage", storage, (*STORAGES, "auto"))
+        check_choice("schedule", schedule, SCHEDULES)
+        if adaptive and schedule == "spread":
+            raise ValueError(
+                'schedule: "spread" works with a fixed tau, got tau="auto" (its policy decides '
+                'when to fold); use schedule="amortized" with tau="auto"'
+            )
         if tol is not None:
             tol = check_scalar("tol", tol, low=0.0)
             if tol <= 0:
@@ -224,6 +245,7 @@ class DynamicAttention(ValidatedInputs):
         self._configure(
             tau=tau,
             adaptive=adaptive,
+            schedule=schedule,
             tol=tol,
             certify=certify,
             causal=causal,
@@ -260,6 +282,7 @@ class DynamicAttention(ValidatedInputs):
         *,
         tau: float,
         adaptive: bool,
+        schedule: str,
         tol: float | None,
         certify: bool,
         causal: bool,
@@ -272,6 +295,8 @@ class DynamicAttention(ValidatedInputs):
         self._tau, self._certify, self._causal = tau, certify, causal
         #: tau="auto": deferred key columns and the online fold policy (docs/policy.md)
         self._adaptive = adaptive
+        #: schedule="spread": folds are done a slice of query rows per update
+        self._spread = schedule == "spread"
         #: bytes the state may take with dense storage under storage="auto" (which
         #: ``_auto_storage`` says), and that bounds tau="auto"'s pending buffers
         self._memory_budget, self._auto_storage = memory_budget, auto_storage
@@ -334,11 +359,11 @@ class DynamicAttention(ValidatedInputs):
 
     def _switch_to_implicit(self) -> None:
         """Drop the dense weights. The pending rows' folded columns came from them exactly,
-        so no pending slot counts as recomputed (``refreshed_slots = t``)."""
+        so no slot opened so far counts as recomputed (``refreshed_at = slots_opened``)."""
         s = self._state
         self._storage = ImplicitStorage(self._xp)
         s.replace_storage(self._storage)
-        s.refreshed_slots[...] = s.t
+        s.refreshed_at[...] = s.slots_opened
         s.stats["storage_switches"] += 1
 
     # ================================================================== the paper's operations
@@ -464,11 +489,17 @@ class DynamicAttention(ValidatedInputs):
     ) -> int:
         """A pending slot for row ``c`` whose folded weights are ``column: (H, n)`` (relative
         error ``error: (H,)``, growth since fresh ``growth: (H,)``) and whose folded values
-        are today's (zero for a ``new_row``)."""
+        are today's (zero for a ``new_row``). Where a folding slot of row ``c`` is not folded
+        yet, what is folded there is that slot's new column, which replaces ``column``."""
         s = self._state
-        slot = s.t
-        if slot == s.sizes["S"]:
-            self._resize(S=min(s.threshold, 2 * slot))
+        slot = self._free_slot()
+        folding = s.folding_slot_of.get(c)
+        if folding is not None:
+            not_yet = slice(s.folded_rows, None)
+            column = self._xp.copy(column)  # it may be the storage's own column (a view)
+            column[:, not_yet] = s.pending_new_columns[:, folding, not_yet]
+            error = np.maximum(error, s.column_error[:, folding])
+            growth = np.maximum(growth, s.column_growth[:, folding])
         values = self._xp.zeros((self._H, self.e), np.float64) if new_row else self._scaled_values(c)
         s.pending_old_columns[:, slot] = column
         s.pending_new_columns[:, slot] = column
@@ -482,12 +513,36 @@ class DynamicAttention(ValidatedInputs):
         s.column_error[:, slot] = error
         s.column_growth[:, slot] = growth
         s.column_max[:, slot] = self._xp.to_numpy(self._xp.amax(column, 1))
+        s.slot_kind[slot] = LIVE
+        s.slot_sequence[slot] = s.slots_opened
+        s.slots_opened += 1
         s.slot_of[c] = slot
-        s.t += 1
         return slot
 
+    def _free_slot(self) -> int:
+        """The lowest free slot (one a spread fold released, else the next one, growing the
+        slot buffers by doubling up to their capacity)."""
+        s = self._state
+        t = s.t
+        if self._spread:  # only a spread fold leaves free slots below t
+            free = np.flatnonzero(s.slot_kind[:t] == FREE)
+            if free.size:
+                return int(free[0])
+        if t == s.sizes["S"]:
+            self._resize(S=min(self._slot_capacity(), 2 * t))
+        s.t = t + 1
+        return t
+
+    def _slot_capacity(self) -> int:
+        """Slots that can be in use at once: the threshold; twice that under
+        ``schedule="spread"`` (a folding generation and a pending one), plus room for the
+        slots one operation opens before it checks the schedule."""
+        s = self._state
+        return 2 * s.threshold + 2 if self._spread else s.threshold
+
     def _fold_if_full(self) -> None:
-        """After each update operation: fold when the pending rows reach the threshold."""
+        """After each update operation: fold when the pending rows reach the threshold
+        (``schedule="spread"``: advance the fold in progress, start the next one)."""
         s = self._state
         s.stats["updates"] += 1
         self._read_plan = None
@@ -495,58 +550,37 @@ class DynamicAttention(ValidatedInputs):
         s.read_rate += (s.reads_since_update - s.read_rate) / READ_RATE_HORIZON
         s.reads_since_update = 0
         self._apply_policy()
-        if s.t >= s.threshold:
+        if self._spread:
+            self._spread_step()
+        elif s.t >= s.threshold:
             self._fold()
 
     def _fold(self) -> None:
-        """Fold pending rows into N and Z (batched BLAS-3), then refresh rows whose drift is
-        too big. Runtime complexity: O(H*n*e*t) plus O(m*(d+e)) per refreshed row."""
+        """Fold every pending row into N and Z (batched BLAS-3), then refresh rows whose
+        drift is too big; a spread fold in progress is finished first. Runtime complexity:
+        O(H*n*e*t) plus O(m*(d+e)) per refreshed row."""
         s, xp = self._state, self._xp
-        t = s.t
-        if t == 0:
+        if s.spread_length:
+            self._fold_slice(self.n)
+        slots = np.flatnonzero(s.slot_kind[: s.t] == LIVE)
+        if not slots.size:
             return
         started = time.perf_counter()
         predicted = 0.0
         if self._adaptive:
             deferred, predicted = self._policy_plan()
             self._materialize(deferred)
-        rows = s.pending_rows[:t]
-        s.k_norms[:, rows] = cert.norms(xp.to_numpy(s.K64[:, rows]))
-        key_changed = s.key_changed[:t]
-        value_changed = s.value_changed[:t]
-        new_columns = s.pending_new_columns[:, :t]
-        old_columns = s.pending_old_columns[:, :t]
-        new_values = s.pending_new_values[:, :t]
-        old_values = s.pending_old_values[:, :t]
-        # blocks of slots keep every temporary below FOLD_BLOCK_ENTRIES float64s
-        block = max(1, FOLD_BLOCK_ENTRIES // (self._H * self.n))
-        key_blocks = _blocks(np.flatnonzero(key_changed), block)
-        value_blocks = _blocks(np.flatnonzero(value_changed), block)
-        # each block beyond the first of its kind is one more rounded addition into N and Z
-        extra = max(len(key_blocks) - 1, 0) + max(len(value_blocks) - 1, 0)
-        mass = xp.sum(new_columns, 1) + xp.sum(old_columns, 1)
-        drift = 2 * cert.gamma(t + 3 + 2 * extra) * mass
-        everywhere = (slice(None), slice(None))
-        drift = drift + self._storage.mismatch_error(s, old_columns, 1, self._mismatch_rate, *everywhere)
-        for slots in key_blocks:
-            delta = new_columns[:, slots] - old_columns[:, slots]
-            self._add_transposed_products(delta, new_values[:, slots])
-            s.Z += xp.sum(delta, 1)
-            self._storage.commit_columns(
-                rows[slots], new_columns[:, slots], s.column_error[:, slots], s.column_growth[:, slots]
-            )
-        for slots in value_blocks:
-            self._add_transposed_products(old_columns[:, slots], new_values[:, slots] - old_values[:, slots])
-        values_moved = bool(value_blocks)
-        s.drift += drift + 2 * (1 + extra) * UNIT_ROUNDOFF * xp.abs(s.Z)
+        keys = s.pending_rows[slots]
+        s.k_norms[:, keys] = cert.norms(xp.to_numpy(s.K64[:, keys]))
+        values_moved = self._fold_rows(slots, slice(0, self.n))
         if self._adaptive:
             elapsed = time.perf_counter() - started
             self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
         s.slot_of.clear()
+        s.slot_kind[: s.t] = FREE
         s.t = 0
         self._read_plan = None
         s.pending_rent = 0.0
-        s.refreshed_slots[...] = 0
         s.stats["folds"] += 1
         if values_moved:
             s.value_max[...] = xp.to_numpy(xp.amax(xp.abs(s.V64), 1))
@@ -554,16 +588,125 @@ class DynamicAttention(ValidatedInputs):
             if np.any(s.value_scale / 2 > s.value_max):
                 self._full_refresh()  # values shrank: reset the value scales
                 return
-        if self._certify:
-            heads, doubtful = xp.nonzero(~(s.drift <= cert.DRIFT_FRACTION * self._tol * s.Z))
-            if doubtful.size:
-                self._refresh(heads, doubtful)
+        self._refresh_drifted(slice(0, self.n))
 
-    def _add_transposed_products(self, columns: Any, values: Any) -> None:
-        """``N[h] += columns[h]^T @ values[h]`` for every head: one BLAS-3 GEMM per head
+    def _fold_rows(self, slots: np.ndarray, rows: slice, *, clear: bool = False) -> bool:
+        """Add the pending terms of ``slots`` (ascending) at query rows ``rows`` into N and Z,
+        charge the rounding to the drift, and store their new columns there (dense storage);
+        ``clear`` then zeroes their weights at those rows (a spread fold's slice: the slots
+        stay in use for the other rows). Returns whether any value row moved.
+        Runtime complexity: O(H*len(rows)*e*len(slots))."""
+        s, xp = self._state, self._xp
+        # blocks of slots keep every temporary below FOLD_BLOCK_ENTRIES float64s
+        block = max(1, FOLD_BLOCK_ENTRIES // (self._H * max(rows.stop - rows.start, 1)))
+        key_blocks = _blocks(slots[s.key_changed[slots]], block)
+        value_blocks = _blocks(slots[s.value_changed[slots]], block)
+        # each block beyond the first of its kind is one more rounded addition into N and Z
+        extra = max(len(key_blocks) - 1, 0) + max(len(value_blocks) - 1, 0)
+        new_columns = s.pending_new_columns[:, :, rows]
+        old_columns = s.pending_old_columns[:, :, rows]
+        new_values, old_values = s.pending_new_values, s.pending_old_values
+        every = _as_slice(slots)
+        old_every = old_columns[:, every]
+        mass = xp.sum(new_columns[:, every], 1) + xp.sum(old_every, 1)
+        drift = 2 * cert.gamma(slots.size + 3 + 2 * extra) * mass
+        drift = drift + self._storage.mismatch_error(
+            s, old_every, 1, self._mismatch_rate, slice(None), rows, every
+        )
+        for part in key_blocks:
+            delta = new_columns[:, part] - old_columns[:, part]
+            self._add_transposed_products(delta, new_values[:, part], rows)
+            s.Z[:, rows] += xp.sum(delta, 1)
+            self._storage.commit_columns(
+                s.pending_rows[part],
+                new_columns[:, part],
+                s.column_error[:, part],
+                s.column_growth[:, part],
+                rows,
+            )
+        for part in value_blocks:
+            self._add_transposed_products(
+                old_columns[:, part], new_values[:, part] - old_values[:, part], rows
+            )
+        s.drift[:, rows] += drift + 2 * (1 + extra) * UNIT_ROUNDOFF * xp.abs(s.Z[:, rows])
+        if clear:
+            new_columns[:, every] = 0.0
+            old_columns[:, every] = 0.0
+        return bool(value_blocks)
+
+    def _refresh_drifted(self, rows: slice) -> None:
+        """Recompute exactly the (head, row) pairs among ``rows`` whose drift is too big."""
+        if self._certify:
+            s = self._state
+            heads, doubtful = self._xp.nonzero(
+                ~(s.drift[:, rows] <= cert.DRIFT_FRACTION * self._tol * s.Z[:, rows])
+            )
+            if doubtful.size:
+                self._refresh(heads, doubtful + rows.start)
+
+    def _add_transposed_products(self, columns: Any, values: Any, rows: slice) -> None:
+        """``N[h, rows] += columns[h]^T @ values[h]`` for every head: one BLAS-3 GEMM per head
         (numpy's stacked matmul does not call BLAS for a transposed operand)."""
         for h in range(self._H):
-            self._state.N[h] += columns[h].T @ values[h]
+            self._state.N[h, rows] += columns[h].T @ values[h]
+
+    # ------------------------------------------------------------------ spread folds
+    def _spread_step(self) -> None:
+        """``schedule="spread"``, after each update: fold the next slice of query rows of the
+        fold in progress (so that it ends after ``spread_length`` updates); start a fold
+        when half the threshold is pending; fold everything at once only if the pending
+        rows reach the threshold anyway (operations that open several rows at once).
+        Runtime complexity: O(H*e*t*n/spread_length) per update, amortized O(H*n*e)."""
+        s = self._state
+        if s.spread_length:
+            s.spread_updates += 1
+            due = min(self.n, -(-self.n * s.spread_updates // s.spread_length))
+            if due - s.folded_rows >= min(MIN_SLICE_ROWS, self.n // 8) or due == self.n:
+                self._fold_slice(due)
+        live = len(s.slot_of)
+        if live >= s.threshold:
+            self._fold()
+        elif not s.spread_length and live >= -(-s.threshold // 2):
+            self._start_spread()
+
+    def _start_spread(self) -> None:
+        """Freeze the pending rows as the folding generation: later changes to their key and
+        value rows open new (live) slots, whose folded columns are these slots' new ones."""
+        s = self._state
+        live = np.flatnonzero(s.slot_kind[: s.t] == LIVE)
+        s.slot_kind[live] = FOLDING
+        s.folding_slot_of, s.slot_of = s.slot_of, {}
+        s.folded_rows = s.spread_updates = 0
+        s.spread_length = int(live.size)
+
+    def _fold_slice(self, end: int) -> None:
+        """Fold the folding slots into query rows ``folded_rows..end-1``; at ``end == n`` the
+        fold is complete and its slots are released."""
+        s, xp = self._state, self._xp
+        rows = slice(s.folded_rows, end)
+        slots = np.flatnonzero(s.slot_kind[: s.t] == FOLDING)
+        values_moved = self._fold_rows(slots, rows, clear=True)
+        s.folded_rows = end
+        s.stats["fold_slices"] += 1
+        self._refresh_drifted(rows)
+        if end < self.n:
+            return
+        keys = s.pending_rows[slots]
+        s.k_norms[:, keys] = cert.norms(xp.to_numpy(s.K64[:, keys]))
+        s.slot_kind[slots] = FREE
+        while s.t and s.slot_kind[s.t - 1] == FREE:
+            s.t -= 1
+        s.folding_slot_of = {}
+        s.folded_rows = s.spread_updates = s.spread_length = 0
+        s.stats["folds"] += 1
+        if values_moved:
+            self._head_ratios()  # recomputes the stale value maxima
+            if np.any(s.value_scale / 2 > s.value_max):
+                # values shrank: the value scales are reset by a full refresh, which needs
+                # nothing pending (the units may move down), so the pending rows fold first
+                self._fold()
+                if np.any(s.value_scale / 2 > s.value_max):  # that fold did not reset them
+                    self._full_refresh()
 
     # ================================================================== answers
     def query_row(self, i: int) -> np.ndarray:
@@ -664,7 +807,9 @@ class DynamicAttention(ValidatedInputs):
         if self._certify:
             mismatch = 0.0
             if t:
-                mismatch = float(self._storage.mismatch_error(s, old_weights, 0, self._mismatch_rate, h, i))
+                mismatch = float(
+                    self._storage.mismatch_error(s, old_weights, 0, self._mismatch_rate, h, i, slice(0, t))
+                )
             error = self._row_error(float(s.drift[h, i]), z + new_sum + old_sum, mismatch)
             bound = cert.row_bound(error, denominator, None) * (self._column_ratio_of(h, j) + 1)
             if not bound <= self._tol:
@@ -749,7 +894,9 @@ class DynamicAttention(ValidatedInputs):
         old_weights = s.pending_old_columns[heads, :t, rows]  # (k, t)
         old_sum = xp.sum(old_weights, 1)
         denominator = z + new_sum - old_sum
-        mismatch = self._storage.mismatch_error(s, old_weights, 1, self._mismatch_rate, heads, rows)
+        mismatch = self._storage.mismatch_error(
+            s, old_weights, 1, self._mismatch_rate, heads, rows, slice(0, t)
+        )
         error = self._row_error(s.drift[heads, rows], z + new_sum + old_sum, mismatch)
         bound = cert.row_bound(error, denominator, xp.where)
         if not self._certify:
@@ -1014,7 +1161,10 @@ class DynamicAttention(ValidatedInputs):
         i = check_index("i", i, self.n, axis="query rows, n")
         if self.n == 1:
             raise ValueError("delete_query: the structure needs at least one query row")
-        self._state.remove_index("n", i)
+        s = self._state
+        if i < s.folded_rows:
+            s.folded_rows -= 1
+        s.remove_index("n", i)
         self._after_resize()
 
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
@@ -1422,59 +1572,79 @@ class DynamicAttention(ValidatedInputs):
 
         The snapshot of each row is rebuilt so that the pending terms cancel
         (old and new weight columns both set to today's weights; values as
-        folded). Runtime complexity: O(m*(d+e)) per row.
+        folded), in every slot in use at the row (a folding slot is not, where it
+        is folded already). Runtime complexity: O(m*(d+e)) per row.
         """
         s, xp = self._state, self._xp
         t = s.t
-        pending_rows = s.pending_rows[:t]
         out = xp.zeros((rows.size, self.e), np.float64)
-        block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
+        in_use = np.flatnonzero(s.slot_kind[:t] != FREE)
+        live = np.flatnonzero(s.slot_kind[:t] == LIVE) if s.spread_length else in_use
         for h in np.unique(heads).tolist():
             (positions,) = np.nonzero(heads == h)
-            # every pending slot, flagged or not (an appended row is pending before its flags
-            # are set, and its folded values are 0): exactly 0 where the values did not change
-            value_delta = s.pending_new_values[h, :t] - s.pending_old_values[h, :t]
-            units = xp.asarray(s.value_unit[h])
-            # the value side is kept in units of value_unit (no overflow for any finite V);
-            # for units in a moderate range the product is divided instead of all m rows,
-            # which is the same float64 computation scaled by powers of two
-            moderate = UNIT_RANGE[0] <= s.value_unit[h].min() and s.value_unit[h].max() <= UNIT_RANGE[1]
-            values = s.V64[h] if moderate else s.V64[h] / units
-            for start in range(0, positions.size, block):
-                where = positions[start : start + block]
-                part = rows[where]
-                # in place: a block is up to REFRESH_BLOCK_ENTRIES float64s, and every
-                # temporary of that size is fresh memory to fault in
-                logits = s.Q64[h, part] @ xp.swap_last(s.K64[h])
-                logits *= self._scale
-                visible = self._visibility(part)
-                if visible is not None:
-                    xp.fill_where_not_(logits, visible, -math.inf)
-                mu = xp.amax(logits, 1)
-                mu = xp.where(xp.isfinite(mu), mu, 0.0)
-                logits -= mu[:, None]
-                weights = xp.exp_(logits)
-                self._round_to_dtype(weights)
-                z = xp.sum(weights, 1)
-                full = weights @ values
-                if moderate:
-                    full /= units
-                out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
-                if t:
-                    full -= weights[:, pending_rows] @ value_delta
-                s.mu[h, part] = mu
-                s.Z[h, part] = z
-                s.N[h, part] = full
-                s.drift[h, part] = 4 * UNIT_ROUNDOFF * z
-                s.refreshed_slots[h, part] = t
-                if t:
-                    current = weights[:, pending_rows].T
-                    s.pending_new_columns[h, :t][:, part] = current
-                    s.pending_old_columns[h, :t][:, part] = current
-                    np.maximum(s.column_max[h, :t], xp.to_numpy(xp.amax(current, 1)), out=s.column_max[h, :t])
-                self._storage.set_rows(h, part, weights)
+            folded = rows[positions] < s.folded_rows
+            for group, slots in ((positions[~folded], in_use), (positions[folded], live)):
+                if group.size:
+                    self._refresh_rows(h, group, rows, _as_slice(slots), slots.size, out)
         s.stats["rows_refreshed"] += int(rows.size)
         return out
+
+    def _refresh_rows(
+        self, h: int, positions: np.ndarray, rows: np.ndarray, slots: Any, count: int, out: Any
+    ) -> None:
+        """:meth:`_refresh` of rows ``rows[positions]`` of head ``h``, whose pending terms are
+        those of ``slots`` (``count`` of them; a slice or an index array); their outputs go
+        to ``out[positions]``."""
+        s, xp = self._state, self._xp
+        pending_rows = s.pending_rows[slots]
+        # every slot in use, flagged or not (an appended row is pending before its flags
+        # are set, and its folded values are 0): exactly 0 where the values did not change
+        value_delta = s.pending_new_values[h, slots] - s.pending_old_values[h, slots]
+        units = xp.asarray(s.value_unit[h])
+        # the value side is kept in units of value_unit (no overflow for any finite V);
+        # for units in a moderate range the product is divided instead of all m rows,
+        # which is the same float64 computation scaled by powers of two
+        moderate = UNIT_RANGE[0] <= s.value_unit[h].min() and s.value_unit[h].max() <= UNIT_RANGE[1]
+        values = s.V64[h] if moderate else s.V64[h] / units
+        block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
+        for start in range(0, positions.size, block):
+            where = positions[start : start + block]
+            part = rows[where]
+            # in place: a block is up to REFRESH_BLOCK_ENTRIES float64s, and every
+            # temporary of that size is fresh memory to fault in
+            logits = s.Q64[h, part] @ xp.swap_last(s.K64[h])
+            logits *= self._scale
+            visible = self._visibility(part)
+            if visible is not None:
+                xp.fill_where_not_(logits, visible, -math.inf)
+            mu = xp.amax(logits, 1)
+            mu = xp.where(xp.isfinite(mu), mu, 0.0)
+            logits -= mu[:, None]
+            weights = xp.exp_(logits)
+            self._round_to_dtype(weights)
+            z = xp.sum(weights, 1)
+            full = weights @ values
+            if moderate:
+                full /= units
+            out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
+            if count:
+                full -= weights[:, pending_rows] @ value_delta
+            s.mu[h, part] = mu
+            s.Z[h, part] = z
+            s.N[h, part] = full
+            s.drift[h, part] = 4 * UNIT_ROUNDOFF * z
+            s.refreshed_at[h, part] = s.slots_opened
+            if count:
+                current = weights[:, pending_rows].T
+                if isinstance(slots, slice):
+                    s.pending_new_columns[h, slots][:, part] = current
+                    s.pending_old_columns[h, slots][:, part] = current
+                else:
+                    where_slots, where_rows = xp.index(slots[:, None]), xp.index(part[None, :])
+                    s.pending_new_columns[h, where_slots, where_rows] = current
+                    s.pending_old_columns[h, where_slots, where_rows] = current
+                s.column_max[h, slots] = np.maximum(s.column_max[h, slots], xp.to_numpy(xp.amax(current, 1)))
+            self._storage.set_rows(h, part, weights)
 
     # ================================================================== properties
     @property
@@ -1489,8 +1659,14 @@ class DynamicAttention(ValidatedInputs):
 
     @property
     def pending(self) -> int:
-        """Key/value rows changed since the last fold."""
-        return self._state.t
+        """Key/value rows changed since the last fold (since the fold in progress started,
+        under ``schedule="spread"``)."""
+        return len(self._state.slot_of)
+
+    @property
+    def schedule(self) -> str:
+        """``"amortized"`` or ``"spread"`` (when a fold's work is done)."""
+        return "spread" if self._spread else "amortized"
 
     @property
     def storage(self) -> str:
@@ -1526,15 +1702,26 @@ class DynamicAttention(ValidatedInputs):
         """Counters since construction: folds, rows refreshed exactly, query fallbacks,
         full refreshes, rows rescaled (stabilizer moved), fresh column computations,
         storage switches, columns deferred and columns materialized (``tau="auto"``),
-        update operations and reads (answer calls)."""
+        update operations, reads (answer calls) and fold slices (``schedule="spread"``)."""
         return dict(self._state.stats)
 
     @property
     def policy(self) -> str:
         """What the fold schedule is doing now and why, in words (``docs/policy.md``)."""
         s = self._state
-        t, reads, updates = s.t, s.stats["reads"], s.stats["updates"]
+        t, reads, updates = len(s.slot_of), s.stats["reads"], s.stats["updates"]
         ratio = f"{reads / updates:.3g}" if updates else "no updates yet"
+        if self._spread:
+            folding = (
+                f"a fold of {len(s.folding_slot_of)} rows is {s.folded_rows} of {self.n} query rows done"
+                if s.spread_length
+                else "no fold in progress"
+            )
+            return (
+                f"fixed tau={self._tau:g}, spread: a fold starts at {-(-s.threshold // 2)} pending rows and "
+                f"is done a slice of query rows per update ({t} pending now; {folding}); "
+                f"reads per update so far: {ratio}"
+            )
         if not self._adaptive:
             return (
                 f"fixed tau={self._tau:g}: fold every {s.threshold} pending rows ({t} pending now); "
@@ -1573,6 +1760,7 @@ class DynamicAttention(ValidatedInputs):
         return {
             "tau": self._tau,
             "adaptive": self._adaptive,
+            "schedule": "spread" if self._spread else "amortized",
             "scale": self._scale,
             "tol": self._tol,
             "certify": self._certify,
@@ -1611,6 +1799,7 @@ class DynamicAttention(ValidatedInputs):
         self._configure(
             tau=float(config["tau"]),
             adaptive=bool(config["adaptive"]),
+            schedule=str(config["schedule"]),
             tol=float(config["tol"]),
             certify=bool(config["certify"]),
             causal=bool(config["causal"]),
@@ -1726,12 +1915,30 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         t, threshold, n = s.t, s.threshold, self.n
         s.check_fields()
-        # pending slots: fewer than the threshold, each row in one slot
-        assert 0 <= t < threshold or (threshold == 1 and t == 0), f"t={t}, threshold={threshold}"
-        assert t <= s.sizes["S"] <= threshold, f"slots allocated {s.sizes['S']}, t={t}, threshold={threshold}"
-        assert len(s.slot_of) == t and all(s.pending_rows[slot] == c for c, slot in s.slot_of.items()), (
-            f"slot_of={s.slot_of}, pending_rows={s.pending_rows[:t]}"
+        # slots 0..t-1: pending (live) rows fewer than the threshold, each row in at most one
+        # live and one folding slot; free and folding slots only under schedule="spread"
+        kinds = s.slot_kind[:t]
+        live, folding, free = kinds == LIVE, kinds == FOLDING, kinds == FREE
+        pending = int(live.sum())
+        assert 0 <= pending < threshold or (threshold == 1 and pending == 0), f"{pending=}, {threshold=}"
+        capacity = self._slot_capacity()
+        assert t <= s.sizes["S"] <= capacity, f"slots allocated {s.sizes['S']}, {t=}, {capacity=}"
+        assert not s.slot_kind[t:].any() and (t == 0 or not free[-1]), (
+            f"t={t} is not the end of the slots in use"
         )
+        assert self._spread or live.all(), "a free or folding slot under schedule='amortized'"
+        for slot_map, kind in ((s.slot_of, live), (s.folding_slot_of, folding)):
+            assert sorted(slot_map.values()) == np.flatnonzero(kind).tolist(), f"{slot_map} != {kinds}"
+            assert all(s.pending_rows[slot] == c for c, slot in slot_map.items()), (
+                f"{slot_map}, pending_rows={s.pending_rows[:t]}"
+            )
+        # a spread fold in progress: query rows 0..folded_rows-1 are folded
+        assert bool(s.spread_length) == bool(s.folding_slot_of), "spread_length without folding slots"
+        assert 0 <= s.folded_rows <= n and (s.spread_length or s.folded_rows == 0), (
+            f"folded_rows={s.folded_rows}"
+        )
+        assert s.spread_updates <= s.spread_length, f"{s.spread_updates=} > {s.spread_length=}"
+        assert np.all(s.slot_sequence[:t] < s.slots_opened) and np.all(s.refreshed_at <= s.slots_opened)
         # float64 copies equal the stored inputs
         for name in ("Q", "K", "V"):
             stored, copy64 = getattr(s, name), getattr(s, f"{name}64")
@@ -1752,6 +1959,9 @@ class DynamicAttention(ValidatedInputs):
         for label, block in (("new", new), ("old", old)):
             assert np.all(block >= 0) and np.all(block <= self._weight_limit * (1 + 1e-12)), label
             assert np.array_equal(block, block.astype(self._dtype).astype(np.float64)), f"{label} not rounded"
+            # free slots, and folding slots where they are folded, contribute nothing
+            assert not block[:, free].any(), f"{label} weights in a free slot"
+            assert not block[:, folding, : s.folded_rows].any(), f"{label} weights where a slot is folded"
         # deferred columns (tau="auto" only) are not stored: their slots hold stale weights
         deferred = s.column_deferred[:t]
         assert self._adaptive or not deferred.any(), "a deferred column without tau='auto'"
@@ -1766,8 +1976,11 @@ class DynamicAttention(ValidatedInputs):
         # value side: units are powers of two at the value scale, pending values in units
         units = s.value_unit
         assert np.array_equal(units, cert.power_of_two_units(units)) and np.all(s.value_scale / 2 < units)
-        scaled = s.V64[:, s.pending_rows[:t]] / units[:, None, :]
-        assert np.array_equal(s.pending_new_values[:, :t], scaled), "pending values differ from V / unit"
+        # (a folding slot's values are the row's as of the start of the fold)
+        scaled = s.V64[:, s.pending_rows[:t][live]] / units[:, None, :]
+        assert np.array_equal(s.pending_new_values[:, :t][:, live], scaled), (
+            "pending values differ from V / unit"
+        )
         true_max = np.abs(s.V64).max(axis=1)
         fresh = ~s.value_max_stale
         assert np.array_equal(s.value_max[fresh], true_max[fresh]), "value_max"
@@ -1791,9 +2004,13 @@ class DynamicAttention(ValidatedInputs):
         slack = 2 * self._logit_error(s.q_norm)[:, :, None] + 4 * self._unit
         floor = self._weight_floor
         if t:
+            # the new weights of live slots, and of folding slots where they are not folded yet
+            # and their row did not change since
+            compared = np.repeat((stored & live)[:, None], n, axis=1)
+            compared[folding & ~np.isin(s.pending_rows[:t], list(s.slot_of)), s.folded_rows :] = True
             expected = fresh_weights[:, :, s.pending_rows[:t]].transpose(0, 2, 1)
             allowed = (s.column_error[:, :t, None] + slack.transpose(0, 2, 1)) * np.maximum(expected, new)
-            bad = (np.abs(new - expected) > allowed * 1.01 + floor) & stored[None, :, None]
+            bad = (np.abs(new - expected) > allowed * 1.01 + floor) & compared[None]
             assert not bad.any(), (
                 f"pending columns drifted: (head, slot, row) {np.argwhere(bad)[:3].tolist()}"
             )
