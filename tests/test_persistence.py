@@ -310,7 +310,7 @@ def test_pending_map_inconsistent(saved, tmp_path):
         "meta 'pending': key row 99 is out of range", {**base, "pending": moved}, {"state.pending_rows": rows}
     )
     check(
-        f"meta 'pending': expected fewer pending rows than the threshold \\({t}\\), got {t}",
+        f"meta 'pending': expected fewer pending rows than {t}, got {t}",
         {**base, "threshold": t},
     )
     check("meta 't': expected pending and folding slots", {**base, "sizes": {**base["sizes"], "S": t - 1}})

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,10 +73,10 @@ UNIT_RANGE = (2.0**-60, 2.0**60)
 READ_RATE_HORIZON = 32.0
 #: A fold works on blocks of pending slots of at most this many float64 weights at once.
 FOLD_BLOCK_ENTRIES = 1 << 21
-#: schedule="spread" folds at least this many query rows at once (n/8 if that is fewer; the
-#: last slice may be thinner): thinner slices make each GEMM re-read the folding values for
-#: little work.
-MIN_SLICE_ROWS = 16
+#: schedule="spread" folds enough query rows at once for about this many flops (at most n/8
+#: rows; the last slice may be thinner): every slice re-reads the folding values and pays
+#: a fixed cost, which thin slices would repeat for little work.
+MIN_SLICE_FLOPS = 1 << 24
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Fold schedules: a whole fold at once, or spread over the updates that follow (docs/latency.md).
@@ -87,10 +87,22 @@ FORMAT_VERSION = 4
 HOST = NumpyBackend()
 
 
-def _blocks(slots: np.ndarray, size: int) -> list[Any]:
-    """``slots`` (ascending) in blocks of at most ``size``, each a slice (a view) where it
-    is a run of consecutive slots, else an index array."""
-    return [_as_slice(slots[start : start + size]) for start in range(0, slots.size, size)]
+class FoldPlan(NamedTuple):
+    """What a fold adds up, gathered once: its ``slots`` (ascending); the key-changed ones
+    ``key_slots: (k,)`` with their new values ``key_values: (H, k, e)``; the value-changed ones
+    ``value_slots: (v,)`` with their value changes ``value_deltas: (H, v, e)``. A spread fold
+    keeps its plan for all its slices (its slots are frozen)."""
+
+    slots: np.ndarray
+    key_slots: np.ndarray
+    key_values: Any
+    value_slots: np.ndarray
+    value_deltas: Any
+
+
+def _parts(count: int, size: int) -> list[slice]:
+    """``0..count-1`` in consecutive parts of at most ``size``."""
+    return [slice(start, start + size) for start in range(0, count, size)]
 
 
 def _as_slice(rows: np.ndarray) -> Any:
@@ -137,9 +149,10 @@ class DynamicAttention(ValidatedInputs):
     schedule : {"amortized", "spread"}, keyword-only
         When a fold's work is done. ``"amortized"`` (the paper's): all at once,
         when the pending rows reach the threshold, so that update stalls.
-        ``"spread"``: a fold starts when half the threshold is pending, and a
-        slice of its query rows is folded at each update that follows, so it is
-        done when the next one starts; no single update pays a whole fold
+        ``"spread"``: a fold starts when the threshold is pending, and its query
+        rows are folded a slice at a time by the updates that follow, so that it
+        is done when the next one starts (pending rows meanwhile wait in a second
+        generation; answers add up both); no single update pays a whole fold
         (``docs/latency.md``). Answers and their certificate are the same.
         Not with ``tau="auto"``.
     scale : float, keyword-only
@@ -316,6 +329,8 @@ class DynamicAttention(ValidatedInputs):
         self._fold_correction = self._column_correction = 1.0
         self._dtype_max = float(info.max)
         self._subnormal_step = float(info.smallest_subnormal)
+        #: schedule="spread": the fold in progress, gathered once (None: gather it again)
+        self._folding_plan: FoldPlan | None = None
 
     def _threshold_for_size(self) -> int:
         """The fold threshold for the current sizes (``append`` raises it, never lowers it)."""
@@ -535,8 +550,9 @@ class DynamicAttention(ValidatedInputs):
 
     def _slot_capacity(self) -> int:
         """Slots that can be in use at once: the threshold; twice that under
-        ``schedule="spread"`` (a folding generation and a pending one), plus room for the
-        slots one operation opens before it checks the schedule."""
+        ``schedule="spread"`` (a folding generation and a pending one, each below the
+        threshold when an update ends), plus room for the slots one operation opens before
+        it checks the schedule."""
         s = self._state
         return 2 * s.threshold + 2 if self._spread else s.threshold
 
@@ -572,7 +588,7 @@ class DynamicAttention(ValidatedInputs):
             self._materialize(deferred)
         keys = s.pending_rows[slots]
         s.k_norms[:, keys] = cert.norms(xp.to_numpy(s.K64[:, keys]))
-        values_moved = self._fold_rows(slots, slice(0, self.n))
+        values_moved = self._fold_rows(self._fold_plan(slots), slice(0, self.n))
         if self._adaptive:
             elapsed = time.perf_counter() - started
             self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
@@ -590,32 +606,40 @@ class DynamicAttention(ValidatedInputs):
                 return
         self._refresh_drifted(slice(0, self.n))
 
-    def _fold_rows(self, slots: np.ndarray, rows: slice, *, clear: bool = False) -> bool:
-        """Add the pending terms of ``slots`` (ascending) at query rows ``rows`` into N and Z,
+    def _fold_plan(self, slots: np.ndarray) -> FoldPlan:
+        """The :class:`FoldPlan` of ``slots`` (ascending)."""
+        s = self._state
+        key_slots, value_slots = slots[s.key_changed[slots]], slots[s.value_changed[slots]]
+        keyed, valued = _as_slice(key_slots), _as_slice(value_slots)
+        value_deltas = s.pending_new_values[:, valued] - s.pending_old_values[:, valued]
+        return FoldPlan(slots, key_slots, s.pending_new_values[:, keyed], value_slots, value_deltas)
+
+    def _fold_rows(self, plan: FoldPlan, rows: slice, *, clear: bool = False) -> bool:
+        """Add the pending terms of ``plan``'s slots at query rows ``rows`` into N and Z,
         charge the rounding to the drift, and store their new columns there (dense storage);
         ``clear`` then zeroes their weights at those rows (a spread fold's slice: the slots
         stay in use for the other rows). Returns whether any value row moved.
         Runtime complexity: O(H*len(rows)*e*len(slots))."""
         s, xp = self._state, self._xp
-        # blocks of slots keep every temporary below FOLD_BLOCK_ENTRIES float64s
+        # parts of the slots keep every temporary below FOLD_BLOCK_ENTRIES float64s
         block = max(1, FOLD_BLOCK_ENTRIES // (self._H * max(rows.stop - rows.start, 1)))
-        key_blocks = _blocks(slots[s.key_changed[slots]], block)
-        value_blocks = _blocks(slots[s.value_changed[slots]], block)
-        # each block beyond the first of its kind is one more rounded addition into N and Z
-        extra = max(len(key_blocks) - 1, 0) + max(len(value_blocks) - 1, 0)
+        key_parts = _parts(plan.key_slots.size, block)
+        value_parts = _parts(plan.value_slots.size, block)
+        # each part beyond the first of its kind is one more rounded addition into N and Z
+        extra = max(len(key_parts) - 1, 0) + max(len(value_parts) - 1, 0)
         new_columns = s.pending_new_columns[:, :, rows]
         old_columns = s.pending_old_columns[:, :, rows]
-        new_values, old_values = s.pending_new_values, s.pending_old_values
-        every = _as_slice(slots)
+        every = _as_slice(plan.slots)
         old_every = old_columns[:, every]
         mass = xp.sum(new_columns[:, every], 1) + xp.sum(old_every, 1)
-        drift = 2 * cert.gamma(slots.size + 3 + 2 * extra) * mass
+        drift = 2 * cert.gamma(plan.slots.size + 3 + 2 * extra) * mass
         drift = drift + self._storage.mismatch_error(
             s, old_every, 1, self._mismatch_rate, slice(None), rows, every
         )
-        for part in key_blocks:
+        for positions in key_parts:
+            part = _as_slice(plan.key_slots[positions])
             delta = new_columns[:, part] - old_columns[:, part]
-            self._add_transposed_products(delta, new_values[:, part], rows)
+            self._add_transposed_products(delta, plan.key_values[:, positions], rows)
             s.Z[:, rows] += xp.sum(delta, 1)
             self._storage.commit_columns(
                 s.pending_rows[part],
@@ -624,15 +648,14 @@ class DynamicAttention(ValidatedInputs):
                 s.column_growth[:, part],
                 rows,
             )
-        for part in value_blocks:
-            self._add_transposed_products(
-                old_columns[:, part], new_values[:, part] - old_values[:, part], rows
-            )
+        for positions in value_parts:
+            part = _as_slice(plan.value_slots[positions])
+            self._add_transposed_products(old_columns[:, part], plan.value_deltas[:, positions], rows)
         s.drift[:, rows] += drift + 2 * (1 + extra) * UNIT_ROUNDOFF * xp.abs(s.Z[:, rows])
         if clear:
             new_columns[:, every] = 0.0
             old_columns[:, every] = 0.0
-        return bool(value_blocks)
+        return bool(value_parts)
 
     def _refresh_drifted(self, rows: slice) -> None:
         """Recompute exactly the (head, row) pairs among ``rows`` whose drift is too big."""
@@ -652,22 +675,28 @@ class DynamicAttention(ValidatedInputs):
 
     # ------------------------------------------------------------------ spread folds
     def _spread_step(self) -> None:
-        """``schedule="spread"``, after each update: fold the next slice of query rows of the
-        fold in progress (so that it ends after ``spread_length`` updates); start a fold
-        when half the threshold is pending; fold everything at once only if the pending
-        rows reach the threshold anyway (operations that open several rows at once).
-        Runtime complexity: O(H*e*t*n/spread_length) per update, amortized O(H*n*e)."""
+        """``schedule="spread"``, after each update: fold the query rows of the fold in
+        progress that are due (``n/spread_length`` per update, so that it ends after
+        ``spread_length`` updates; gathered into slices of ``_slice_rows``); start a fold
+        when the threshold is pending; fold everything at once only if twice the threshold
+        is pending (operations that open several rows at once). Runtime complexity:
+        O(H*e*t*n/spread_length) per update, amortized O(H*n*e)."""
         s = self._state
         if s.spread_length:
             s.spread_updates += 1
             due = min(self.n, -(-self.n * s.spread_updates // s.spread_length))
-            if due - s.folded_rows >= min(MIN_SLICE_ROWS, self.n // 8) or due == self.n:
+            if due - s.folded_rows >= self._slice_rows() or due == self.n:
                 self._fold_slice(due)
         live = len(s.slot_of)
-        if live >= s.threshold:
+        if live >= 2 * s.threshold:
             self._fold()
-        elif not s.spread_length and live >= -(-s.threshold // 2):
+        elif not s.spread_length and live >= s.threshold:
             self._start_spread()
+
+    def _slice_rows(self) -> int:
+        """Fewest query rows a slice of the fold in progress folds (``MIN_SLICE_FLOPS``)."""
+        flops_per_row = 2 * self._H * self.e * self._state.spread_length
+        return max(1, min(-(-MIN_SLICE_FLOPS // flops_per_row), self.n // 8))
 
     def _start_spread(self) -> None:
         """Freeze the pending rows as the folding generation: later changes to their key and
@@ -678,14 +707,17 @@ class DynamicAttention(ValidatedInputs):
         s.folding_slot_of, s.slot_of = s.slot_of, {}
         s.folded_rows = s.spread_updates = 0
         s.spread_length = int(live.size)
+        self._folding_plan = self._fold_plan(live)
 
     def _fold_slice(self, end: int) -> None:
         """Fold the folding slots into query rows ``folded_rows..end-1``; at ``end == n`` the
         fold is complete and its slots are released."""
         s, xp = self._state, self._xp
         rows = slice(s.folded_rows, end)
-        slots = np.flatnonzero(s.slot_kind[: s.t] == FOLDING)
-        values_moved = self._fold_rows(slots, rows, clear=True)
+        if self._folding_plan is None:  # after a load, or values moved to new units
+            self._folding_plan = self._fold_plan(np.flatnonzero(s.slot_kind[: s.t] == FOLDING))
+        slots = self._folding_plan.slots
+        values_moved = self._fold_rows(self._folding_plan, rows, clear=True)
         s.folded_rows = end
         s.stats["fold_slices"] += 1
         self._refresh_drifted(rows)
@@ -698,6 +730,7 @@ class DynamicAttention(ValidatedInputs):
             s.t -= 1
         s.folding_slot_of = {}
         s.folded_rows = s.spread_updates = s.spread_length = 0
+        self._folding_plan = None
         s.stats["folds"] += 1
         if values_moved:
             self._head_ratios()  # recomputes the stale value maxima
@@ -967,6 +1000,7 @@ class DynamicAttention(ValidatedInputs):
         if not moved.any():
             return
         factors = self._xp.asarray(s.value_unit / units)  # powers of two <= 1
+        self._folding_plan = None  # it holds values in the old units
         s.N *= factors[:, None, :]
         s.pending_new_values *= factors[:, None, :]
         s.pending_old_values *= factors[:, None, :]
@@ -1718,7 +1752,7 @@ class DynamicAttention(ValidatedInputs):
                 else "no fold in progress"
             )
             return (
-                f"fixed tau={self._tau:g}, spread: a fold starts at {-(-s.threshold // 2)} pending rows and "
+                f"fixed tau={self._tau:g}, spread: a fold starts at {s.threshold} pending rows and "
                 f"is done a slice of query rows per update ({t} pending now; {folding}); "
                 f"reads per update so far: {ratio}"
             )
@@ -1903,6 +1937,7 @@ class DynamicAttention(ValidatedInputs):
         twin._xp = xp
         twin._storage = type(self._storage)(xp)
         twin._state = self._state.on_backend(xp, twin._storage)
+        twin._folding_plan = None
         twin._after_resize()
         return twin
 
@@ -1915,12 +1950,13 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         t, threshold, n = s.t, s.threshold, self.n
         s.check_fields()
-        # slots 0..t-1: pending (live) rows fewer than the threshold, each row in at most one
-        # live and one folding slot; free and folding slots only under schedule="spread"
+        # slots 0..t-1: pending (live) rows fewer than the threshold (twice that while a spread
+        # fold is in progress), each row in at most one live and one folding slot; free and
+        # folding slots only under schedule="spread"
         kinds = s.slot_kind[:t]
         live, folding, free = kinds == LIVE, kinds == FOLDING, kinds == FREE
-        pending = int(live.sum())
-        assert 0 <= pending < threshold or (threshold == 1 and pending == 0), f"{pending=}, {threshold=}"
+        pending, limit = int(live.sum()), threshold * (2 if self._spread else 1)
+        assert 0 <= pending < limit or (threshold == 1 and pending == 0), f"{pending=}, {limit=}"
         capacity = self._slot_capacity()
         assert t <= s.sizes["S"] <= capacity, f"slots allocated {s.sizes['S']}, {t=}, {capacity=}"
         assert not s.slot_kind[t:].any() and (t == 0 or not free[-1]), (
