@@ -98,6 +98,10 @@ class FoldPlan(NamedTuple):
     key_values: Any
     value_slots: np.ndarray
     value_deltas: Any
+    #: ``slots``, ``key_slots``, ``value_slots`` as slices where they are runs (:func:`_as_slice`)
+    every: Any
+    keyed: Any
+    valued: Any
 
 
 def _parts(count: int, size: int) -> list[slice]:
@@ -612,7 +616,10 @@ class DynamicAttention(ValidatedInputs):
         key_slots, value_slots = slots[s.key_changed[slots]], slots[s.value_changed[slots]]
         keyed, valued = _as_slice(key_slots), _as_slice(value_slots)
         value_deltas = s.pending_new_values[:, valued] - s.pending_old_values[:, valued]
-        return FoldPlan(slots, key_slots, s.pending_new_values[:, keyed], value_slots, value_deltas)
+        key_values = s.pending_new_values[:, keyed]
+        return FoldPlan(
+            slots, key_slots, key_values, value_slots, value_deltas, _as_slice(slots), keyed, valued
+        )
 
     def _fold_rows(self, plan: FoldPlan, rows: slice, *, clear: bool = False) -> bool:
         """Add the pending terms of ``plan``'s slots at query rows ``rows`` into N and Z,
@@ -629,15 +636,17 @@ class DynamicAttention(ValidatedInputs):
         extra = max(len(key_parts) - 1, 0) + max(len(value_parts) - 1, 0)
         new_columns = s.pending_new_columns[:, :, rows]
         old_columns = s.pending_old_columns[:, :, rows]
-        every = _as_slice(plan.slots)
+        every = plan.every
         old_every = old_columns[:, every]
-        mass = xp.sum(new_columns[:, every], 1) + xp.sum(old_every, 1)
+        mass = xp.sum(new_columns[:, every] + old_every, 1)
         drift = 2 * cert.gamma(plan.slots.size + 3 + 2 * extra) * mass
-        drift = drift + self._storage.mismatch_error(
+        mismatch = self._storage.mismatch_error(
             s, old_every, 1, self._mismatch_rate, slice(None), rows, every
         )
+        if not isinstance(mismatch, float) or mismatch:  # dense storage: exactly 0
+            drift = drift + mismatch
         for positions in key_parts:
-            part = _as_slice(plan.key_slots[positions])
+            part = plan.keyed if len(key_parts) == 1 else _as_slice(plan.key_slots[positions])
             delta = new_columns[:, part] - old_columns[:, part]
             self._add_transposed_products(delta, plan.key_values[:, positions], rows)
             s.Z[:, rows] += xp.sum(delta, 1)
@@ -649,7 +658,7 @@ class DynamicAttention(ValidatedInputs):
                 rows,
             )
         for positions in value_parts:
-            part = _as_slice(plan.value_slots[positions])
+            part = plan.valued if len(value_parts) == 1 else _as_slice(plan.value_slots[positions])
             self._add_transposed_products(old_columns[:, part], plan.value_deltas[:, positions], rows)
         s.drift[:, rows] += drift + 2 * (1 + extra) * UNIT_ROUNDOFF * xp.abs(s.Z[:, rows])
         if clear:
