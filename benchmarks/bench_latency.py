@@ -47,10 +47,6 @@ a. update p99.9 <= 3x its mean, update max <= 10x its mean, mean update <=
    1.3x the amortized mean of the same run, query p99.9 <= 2x the amortized
    query p99.9; b. max edit <= 3x the mean edit.
 
-If the installed dynattn does not accept ``schedule=`` (TypeError), the run
-says so and measures "amortized" only (no targets are evaluated then). The
-"amortized" structure is always built without the ``schedule`` keyword.
-
     python benchmarks/bench_latency.py                         # full: N = 1024, 2048 and LLM N = 16384
     python benchmarks/bench_latency.py --quick                 # < 60 s: N = 256, 512 and LLM N = 1024
     python benchmarks/bench_latency.py --quick --sections a --out-dir /tmp/latency
@@ -100,6 +96,7 @@ from dynattn._timing import (  # noqa: E402
     targets_summary,
     write_report,
 )
+from dynattn.structure import SCHEDULES  # noqa: E402
 from dynattn.testing import random_problem  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,7 +105,6 @@ from bench_streams import blas_threads, thread_settings  # noqa: E402  (the thre
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = "dynattn-latency/1"
-SCHEDULES = ("amortized", "spread")
 #: percentiles reported in the tables (nearest rank)
 PERCENTILES = (50.0, 99.0, 99.9)
 #: percentiles recorded in the JSON (enough to redraw a coarse CDF)
@@ -197,23 +193,8 @@ def latency_stats(ns: Sequence[int] | np.ndarray, *, slowest: int = 5) -> dict[s
 
 
 # ---------------------------------------------------------------------- schedules and threads
-def schedule_support() -> tuple[list[str], str | None]:
-    """The schedules the installed DynamicAttention accepts, and a note when "spread" is missing."""
-    Q, K, V = random_problem(8, 8, 4, 4, seed=0)
-    try:
-        DynamicAttention(Q, K, V, tau=0.5, schedule="spread")
-    except TypeError as exc:
-        return ["amortized"], (
-            f'DynamicAttention(..., schedule="spread") is not accepted by this dynattn ({exc}): '
-            'measuring schedule "amortized" only; no targets are evaluated'
-        )
-    return list(SCHEDULES), None
-
-
 def build(Q: Any, K: Any, V: Any, schedule: str, **kwargs: Any) -> DynamicAttention:
-    """A structure with ``schedule``; "amortized" passes no ``schedule`` keyword (the default)."""
-    if schedule == "amortized":
-        return DynamicAttention(Q, K, V, **kwargs)
+    """A structure with fold ``schedule``."""
     return DynamicAttention(Q, K, V, schedule=schedule, **kwargs)
 
 
@@ -637,9 +618,7 @@ def _run(
     echo: Callable[[str], None],
     threads: dict[str, Any],
 ) -> dict[str, Any]:
-    schedules, note = schedule_support()
-    if note:
-        echo(f"NOTE: {note}")
+    schedules = list(SCHEDULES)
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,
@@ -650,7 +629,6 @@ def _run(
         "config": asdict(cfg),
         "sections": sections,
         "schedules": schedules,
-        "schedule_note": note,
         "percentile_method": "nearest rank (numpy inverted_cdf)",
         "loadavg_start": list(os.getloadavg()),
         "records": [],
@@ -669,7 +647,7 @@ def _run(
         ),
         f"# {machine['cpu_model']}, {machine['cores']} cores, numpy {machine['numpy']} ({machine['blas']})",
         f"# BLAS threads: {BLAS_THREADS} ({threads['during'].get('mechanism')})",
-        f"# schedules measured: {', '.join(schedules)}" + (f" -- {note}" if note else ""),
+        f"# schedules measured: {', '.join(schedules)}",
         f"# every call timed with perf_counter_ns; warm-up >= {cfg.warmup_cycles:g} fold cycles per "
         f"structure; interleaved blocks of {cfg.block} operations (order swapped every block); "
         f"gc {'disabled' if cfg.disable_gc else 'enabled'} during blocks; percentiles nearest-rank",
@@ -687,8 +665,6 @@ def _run(
         text.append(block)
         echo(block + f"\n({time.perf_counter() - t0:.1f} s)")
     summary = targets_summary(result["targets"])
-    if note:
-        summary += f"\n  (no targets evaluated: {note})"
     text.append(summary)
     echo(summary)
     result["elapsed_s"] = time.perf_counter() - started

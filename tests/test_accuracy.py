@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _schedules import tau_schedules
 from dynattn import DynamicAttention
 from dynattn.baselines import Eager, OnDemand, Recompute, Rows
 from dynattn.testing import (
@@ -62,12 +63,12 @@ def _naive(Q, K, V, scale, dt):
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", TAUS)
-def test_dominant_key_moved_away_repeatedly(storage, dtype, tau):
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules(TAUS))
+def test_dominant_key_moved_away_repeatedly(storage, dtype, tau, schedule):
     """(a) Cancellation: den = Z + (a_new - a_old) subtracts two nearly equal numbers."""
     n, big = 9, 40.0
     Q, K, V = dominant_key_problem(n, extra_keys=14, big=big, e=3, seed=1)
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype)
+    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     K = K.astype(dtype)
     Q, V = Q.astype(dtype), V.astype(dtype)
     for rep in range(6):
@@ -81,8 +82,8 @@ def test_dominant_key_moved_away_repeatedly(storage, dtype, tau):
 
 
 @pytest.mark.parametrize("storage", STORAGES)
-@pytest.mark.parametrize("tau", TAUS)
-def test_one_dominant_key_for_all_rows_removed(storage, tau):
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules(TAUS))
+def test_one_dominant_key_for_all_rows_removed(storage, tau, schedule):
     """(a) Every row's weight on one key, which then moves away by 1e3 logits."""
     rng = np.random.default_rng(4)
     n, m, d, e = 11, 17, 3, 4
@@ -90,7 +91,7 @@ def test_one_dominant_key_for_all_rows_removed(storage, tau):
     K = rng.standard_normal((m, d)) * 0.1
     K[5] = 30.0
     V = rng.standard_normal((m, e))
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage)
+    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, schedule=schedule)
     for _ in range(3):
         for j in range(d):
             att.update_k(5, j, -1000.0)
@@ -105,8 +106,8 @@ def test_one_dominant_key_for_all_rows_removed(storage, tau):
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", TAUS)
-def test_huge_logits(storage, dtype, tau):
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules(TAUS))
+def test_huge_logits(storage, dtype, tau, schedule):
     """(b) Logits of magnitude 1e3-1e4 (float64) and 100-1e3 (float32): no inf/NaN."""
     rng = np.random.default_rng(7)
     n, m, d, e = 13, 19, 4, 3
@@ -114,7 +115,7 @@ def test_huge_logits(storage, dtype, tau):
     Q = rng.standard_normal((n, d))
     K = rng.standard_normal((m, d)) * magnitude / 2
     V = rng.standard_normal((m, e))
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype)
+    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     Q, K, V = (x.astype(dtype) for x in (Q, K, V))
     K = K.copy()
     V = V.copy()
@@ -150,8 +151,8 @@ def test_logits_beyond_exp_overflow_trigger_rescaling(storage, dtype):
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", TAUS)
-def test_values_with_huge_dynamic_range_and_cancelling_numerators(storage, dtype, tau):
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules(TAUS))
+def test_values_with_huge_dynamic_range_and_cancelling_numerators(storage, dtype, tau, schedule):
     """(c) Values spanning 1e-8..1e8 and answers near zero by cancellation; then the
     huge values are removed (the snapshot held them)."""
     rng = np.random.default_rng(11)
@@ -161,7 +162,7 @@ def test_values_with_huge_dynamic_range_and_cancelling_numerators(storage, dtype
     span = 1e8 if dtype == np.float64 else 1e4
     V = rng.standard_normal((m, e)) * np.logspace(-np.log10(span), np.log10(span), m)[:, None]
     V[1::2] = -V[0::2]  # pairs that nearly cancel
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype)
+    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     Q, K, V = (x.astype(dtype).copy() for x in (Q, K, V))
     check_all_answers(att, Q, K, V)
     # shrink the largest values by many orders of magnitude, entry by entry
@@ -216,16 +217,17 @@ def test_soak_100k_updates(storage, dtype):
         min_size=1,
         max_size=25,
     ),
-    tau=st.sampled_from(TAUS),
+    tau_schedule=st.sampled_from([(p.values[0], p.values[1]) for p in tau_schedules(TAUS)]),
     storage=st.sampled_from(STORAGES),
     dtype=st.sampled_from(DTYPES),
 )
-def test_hypothesis_adversarial_key_moves(steps, tau, storage, dtype):
+def test_hypothesis_adversarial_key_moves(steps, tau_schedule, storage, dtype):
     """(e) Hypothesis searches for sequences of large key moves that break an answer."""
+    tau, schedule = tau_schedule
     n = 6
     big = 30.0 if dtype == np.float64 else 10.0
     Q, K, V = dominant_key_problem(n, extra_keys=5, big=big, e=2, seed=len(steps))
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype)
+    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     Q, K, V = (x.astype(dtype).copy() for x in (Q, K, V))
     for c, delta in steps:
         delta = delta if dtype == np.float64 else delta / 4

@@ -10,7 +10,7 @@ import dynattn
 from dynattn import DynamicAttention
 from dynattn.cli import main
 from dynattn.progress import make_progress
-from dynattn.sweep import BASELINE_ORDER
+from dynattn.sweep import BASELINE_ORDER, latency_summary
 
 REQUIRED = {
     "impl",
@@ -234,6 +234,46 @@ def test_bench_llm_regime(tmp_path):
     for rec in records:
         assert rec["regime"] == "llm" and rec["d"] == rec["e"] == 8
         assert REQUIRED <= set(rec)
+
+
+def test_bench_records_latency_per_call_for_both_schedules(tmp_path, capsys):
+    path = tmp_path / "schedules.json"
+    rc = main(
+        [
+            "bench",
+            *TINY_BENCH,
+            "--sizes",
+            "32",
+            "--taus",
+            "0.75",
+            "--storage",
+            "dense",
+            "--schedule",
+            "amortized,spread",
+            "--baselines",
+            "ondemand",
+            "--json",
+            str(path),
+        ]
+    )
+    assert rc == 0
+    assert "p99.9" in capsys.readouterr().out
+    records = json.loads(path.read_text())["records"]
+    dynamic = [r for r in records if r["impl"] == "dynamic"]
+    assert sorted(r["schedule"] for r in dynamic) == ["amortized", "spread"]
+    assert any(r["label"].endswith("spread") for r in dynamic)
+    for rec in records:
+        for op in ("update", "query"):
+            summary = rec[f"{op}_latency"]
+            assert summary["count"] > 0
+            assert 0 < summary["p50"] <= summary["p99"] <= summary["p99.9"] <= summary["max"]
+
+
+def test_latency_summary_is_nearest_rank():
+    summary = latency_summary([float(x) for x in range(1000, 0, -1)])
+    assert summary["count"] == 1000 and summary["mean"] == pytest.approx(500.5)
+    assert (summary["p50"], summary["p99"], summary["p99.9"], summary["max"]) == (500.0, 990.0, 999.0, 1000.0)
+    assert latency_summary([])["p99.9"] is None
 
 
 def test_bench_rejects_bad_arguments(capsys):

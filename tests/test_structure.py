@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _schedules import tau_schedules
 from dynattn import DynamicAttention
 from dynattn.baselines import BASELINES
 from dynattn.testing import as_numpy, assert_attention_close, random_problem
@@ -55,12 +56,12 @@ def run_workload(att, Q, K, V, *, steps, seed, scale=1.0, check=True, k_step=0.5
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", TAUS)
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules(TAUS))
 @pytest.mark.parametrize("shape", SIZES)
-def test_random_sequences_match_reference(shape, tau, dtype, storage):
+def test_random_sequences_match_reference(shape, tau, schedule, dtype, storage):
     n, m, d, e = shape
     Q, K, V = random_problem(n, m, d, e, seed=n * 1000 + m, logit_scale=2.0)
-    att = DynamicAttention(Q, K, V, tau=tau, dtype=dtype, storage=storage)
+    att = DynamicAttention(Q, K, V, tau=tau, dtype=dtype, storage=storage, schedule=schedule)
     if tau != "auto":
         assert att.threshold == min(m, max(1, int(np.ceil(m**tau - 1e-9))))
     Q, K, V = run_workload(att, Q, K, V, steps=60, seed=m)

@@ -12,8 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from _schedules import tau_schedules
 from conftest import assert_same_state, state_of
 from dynattn import DynamicAttention
+from dynattn.structure import SCHEDULES
 from dynattn.testing import as_numpy, assert_attention_close, reference_attention
 
 STORAGES = ["dense", "implicit"]
@@ -86,12 +88,12 @@ def problem(batch, n, m, d, e, seed, dtype=np.float64):
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, "auto"])
-def test_row_edits_match_reference(storage, dtype, tau):
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules([0.0, 0.5, 1.0, "auto"]))
+def test_row_edits_match_reference(storage, dtype, tau, schedule):
     n, m, d, e = 11, 13, 4, 3
     Q, K, V = problem((), n, m, d, e, seed=1, dtype=dtype)
     scale = 1 / np.sqrt(d)
-    att = DynamicAttention(Q, K, V, tau=tau, scale=scale, storage=storage, dtype=dtype)
+    att = DynamicAttention(Q, K, V, tau=tau, scale=scale, storage=storage, dtype=dtype, schedule=schedule)
     model = Model(Q, K, V, scale=scale, dtype=dtype)
     rng = np.random.default_rng(2)
     for step in range(30):
@@ -471,11 +473,14 @@ def test_load_rejects_other_files(tmp_path):
     causal=st.booleans(),
     storage=st.sampled_from(STORAGES),
     dtype=st.sampled_from(DTYPES),
+    schedule=st.sampled_from(SCHEDULES),
 )
-def test_hypothesis_token_sequences(actions, causal, storage, dtype):
+def test_hypothesis_token_sequences(actions, causal, storage, dtype, schedule):
     heads, d, e = (2,), 3, 2
     Q, K, V = problem(heads, 4, 4, d, e, seed=len(actions), dtype=dtype)
-    att = DynamicAttention(Q, K, V, tau=0.5, storage=storage, dtype=dtype, causal=causal, scale=0.8)
+    att = DynamicAttention(
+        Q, K, V, tau=0.5, storage=storage, dtype=dtype, causal=causal, scale=0.8, schedule=schedule
+    )
     model = Model(Q, K, V, scale=0.8, causal=causal, dtype=dtype)
     for kind, index, seed in actions:
         rng = np.random.default_rng(seed)

@@ -31,6 +31,7 @@ from dynattn.baselines import BASELINES
 from dynattn.demo import DemoConfig
 from dynattn.progress import PROGRESS_KINDS
 from dynattn.storage import STORAGES
+from dynattn.structure import SCHEDULES
 from dynattn.sweep import DTYPES, QUICK_SETTINGS, REGIMES, UPDATE_KINDS, BenchConfig
 
 #: Figures ``dynattn bench --plot`` can write (``--figures``).
@@ -151,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STORAGE",
         type=_choices_list("each storage", [*STORAGES, "auto"]),
         help=f"comma-separated storage modes of DynamicAttention (default {','.join(defaults.storages)})",
+    )
+    bench.add_argument(
+        "--schedule",
+        dest="schedules",
+        metavar="SCHEDULE",
+        type=_choices_list("each schedule", list(SCHEDULES)),
+        help="comma-separated fold schedules of DynamicAttention, amortized and/or spread "
+        f"(default {','.join(defaults.schedules)}; docs/latency.md)",
     )
     bench.add_argument(
         "--baselines", type=_choices_list("each baseline", list(BASELINES)), help="baselines to measure"
@@ -305,7 +314,7 @@ def _bench_config(args: argparse.Namespace) -> BenchConfig:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from dynattn.report import format_machine, format_policy, policy, summary_table
+    from dynattn.report import format_machine, format_policy, latency_table, policy, summary_table
     from dynattn.sweep import run_bench
     from dynattn.theory import fit_records, format_fits
 
@@ -325,6 +334,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(f"machine: {format_machine(result.get('machine', {}))}")
     print()
     print(summary_table(records))
+    print()
+    print(latency_table(records))
     if result.get("fits"):
         print()
         print("exponent fits (paper regime) vs theory:")

@@ -53,7 +53,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
@@ -130,6 +130,8 @@ class BenchConfig:
     dtype : {"float64", "float32"}
     storages : list of str
         DynamicAttention storage modes (``dense``, ``implicit``, ``auto``).
+    schedules : list of str
+        DynamicAttention fold schedules (``amortized``, ``spread``; docs/latency.md).
     baselines : list of str
         Names from :data:`dynattn.baselines.BASELINES` to measure.
     repeats, warmup : int
@@ -165,6 +167,7 @@ class BenchConfig:
     taus: list[float] = field(default_factory=lambda: list(DEFAULTS["paper"]["taus"]))
     dtype: str = "float64"
     storages: list[str] = field(default_factory=lambda: ["auto"])
+    schedules: list[str] = field(default_factory=lambda: ["amortized"])
     baselines: list[str] = field(default_factory=lambda: list(BASELINE_ORDER))
     repeats: int = 5
     warmup: int = 1
@@ -245,12 +248,18 @@ class Subject:
         tau: float | None,
         storage: str | None,
         seed: int,
+        schedule: str = "amortized",
     ):
         self.name = name
         self.obj = obj
         self.config = config
         self.tau = tau
         self.storage_requested = storage
+        self.schedule = schedule
+        #: every timed update and query call, in seconds (the latency distribution)
+        self.update_latencies: list[float] = []
+        self.query_latencies: list[float] = []
+        self._timing_calls = False
         self.rng = np.random.default_rng(seed)
         self.n, self.m, self.d, self.e = obj.n, obj.m, obj.d, obj.e
         self.lazy = hasattr(obj, "rebuild") and hasattr(obj, "pending")
@@ -268,7 +277,8 @@ class Subject:
     def label(self) -> str:
         """Short display name, e.g. ``dynamic t=0.50 dense``."""
         if self.name == "dynamic":
-            return f"dynamic t={self.tau:g} {self.storage}"
+            spread = " spread" if self.schedule == "spread" else ""
+            return f"dynamic t={self.tau:g} {self.storage}{spread}"
         return self.name
 
     @property
@@ -289,16 +299,22 @@ class Subject:
             kind = cfg.update_kind
             for idx in range(count):
                 i, j, delta = int(rows[idx]), int(cols[idx]), float(deltas[idx])
+                started = time.perf_counter()
                 if kind == "k" or (kind == "kv" and (idx + self._kind_flip) % 2 == 0):
                     obj.update_k(i, j % self.d, delta)
                 else:
                     obj.update_v(i, j % self.e, delta)
+                if self._timing_calls:
+                    self.update_latencies.append(time.perf_counter() - started)
             self._kind_flip += count
             return
         keys = rng.normal(0.0, self._key_std, (count, self.d))
         values = rng.standard_normal((count, self.e))
         for idx in range(count):
+            started = time.perf_counter()
             self._row_edit(int(rows[idx]), keys[idx], values[idx])
+            if self._timing_calls:
+                self.update_latencies.append(time.perf_counter() - started)
 
     def _row_edit(self, c: int, key: np.ndarray, value: np.ndarray) -> None:
         obj = self.obj
@@ -338,7 +354,9 @@ class Subject:
             return elapsed / count * (self.d + self.e)
         rows = self.rng.integers(0, self.m, count)
         start = time.perf_counter()
+        self._timing_calls = True
         self._apply_updates(count, rows)
+        self._timing_calls = False
         if self.lazy and self.obj.pending:
             self.obj.rebuild()
         return (time.perf_counter() - start) / count
@@ -359,10 +377,12 @@ class Subject:
         count = self.queries_per_sample
         rows = self.rng.integers(0, self.n, count)
         cols = self.rng.integers(0, self.e, count)
-        query = self.obj.query
+        query, latencies = self.obj.query, self.query_latencies
         start = time.perf_counter()
         for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+            started = time.perf_counter()
             query(i, j)
+            latencies.append(time.perf_counter() - started)
         return (time.perf_counter() - start) / count
 
     def rebuild_sample(self) -> float:
@@ -436,10 +456,14 @@ def build_subjects(config: BenchConfig, size: int) -> list[Subject]:
     common: dict[str, Any] = {"scale": config.scale, "dtype": dtype, "memory_budget": config.memory_budget}
     seed = config.seed * 7919 + size
     subjects = []
-    for storage in config.storages:
-        for tau in config.taus:
-            dynamic = DynamicAttention(Q, K, V, tau=tau, storage=storage, **common)
-            subjects.append(Subject("dynamic", dynamic, config, tau=tau, storage=storage, seed=seed))
+    for schedule in config.schedules:
+        for storage in config.storages:
+            for tau in config.taus:
+                dynamic = DynamicAttention(Q, K, V, tau=tau, storage=storage, schedule=schedule, **common)
+                subject = Subject(
+                    "dynamic", dynamic, config, tau=tau, storage=storage, seed=seed, schedule=schedule
+                )
+                subjects.append(subject)
     for name in config.baselines:
         check_choice("baselines", name, BASELINES)
         baseline = BASELINES[name](Q, K, V, **common)
@@ -461,6 +485,8 @@ def measure_size(config: BenchConfig, size: int, rate: float, progress: Any) -> 
     for s in subjects:
         s.burn_in(int(config.burn_in * m), config.burn_in_s)
         s.calibrate(config.sample_s)
+        s.update_latencies.clear()  # only the timed rounds' calls count
+        s.query_latencies.clear()
         progress.advance(f"n={size} calibrating {s.label}")
     fns: dict[str, Sample] = {}
     for idx, s in enumerate(subjects):
@@ -499,6 +525,7 @@ def measure_size(config: BenchConfig, size: int, rate: float, progress: Any) -> 
             "dtype": config.dtype,
             "storage": s.storage,
             "storage_requested": s.storage_requested,
+            "schedule": s.schedule if s.name == "dynamic" else None,
             "threshold": s.threshold if s.lazy else None,
         }
         rec.update(upd.as_dict("update_s"))
@@ -528,11 +555,34 @@ def measure_size(config: BenchConfig, size: int, rate: float, progress: Any) -> 
                 "gemm_gflops": rate / 1e9,
                 "gemm_gflops_at_start": start_rate / 1e9,
                 "stats": s.stats(),
+                "update_latency": latency_summary(s.update_latencies),
+                "query_latency": latency_summary(s.query_latencies),
             }
         )
         records.append(rec)
     add_ratios(records)
     return records
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    """Distribution of single-call latencies: count, mean, p50, p99, p99.9 and max, in
+    seconds (nearest-rank percentiles: each is a measured latency; None when empty)."""
+    if not seconds:
+        return dict.fromkeys(("count", "mean", "p50", "p99", "p99.9", "max"))
+    ordered = np.sort(np.asarray(seconds, dtype=np.float64))
+    count = ordered.size
+
+    def rank(fraction: float) -> float:
+        return float(ordered[max(0, math.ceil(fraction * count) - 1)])
+
+    return {
+        "count": count,
+        "mean": float(ordered.mean()),
+        "p50": rank(0.5),
+        "p99": rank(0.99),
+        "p99.9": rank(0.999),
+        "max": float(ordered[-1]),
+    }
 
 
 def add_ratios(records: list[dict[str, Any]], by: tuple[str, ...] = ("regime", "n")) -> None:
@@ -563,8 +613,8 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 
 def total_steps(config: BenchConfig) -> int:
     """Progress steps of a run (calibrations plus timed samples)."""
-    n_dyn = len(config.taus) * len(config.storages)
-    lazy = sum(1 for t in config.taus if t > 0) * len(config.storages)
+    n_dyn = len(config.taus) * len(config.storages) * len(config.schedules)
+    lazy = sum(1 for t in config.taus if t > 0) * len(config.storages) * len(config.schedules)
     per_round = 2 * n_dyn + lazy + 2 * len(config.baselines)
     return len(config.sizes) * (n_dyn + len(config.baselines) + config.repeats * per_round)
 
