@@ -98,10 +98,11 @@ class FoldPlan(NamedTuple):
     key_values: Any
     value_slots: np.ndarray
     value_deltas: Any
-    #: ``slots``, ``key_slots``, ``value_slots`` as slices where they are runs (:func:`_as_slice`)
+    #: ``slots`` as a slice where it is a run (:func:`_as_slice`), and where ``key_slots`` and
+    #: ``value_slots`` are among ``slots``
     every: Any
-    keyed: Any
-    valued: Any
+    key_positions: np.ndarray
+    value_positions: np.ndarray
 
 
 def _parts(count: int, size: int) -> list[slice]:
@@ -613,10 +614,10 @@ class DynamicAttention(ValidatedInputs):
     def _fold_plan(self, slots: np.ndarray) -> FoldPlan:
         """The :class:`FoldPlan` of ``slots`` (ascending)."""
         s = self._state
-        key_slots, value_slots = slots[s.key_changed[slots]], slots[s.value_changed[slots]]
-        keyed, valued = _as_slice(key_slots), _as_slice(value_slots)
-        value_deltas = s.pending_new_values[:, valued] - s.pending_old_values[:, valued]
-        key_values = s.pending_new_values[:, keyed]
+        keyed, valued = np.flatnonzero(s.key_changed[slots]), np.flatnonzero(s.value_changed[slots])
+        key_slots, value_slots = slots[keyed], slots[valued]
+        key_values = s.pending_new_values[:, _as_slice(key_slots)]
+        value_deltas = s.pending_new_values[:, value_slots] - s.pending_old_values[:, value_slots]
         return FoldPlan(
             slots, key_slots, key_values, value_slots, value_deltas, _as_slice(slots), keyed, valued
         )
@@ -634,36 +635,36 @@ class DynamicAttention(ValidatedInputs):
         value_parts = _parts(plan.value_slots.size, block)
         # each part beyond the first of its kind is one more rounded addition into N and Z
         extra = max(len(key_parts) - 1, 0) + max(len(value_parts) - 1, 0)
-        new_columns = s.pending_new_columns[:, :, rows]
-        old_columns = s.pending_old_columns[:, :, rows]
-        every = plan.every
-        old_every = old_columns[:, every]
-        mass = xp.sum(new_columns[:, every] + old_every, 1)
+        # the folded slots' weights at these rows, (H, slots, rows): views where the slots
+        # are a run, else gathered once here
+        new_columns = s.pending_new_columns[:, plan.every, rows]
+        old_columns = s.pending_old_columns[:, plan.every, rows]
+        mass = xp.sum(new_columns, 1) + xp.sum(old_columns, 1)
         drift = 2 * cert.gamma(plan.slots.size + 3 + 2 * extra) * mass
         mismatch = self._storage.mismatch_error(
-            s, old_every, 1, self._mismatch_rate, slice(None), rows, every
+            s, old_columns, 1, self._mismatch_rate, slice(None), rows, plan.every
         )
         if not isinstance(mismatch, float) or mismatch:  # dense storage: exactly 0
             drift = drift + mismatch
         for positions in key_parts:
-            part = plan.keyed if len(key_parts) == 1 else _as_slice(plan.key_slots[positions])
+            part, slots = _as_slice(plan.key_positions[positions]), plan.key_slots[positions]
             delta = new_columns[:, part] - old_columns[:, part]
             self._add_transposed_products(delta, plan.key_values[:, positions], rows)
             s.Z[:, rows] += xp.sum(delta, 1)
             self._storage.commit_columns(
-                s.pending_rows[part],
+                s.pending_rows[slots],
                 new_columns[:, part],
-                s.column_error[:, part],
-                s.column_growth[:, part],
+                s.column_error[:, slots],
+                s.column_growth[:, slots],
                 rows,
             )
         for positions in value_parts:
-            part = plan.valued if len(value_parts) == 1 else _as_slice(plan.value_slots[positions])
+            part = _as_slice(plan.value_positions[positions])
             self._add_transposed_products(old_columns[:, part], plan.value_deltas[:, positions], rows)
         s.drift[:, rows] += drift + 2 * (1 + extra) * UNIT_ROUNDOFF * xp.abs(s.Z[:, rows])
         if clear:
-            new_columns[:, every] = 0.0
-            old_columns[:, every] = 0.0
+            s.pending_new_columns[:, plan.every, rows] = 0.0
+            s.pending_old_columns[:, plan.every, rows] = 0.0
         return bool(value_parts)
 
     def _refresh_drifted(self, rows: slice) -> None:
