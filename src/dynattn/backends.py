@@ -161,7 +161,9 @@ class TorchBackend:
         return np.asarray(value)
 
     def astype(self, value: Any, dtype: Any) -> Any:
-        return value.to(self._dtype(dtype))
+        """A new tensor of ``dtype``, as numpy's ``astype`` (``.to`` alone returns the tensor
+        itself when the dtype already matches, and callers may write into the result)."""
+        return value.to(self._dtype(dtype), copy=True)
 
     def copy(self, value: Any) -> Any:
         return value.clone()

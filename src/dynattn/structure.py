@@ -516,7 +516,6 @@ class DynamicAttention(ValidatedInputs):
         folding = s.folding_slot_of.get(c)
         if folding is not None:
             not_yet = slice(s.folded_rows, None)
-            column = self._xp.copy(column)  # it may be the storage's own column (a view)
             column[:, not_yet] = s.pending_new_columns[:, folding, not_yet]
             error = np.maximum(error, s.column_error[:, folding])
             growth = np.maximum(growth, s.column_growth[:, folding])
