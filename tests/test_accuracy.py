@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _schedules import tau_schedules
+from _schedules import tau_schedule_pairs, tau_schedules
 from dynattn import DynamicAttention
 from dynattn.baselines import Eager, OnDemand, Recompute, Rows
 from dynattn.testing import (
@@ -231,7 +231,7 @@ def test_soak_100k_updates(storage, dtype, schedule, backend):
         min_size=1,
         max_size=25,
     ),
-    tau_schedule=st.sampled_from([(p.values[0], p.values[1]) for p in tau_schedules(TAUS)]),
+    tau_schedule=st.sampled_from(tau_schedule_pairs(TAUS)),
     storage=st.sampled_from(STORAGES),
     dtype=st.sampled_from(DTYPES),
 )
