@@ -96,6 +96,10 @@ class NumpyBackend:
         """``target = max(target, other)`` in place."""
         np.maximum(target, other, out=target)
 
+    def matmul_into(self, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``a @ b`` written into ``out`` (a reused buffer: no fresh memory to fault in)."""
+        return np.matmul(a, b, out=out)
+
     def amax(self, value: np.ndarray, axis: int) -> np.ndarray:
         return value.max(axis=axis)
 
@@ -248,6 +252,9 @@ class TorchBackend:
         if not isinstance(other, self.torch.Tensor):
             other = self.torch.as_tensor(other, dtype=target.dtype, device=target.device)
         self.torch.maximum(target, other, out=target)
+
+    def matmul_into(self, a: Any, b: Any, out: Any) -> Any:
+        return self.torch.matmul(a, b, out=out)
 
     def amax(self, value: Any, axis: int) -> Any:
         return self.torch.amax(value, dim=axis)

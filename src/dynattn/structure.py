@@ -1650,44 +1650,48 @@ class DynamicAttention(ValidatedInputs):
         moderate = UNIT_RANGE[0] <= s.value_unit[h].min() and s.value_unit[h].max() <= UNIT_RANGE[1]
         values = s.V64[h] if moderate else s.V64[h] / units
         block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
+        # transposed, (m, rows): one key's weights at these rows are contiguous, as the dense
+        # weights and the pending columns store them; one buffer, worked on in place, since a
+        # block is up to REFRESH_BLOCK_ENTRIES float64s and every temporary of that size is
+        # fresh memory to fault in
+        buffer = xp.zeros((self.m, min(block, positions.size)), np.float64)
         for start in range(0, positions.size, block):
             where = positions[start : start + block]
             part = rows[where]
-            # in place: a block is up to REFRESH_BLOCK_ENTRIES float64s, and every
-            # temporary of that size is fresh memory to fault in
-            logits = s.Q64[h, part] @ xp.swap_last(s.K64[h])
-            logits *= self._scale
+            columns = _as_slice(part)
+            weights_t = xp.matmul_into(s.K64[h], s.Q64_T[h][:, columns], buffer[:, : part.size])
+            weights_t *= self._scale
             visible = self._visibility(part)
             if visible is not None:
-                xp.fill_where_not_(logits, visible, -math.inf)
-            mu = xp.amax(logits, 1)
+                xp.fill_where_not_(weights_t, visible.T, -math.inf)
+            mu = xp.amax(weights_t, 0)
             mu = xp.where(xp.isfinite(mu), mu, 0.0)
-            logits -= mu[:, None]
-            weights = xp.exp_(logits)
-            self._round_to_dtype(weights)
-            z = xp.sum(weights, 1)
-            full = weights @ values
+            weights_t -= mu[None, :]
+            xp.exp_(weights_t)
+            self._round_to_dtype(weights_t)
+            z = xp.sum(weights_t, 0)
+            full = xp.swap_last(weights_t) @ values
             if moderate:
                 full /= units
             out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
             if count:
-                full -= weights[:, pending_rows] @ value_delta
+                current = weights_t[xp.index(pending_rows)]  # (count, len(part))
+                full -= xp.swap_last(current) @ value_delta
             s.mu[h, part] = mu
             s.Z[h, part] = z
             s.N[h, part] = full
             s.drift[h, part] = 4 * UNIT_ROUNDOFF * z
             s.refreshed_at[h, part] = s.slots_opened
             if count:
-                current = weights[:, pending_rows].T
                 if isinstance(slots, slice):
-                    s.pending_new_columns[h, slots][:, part] = current
-                    s.pending_old_columns[h, slots][:, part] = current
+                    s.pending_new_columns[h, slots][:, columns] = current
+                    s.pending_old_columns[h, slots][:, columns] = current
                 else:
                     where_slots, where_rows = xp.index(slots[:, None]), xp.index(part[None, :])
                     s.pending_new_columns[h, where_slots, where_rows] = current
                     s.pending_old_columns[h, where_slots, where_rows] = current
                 s.column_max[h, slots] = np.maximum(s.column_max[h, slots], xp.to_numpy(xp.amax(current, 1)))
-            self._storage.set_rows(h, part, weights)
+            self._storage.set_rows(h, columns, weights_t)
 
     # ================================================================== properties
     @property
