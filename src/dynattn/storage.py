@@ -77,11 +77,11 @@ class DenseStorage:
         block = self.weights_t[heads, :, rows] * factors[:, None]  # (k, m), float64
         self.weights_t[heads, :, rows] = self.xp.astype(block, self.weights_t.dtype)
 
-    def set_rows(self, head: int, rows: Any, weights_t: Any) -> None:
-        """Overwrite weight rows ``rows`` (an index array or a slice) of ``head`` with the
-        transposed ``weights_t: (m, len(rows))``, already rounded to the dtype."""
-        target = self.weights_t[head]
-        target[:, rows] = weights_t if isinstance(rows, slice) else self.xp.astype(weights_t, target.dtype)
+    def set_rows(self, heads: slice, rows: Any, weights_t: Any) -> None:
+        """Overwrite weight rows ``rows`` (an index array or a slice) of the heads ``heads``
+        with the transposed ``weights_t: (H', m, len(rows))``, already rounded to the dtype."""
+        target = self.weights_t[heads]
+        target[:, :, rows] = weights_t if isinstance(rows, slice) else self.xp.astype(weights_t, target.dtype)
 
     def append_column(self, c: int) -> None:
         """A new key row ``c``: its folded weights are zero."""
@@ -156,7 +156,7 @@ class ImplicitStorage:
     def rescale_rows(self, heads: np.ndarray, rows: np.ndarray, factors: Any) -> None:
         pass
 
-    def set_rows(self, head: int, rows: Any, weights_t: Any) -> None:
+    def set_rows(self, heads: slice, rows: Any, weights_t: Any) -> None:
         pass
 
     def append_column(self, c: int) -> None:

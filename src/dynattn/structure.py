@@ -1619,79 +1619,92 @@ class DynamicAttention(ValidatedInputs):
         is folded already). Runtime complexity: O(m*(d+e)) per row.
         """
         s, xp = self._state, self._xp
-        t = s.t
+        t, H = s.t, self._H
         out = xp.zeros((rows.size, self.e), np.float64)
         in_use = np.flatnonzero(s.slot_kind[:t] != FREE)
         live = np.flatnonzero(s.slot_kind[:t] == LIVE) if s.spread_length else in_use
-        for h in np.unique(heads).tolist():
-            (positions,) = np.nonzero(heads == h)
-            folded = rows[positions] < s.folded_rows
-            for group, slots in ((positions[~folded], in_use), (positions[folded], live)):
-                if group.size:
-                    self._refresh_rows(h, group, rows, _as_slice(slots), slots.size, out)
+        per_head = rows.size // H
+        if (
+            rows.size == H * per_head
+            and np.array_equal(heads, np.repeat(np.arange(H), per_head))
+            and np.array_equal(rows.reshape(H, per_head), np.broadcast_to(rows[:per_head], (H, per_head)))
+        ):
+            # the same rows of every head (a new query row, a full refresh): one batched pass
+            groups = [(slice(None), np.arange(rows.size).reshape(H, per_head))]
+        else:
+            groups = [(slice(h, h + 1), np.nonzero(heads == h)[0][None]) for h in np.unique(heads).tolist()]
+        for head_block, positions in groups:
+            part = rows[positions[0]]
+            folded = part < s.folded_rows
+            for group, slots in ((~folded, in_use), (folded, live)):
+                if group.any():
+                    self._refresh_rows(head_block, positions[:, group], part[group], _as_slice(slots), slots.size, out)
         s.stats["rows_refreshed"] += int(rows.size)
         return out
 
     def _refresh_rows(
-        self, h: int, positions: np.ndarray, rows: np.ndarray, slots: Any, count: int, out: Any
+        self, head_block: slice, positions: np.ndarray, rows: np.ndarray, slots: Any, count: int, out: Any
     ) -> None:
-        """:meth:`_refresh` of rows ``rows[positions]`` of head ``h``, whose pending terms are
-        those of ``slots`` (``count`` of them; a slice or an index array); their outputs go
-        to ``out[positions]``."""
+        """:meth:`_refresh` of rows ``rows: (k,)`` of every head in ``head_block`` (a slice of
+        heads, H' of them), whose pending terms are those of ``slots`` (``count`` of them; a
+        slice or an index array); their outputs go to ``out[positions]``, ``positions:
+        (H', k)``."""
         s, xp = self._state, self._xp
+        hs = head_block
+        heads = len(range(*hs.indices(self._H)))
         pending_rows = s.pending_rows[slots]
         # every slot in use, flagged or not (an appended row is pending before its flags
         # are set, and its folded values are 0): exactly 0 where the values did not change
-        value_delta = s.pending_new_values[h, slots] - s.pending_old_values[h, slots]
-        units = xp.asarray(s.value_unit[h])
+        value_delta = s.pending_new_values[hs, slots] - s.pending_old_values[hs, slots]  # (H', count, e)
+        units = xp.asarray(s.value_unit[hs])  # (H', e)
         # the value side is kept in units of value_unit (no overflow for any finite V);
         # for units in a moderate range the product is divided instead of all m rows,
         # which is the same float64 computation scaled by powers of two
-        moderate = UNIT_RANGE[0] <= s.value_unit[h].min() and s.value_unit[h].max() <= UNIT_RANGE[1]
-        values = s.V64[h] if moderate else s.V64[h] / units
-        block = max(1, REFRESH_BLOCK_ENTRIES // self.m)
-        # transposed, (m, rows): one key's weights at these rows are contiguous, as the dense
-        # weights and the pending columns store them; one buffer, worked on in place, since a
-        # block is up to REFRESH_BLOCK_ENTRIES float64s and every temporary of that size is
-        # fresh memory to fault in
-        buffer = xp.zeros((self.m, min(block, positions.size)), np.float64)
-        for start in range(0, positions.size, block):
-            where = positions[start : start + block]
-            part = rows[where]
+        moderate = UNIT_RANGE[0] <= s.value_unit[hs].min() and s.value_unit[hs].max() <= UNIT_RANGE[1]
+        values = s.V64[hs] if moderate else s.V64[hs] / units[:, None, :]
+        block = max(1, REFRESH_BLOCK_ENTRIES // (self.m * heads))
+        # transposed, (H', m, rows): one key's weights at these rows are contiguous, as the
+        # dense weights and the pending columns store them; one buffer, worked on in place,
+        # since a block is up to REFRESH_BLOCK_ENTRIES float64s and every temporary of that
+        # size is fresh memory to fault in
+        buffer = xp.zeros((heads, self.m, min(block, rows.size)), np.float64)
+        for start in range(0, rows.size, block):
+            where = positions[:, start : start + block]
+            part = rows[start : start + block]
             columns = _as_slice(part)
-            weights_t = xp.matmul_into(s.K64[h], s.Q64_T[h][:, columns], buffer[:, : part.size])
+            weights_t = xp.matmul_into(s.K64[hs], s.Q64_T[hs][:, :, columns], buffer[:, :, : part.size])
             weights_t *= self._scale
             visible = self._visibility(part)
             if visible is not None:
-                xp.fill_where_not_(weights_t, visible.T, -math.inf)
-            mu = xp.amax(weights_t, 0)
+                xp.fill_where_not_(weights_t, visible.T[None], -math.inf)
+            mu = xp.amax(weights_t, 1)  # (H', rows)
             mu = xp.where(xp.isfinite(mu), mu, 0.0)
-            weights_t -= mu[None, :]
+            weights_t -= mu[:, None, :]
             xp.exp_(weights_t)
             self._round_to_dtype(weights_t)
-            z = xp.sum(weights_t, 0)
-            full = xp.swap_last(weights_t) @ values
+            z = xp.sum(weights_t, 1)
+            full = xp.swap_last(weights_t) @ values  # (H', rows, e)
             if moderate:
-                full /= units
-            out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, None] * units
+                full /= units[:, None, :]
+            out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, :, None] * units[:, None, :]
             if count:
-                current = weights_t[xp.index(pending_rows)]  # (count, len(part))
+                current = weights_t[:, xp.index(pending_rows)]  # (H', count, rows)
                 full -= xp.swap_last(current) @ value_delta
-            s.mu[h, part] = mu
-            s.Z[h, part] = z
-            s.N[h, part] = full
-            s.drift[h, part] = 4 * UNIT_ROUNDOFF * z
-            s.refreshed_at[h, part] = s.slots_opened
+            s.mu[hs, part] = mu
+            s.Z[hs, part] = z
+            s.N[hs, part] = full
+            s.drift[hs, part] = 4 * UNIT_ROUNDOFF * z
+            s.refreshed_at[hs, part] = s.slots_opened
             if count:
                 if isinstance(slots, slice):
-                    s.pending_new_columns[h, slots][:, columns] = current
-                    s.pending_old_columns[h, slots][:, columns] = current
+                    s.pending_new_columns[hs, slots][:, :, columns] = current
+                    s.pending_old_columns[hs, slots][:, :, columns] = current
                 else:
                     where_slots, where_rows = xp.index(slots[:, None]), xp.index(part[None, :])
-                    s.pending_new_columns[h, where_slots, where_rows] = current
-                    s.pending_old_columns[h, where_slots, where_rows] = current
-                s.column_max[h, slots] = np.maximum(s.column_max[h, slots], xp.to_numpy(xp.amax(current, 1)))
-            self._storage.set_rows(h, columns, weights_t)
+                    s.pending_new_columns[hs, where_slots, where_rows] = current
+                    s.pending_old_columns[hs, where_slots, where_rows] = current
+                s.column_max[hs, slots] = np.maximum(s.column_max[hs, slots], xp.to_numpy(xp.amax(current, 2)))
+            self._storage.set_rows(hs, columns, weights_t)
 
     # ================================================================== properties
     @property
