@@ -269,11 +269,13 @@ class AttentionState:
         exposed = {
             a: (self.sizes[a], size) for a, size in sizes.items() if size > self.sizes[a] and a not in grow
         }
+        self.sizes.update(sizes)
+        # only the live part of the other axes: an entry in their spare capacity is zeroed
+        # when that axis grows over it (then this one is live)
         for _owner, spec, buffer in self._buffers.values():
             for axis, (old, new) in exposed.items():
                 if axis in spec.axes:
-                    buffer[tuple(slice(old, new) if a == axis else slice(None) for a in spec.axes)] = 0
-        self.sizes.update(sizes)
+                    buffer[tuple(slice(old, new) if a == axis else slice(0, self.sizes[a]) for a in spec.axes)] = 0
         self._reslice()
 
     def remove_index(self, axis: str, index: int) -> None:
