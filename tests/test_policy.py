@@ -152,7 +152,9 @@ def test_tau_auto_is_validated_and_reported():
 
 
 BURST = st.tuples(
-    st.sampled_from(["updates", "reads", "rows", "tokens"]), st.integers(1, 40), st.integers(0, 2**16)
+    st.sampled_from(["updates", "reads", "rows", "tokens", "queries", "masks"]),
+    st.integers(1, 40),
+    st.integers(0, 2**16),
 )
 
 
@@ -162,25 +164,34 @@ BURST = st.tuples(
     storage=st.sampled_from(STORAGES),
     dtype=st.sampled_from(DTYPES),
     causal=st.booleans(),
-    rates=st.sampled_from([(2e10, 5e9, 2e-6), (1e3, 1e12, 0.0), (1e3, 1e4, 0.0), (1e12, 1e6, 1e-6)]),
+    rates=st.sampled_from(
+        [(2e10, 5e9, 2e-6), (1e3, 1e12, 0.0), (1e3, 1e4, 0.0), (1e12, 1e6, 1e-6), (1e7, 1e8, 1e-6)]
+    ),
 )
 def test_abrupt_changes_of_the_read_update_ratio(bursts, storage, dtype, causal, rates):
-    """Bursts of updates, then of reads, then of token edits: the policy defers, buys and
-    folds as the ratio swings, and every read is exact."""
+    """Bursts of updates, then of reads, then of token edits: the policy defers, buys,
+    folds, goes dormant and wakes as the ratio swings, and every read is exact."""
     n = m = 11
     Q, K, V = random_problem(n, m, 3, 2, seed=len(bursts), logit_scale=3.0)
-    mask = np.tril(np.ones((n, m), bool)) if causal else None
     with policy.use_rates(policy.Rates(*rates)):
         att = DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=dtype, causal=causal)
         for kind, count, seed in bursts:
             rng = np.random.default_rng(seed)
             for _ in range(count):
                 c = int(rng.integers(m))
+                mask = np.tril(np.ones((n, m), bool)) if causal else np.broadcast_to(att.key_mask, (n, m))
                 if kind == "updates":
                     att.update_k(c, int(rng.integers(3)), float(rng.normal()))
                     att.update_v(int(rng.integers(m)), int(rng.integers(2)), float(rng.normal()))
                 elif kind == "tokens":
                     att.set_token(c, k=rng.normal(size=3) * 2, v=rng.normal(size=2))
+                elif kind == "queries":  # a query row changes (not an update)
+                    att.set_query(int(rng.integers(n)), rng.normal(size=3))
+                elif kind == "masks":  # hide a key, or show it again (not under the causal mask)
+                    if causal:
+                        att.update_v(c, 0, float(rng.normal()))
+                    else:
+                        att.set_key_mask(c, bool(rng.integers(2)) or att.key_mask.sum() == 1)
                 elif kind == "reads":
                     i, j = int(rng.integers(n)), int(rng.integers(2))
                     Q64, K64, V64 = _inputs(att)
@@ -209,7 +220,9 @@ def test_abrupt_changes_of_the_read_update_ratio(bursts, storage, dtype, causal,
                         mask=mask,
                     )
             att._check()
-        _certified(att, mask=mask)
+        _certified(
+            att, mask=np.tril(np.ones((n, m), bool)) if causal else np.broadcast_to(att.key_mask, (n, m))
+        )
 
 
 def test_pending_rows_are_capped_by_the_memory_budget_also_after_appends(tmp_path):
@@ -226,3 +239,138 @@ def test_pending_rows_are_capped_by_the_memory_budget_also_after_appends(tmp_pat
     loaded = DynamicAttention.load(tmp_path / "capped.npz")
     assert loaded.config() == att.config() and loaded.threshold == att.threshold
     loaded._check()
+
+
+#: Rates under which keeping a snapshot of a small problem soon costs more than reading rows
+#: from scratch when reads are rare (folds and slot copies are dear, row recomputations cheap).
+DORMANT_RATES = policy.Rates(gemm=1e7, gemv=1e8, call=1e-6)
+
+
+def _check_rows(att, rows, mask=None):
+    Q64, K64, V64 = _inputs(att)
+    assert_attention_close(
+        as_numpy(att.query_rows(rows)),
+        Q64,
+        K64,
+        V64,
+        scale=att._scale,
+        dtype=att._dtype,
+        rows=rows,
+        mask=mask,
+    )
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rare_reads_make_it_dormant_and_frequent_reads_wake_it(storage, dtype):
+    """Rule 4: with reads rare the structure stops keeping a snapshot (updates change only
+    the inputs, reads recompute their rows exactly); with reads frequent it wakes."""
+    n, m, d, e = 30, 25, 6, 4
+    Q, K, V = random_problem(n, m, d, e, seed=7, dtype=dtype)
+    rng = np.random.default_rng(7)
+    with policy.use_rates(DORMANT_RATES):
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=dtype)
+        updates = 0
+        while not att.stats["dormant_periods"]:  # a read every 10 updates
+            att.update_k(int(rng.integers(m)), int(rng.integers(d)), float(rng.normal(0, 0.3)))
+            updates += 1
+            if updates % 10 == 0:
+                att.query(int(rng.integers(n)), 0)
+            assert updates < 5000, "never dormant"
+        att._check()
+        assert att.pending == 0 and att.policy.startswith('tau="auto", dormant')
+        # dormant: updates open nothing and fold nothing; reads are exact
+        before = att.stats
+        for step in range(60):
+            att.update_k(int(rng.integers(m)), int(rng.integers(d)), float(rng.normal(0, 0.3)))
+            att.update_v(int(rng.integers(m)), int(rng.integers(e)), float(rng.normal(0, 0.3)))
+            att.set_token(int(rng.integers(m)), k=rng.normal(size=d), v=rng.normal(size=e))
+            if step % 20 == 0:
+                _check_rows(att, rng.integers(n, size=2))
+                assert att.error_bound(int(rng.integers(n))) <= att.tol
+                att._check()
+        after = att.stats
+        assert after["folds"] == before["folds"] and after["columns_deferred"] == before["columns_deferred"]
+        assert after["wakes"] == 0 and att.pending == 0
+        # reads of every row after every update: dearer than the upkeep, so it wakes
+        for _ in range(200):
+            att.update_v(int(rng.integers(m)), int(rng.integers(e)), float(rng.normal(0, 0.3)))
+            _check_rows(att, np.arange(n))
+            if att.stats["wakes"]:
+                break
+        assert att.stats["wakes"] == 1 and not att._state.dormant
+        att._check()
+        _certified(att)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_operation_on_a_dormant_structure(storage, causal, tmp_path):
+    """Token edits, masks, appends, deletions, batches, saving and loading while dormant:
+    the inputs change, reads recompute what they read, and fold() wakes it."""
+    n = m = 14
+    d, e = 4, 3
+    Q, K, V = random_problem(n, m, d, e, seed=8)
+    rng = np.random.default_rng(8)
+    with policy.use_rates(DORMANT_RATES):
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, causal=causal)
+        for step in range(5000):
+            att.update_v(int(rng.integers(att.m)), 0, float(rng.normal()))
+            if att._state.dormant:
+                break
+            if step % 10 == 0:
+                att.query(int(rng.integers(n)), 0)
+        assert att._state.dormant
+
+        def check():
+            att._check()
+            assert att._state.dormant, "an operation woke it"
+            mask = None
+            if causal:
+                s = att._state
+                mask = (s.key_pos[None, :] <= s.query_pos[:, None]) & s.key_visible[None, :]
+            elif not att._state.all_keys_visible:
+                mask = np.broadcast_to(att._state.key_visible, (att.n, att.m))
+            _check_rows(att, np.arange(att.n), mask=mask)
+            # reading every row costs what a full refresh does, so the next update would wake
+            # it (Rule 4); this test is about the operations, not the rule
+            att._state.dormancy_balance = 0.0
+
+        check()  # every row current now
+        att.set_query(5, rng.normal(size=d))  # not an update: only row 5 goes out of date
+        check()
+        att.set_key(3, rng.normal(size=d))
+        att.set_value(4, rng.normal(size=e))
+        att.set_token(6, q=rng.normal(size=d), k=rng.normal(size=d), v=rng.normal(size=e))
+        att.update_k_many([1, 2, 1], [0, 1, 0], [0.5, -0.25, 0.125])
+        att.update_v_many([7, 7], [2, 2], [1.0, -3.0])
+        check()
+        Q64, K64, V64 = _inputs(att)
+        i, j = np.array([0, 9, 9]), np.array([1, 2, 0])
+        got = att.query_many(i, j)
+        mask = np.tril(np.ones((n, m), bool)) if causal else None
+        assert_attention_close(
+            got, Q64, K64, V64, scale=att._scale, dtype=att._dtype, rows=i, cols=j, mask=mask
+        )
+        att.set_key_mask(2, False)
+        check()
+        att.set_key_mask(2, True)
+        att.delete_key(8)
+        check()
+        att.append(q=rng.normal(size=d), k=rng.normal(size=d), v=rng.normal(size=e))  # reuses index 8
+        att.append(q=rng.normal(size=d), k=rng.normal(size=d), v=rng.normal(size=e))  # grows
+        check()
+        if not causal:
+            att.append(q=rng.normal(size=d))
+            att.append(k=rng.normal(size=d), v=rng.normal(size=e))
+        att.slide(rng.normal(size=d), rng.normal(size=e), window=10, q=rng.normal(size=d))
+        att.delete_query(0)
+        check()
+        att.save(tmp_path / "dormant.npz")
+        loaded = DynamicAttention.load(tmp_path / "dormant.npz")
+        assert loaded._state.dormant and loaded.config() == att.config()
+        np.testing.assert_array_equal(as_numpy(loaded.output()), as_numpy(att.output()))
+        loaded._check()
+        att.fold()  # the paper's rebuild: a dormant structure wakes
+        assert not att._state.dormant and att.stats["wakes"] == 1
+        att._check()

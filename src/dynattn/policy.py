@@ -1,5 +1,5 @@
 """The online policy of ``DynamicAttention(tau="auto")``: when to compute a deferred
-weight column, and when to fold (``docs/policy.md``).
+weight column, when to fold, and when to keep no snapshot at all (``docs/policy.md``).
 
 Both decisions are rent-or-buy problems. A *rent* is paid on every read while
 the decision is put off (the logits of a deferred column at the rows read; the
@@ -155,6 +155,27 @@ def deferred_read_price(deferred: int, m: int, d: int) -> float:
     product with all of K once they are many) and the fixed deferred steps."""
     r = rates()
     return 2 * min(deferred, m) * d / r.gemv + DEFERRED_STEPS * r.call
+
+
+def open_price(heads: int, n: int) -> float:
+    """Seconds to open a pending slot: a copy of the row's weight column for every head."""
+    r = rates()
+    return 2 * heads * n / r.gemv + r.call
+
+
+def row_price(pairs: int, m: int, d: int, e: int) -> float:
+    """Seconds to recompute ``pairs`` (head, row) pairs exactly, as a read of a dormant
+    structure does: their logits and weighted values (a pass over K and over V each) and
+    the exponentials."""
+    r = rates()
+    return pairs * m * (2 * (d + e) + EXP_FLOPS) / r.gemv + r.call
+
+
+def wake_price(heads: int, n: int, m: int, d: int, e: int) -> float:
+    """Seconds of a full refresh, which ends dormancy: every row recomputed (two GEMMs per
+    head and the exponentials)."""
+    r = rates()
+    return 2 * heads * n * m * (d + e) / r.gemm + EXP_FLOPS * heads * n * m / r.gemv + heads * r.call
 
 
 #: How much one measured fold or column computation moves a structure's price correction

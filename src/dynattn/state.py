@@ -162,6 +162,10 @@ class AttentionState:
         "pending_rent": float,
         "read_rate": float,
         "reads_since_update": int,
+        "dormant": bool,
+        "dormancy_balance": float,
+        "upkeep_pending": float,
+        "upkeep_rate": float,
     }
 
     def __init__(self, xp: Any, dtype: np.dtype, sizes: dict[str, int], storage: Any):
@@ -186,6 +190,13 @@ class AttentionState:
         self.pending_rent = 0.0  # seconds pending rows added to reads since the last fold
         self.read_rate = 0.0  # reads per update, averaged over recent updates (tau="auto")
         self.reads_since_update = 0
+        # tau="auto" may keep no snapshot (dormant: a row is current only while its
+        # refreshed_at equals slots_opened); the balance is the rent-or-buy counter of
+        # that choice, in seconds (docs/policy.md)
+        self.dormant = False
+        self.dormancy_balance = 0.0
+        self.upkeep_pending = 0.0  # seconds of snapshot upkeep done since the last update
+        self.upkeep_rate = 0.0  # upkeep per update while awake, averaged over recent updates
         self.slot_of: dict[int, int] = {}  # key/value row -> its LIVE pending slot
         self.folding_slot_of: dict[int, int] = {}  # key/value row -> its FOLDING slot
         self.stats = dict.fromkeys(STAT_NAMES, 0)
@@ -275,7 +286,8 @@ class AttentionState:
         for _owner, spec, buffer in self._buffers.values():
             for axis, (old, new) in exposed.items():
                 if axis in spec.axes:
-                    buffer[tuple(slice(old, new) if a == axis else slice(0, self.sizes[a]) for a in spec.axes)] = 0
+                    live = (slice(old, new) if a == axis else slice(0, self.sizes[a]) for a in spec.axes)
+                    buffer[tuple(live)] = 0
         self._reslice()
 
     def remove_index(self, axis: str, index: int) -> None:
@@ -379,6 +391,8 @@ STAT_NAMES = (
     "updates",
     "reads",
     "fold_slices",
+    "dormant_periods",
+    "wakes",
 )
 
 #: ``slot_kind`` values.

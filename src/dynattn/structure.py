@@ -82,7 +82,7 @@ REFRESH_BLOCK_ENTRIES = 1 << 22
 #: Fold schedules: a whole fold at once, or spread over the updates that follow (docs/latency.md).
 SCHEDULES = ("amortized", "spread")
 #: Saved-file format version (``save`` / ``load``).
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: Host-side operations (bookkeeping arrays are always numpy).
 HOST = NumpyBackend()
 
@@ -383,7 +383,8 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         self._storage = ImplicitStorage(self._xp)
         s.replace_storage(self._storage)
-        s.refreshed_at[...] = s.slots_opened
+        if not s.dormant:  # (dormant, refreshed_at says which rows are current)
+            s.refreshed_at[...] = s.slots_opened
         s.stats["storage_switches"] += 1
 
     # ================================================================== the paper's operations
@@ -422,8 +423,11 @@ class DynamicAttention(ValidatedInputs):
         """Fold all pending rows into the snapshot now (the paper's rebuild).
 
         Runtime complexity: O(H*n*e*t) for t pending rows (batched GEMMs), plus
-        O(m*(d+e)) per row whose error bound forces an exact refresh.
+        O(m*(d+e)) per row whose error bound forces an exact refresh; O(H*n*m*(d+e))
+        for a dormant structure (``tau="auto"``), which this wakes.
         """
+        if self._state.dormant:
+            self._wake()
         self._fold()
 
     #: The paper's name for :meth:`fold`.
@@ -438,17 +442,22 @@ class DynamicAttention(ValidatedInputs):
         new = float(new_value)
         row_norm = cert.updated_norm(float(s.k_norms[h, c]), old, new)
         self._guard_key_norm("delta", row_norm)
-        slot = self._slot_for(c)
+        slot = None if s.dormant else self._slot_for(c)
         s.K[h, c, j] = new
         s.K64[h, c, j] = new
         s.k_norms[h, c] = row_norm
         if row_norm > s.k_norm_max:
             s.k_norm_max = row_norm
+        if slot is None:  # dormant: the inputs are all there is to change
+            self._fold_if_full()
+            return
         if self._adaptive and (s.column_deferred[slot] or self._reads_are_rare()):
             self._defer_column(slot)  # O(1): reads compute the column's logits they need
             s.key_changed[slot] = True
             self._fold_if_full()
             return
+        if self._adaptive:
+            s.upkeep_pending += policy.hadamard_price(self.n)
         step = self._scale * (new - old)
         growth = abs(step) * float(s.q_col_absmax[h, j])
         error = float(s.column_error[h, slot]) + (2 * growth + 4) * UNIT_ROUNDOFF + self._unit
@@ -479,15 +488,16 @@ class DynamicAttention(ValidatedInputs):
         """V[h, c, j] = new_value (validated). Runtime complexity: O(1) (O(H*n) or O(H*n*d)
         on a first touch), plus an amortized fold."""
         s = self._state
-        slot = self._slot_for(c)
+        slot = None if s.dormant else self._slot_for(c)
         old = abs(float(s.V64[h, c, j]))
         new = float(new_value)
         s.V[h, c, j] = new
         s.V64[h, c, j] = new
         if cert.note_new_value(s, h, j, old, abs(new)):
             self._raise_value_units()
-        s.pending_new_values[h, slot, j] = new / s.value_unit[h, j]
-        s.value_changed[slot] = True
+        if slot is not None:
+            s.pending_new_values[h, slot, j] = new / s.value_unit[h, j]
+            s.value_changed[slot] = True
         self._fold_if_full()
 
     def _slot_for(self, c: int) -> int:
@@ -535,6 +545,8 @@ class DynamicAttention(ValidatedInputs):
         s.slot_kind[slot] = LIVE
         s.slot_sequence[slot] = s.slots_opened
         s.slots_opened += 1
+        if self._adaptive:
+            s.upkeep_pending += policy.open_price(self._H, self.n)
         s.slot_of[c] = slot
         return slot
 
@@ -569,6 +581,8 @@ class DynamicAttention(ValidatedInputs):
         # reads per update, averaged over about the last READ_RATE_HORIZON updates
         s.read_rate += (s.reads_since_update - s.read_rate) / READ_RATE_HORIZON
         s.reads_since_update = 0
+        if self._adaptive and self._dormancy_rule():
+            return
         self._apply_policy()
         if self._spread:
             self._spread_step()
@@ -596,6 +610,7 @@ class DynamicAttention(ValidatedInputs):
         if self._adaptive:
             elapsed = time.perf_counter() - started
             self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
+            s.upkeep_pending += predicted * self._fold_correction
         s.slot_of.clear()
         s.slot_kind[: s.t] = FREE
         s.t = 0
@@ -1170,6 +1185,9 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if not visible:
             self._hide_key(c, free=bool(s.key_free[c]))
+        elif not s.key_visible[c] and s.dormant:
+            s.key_free[c] = False
+            self._set_key_visible(c, True)
         elif not s.key_visible[c]:
             slot = self._slot_for(c)
             s.key_free[c] = False
@@ -1183,6 +1201,9 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         s.key_free[c] = free
         if not s.key_visible[c]:
+            return
+        if s.dormant:
+            self._set_key_visible(c, False)
             return
         slot = self._slot_for(c)
         self._set_key_visible(c, False)
@@ -1211,8 +1232,12 @@ class DynamicAttention(ValidatedInputs):
         self._after_resize()
 
     def _apply_key_row(self, c: int, k: np.ndarray) -> None:
-        """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head."""
+        """K[:, c] = k (validated ``(H, d)``): one fresh weight column per head (dormant:
+        the key only)."""
         s = self._state
+        if s.dormant:
+            self._write_key_row(c, k)
+            return
         slot, new_logits = s.slot_of.get(c), None
         if slot is None:
             slot, new_logits = self._open_pending(c, None if self._adaptive else k)
@@ -1223,6 +1248,9 @@ class DynamicAttention(ValidatedInputs):
     def _apply_value_row(self, c: int, v: np.ndarray) -> None:
         """V[:, c] = v (validated ``(H, e)``)."""
         s = self._state
+        if s.dormant:
+            self._write_value_row(c, v)
+            return
         slot = self._slot_for(c)
         self._write_value_row(c, v)
         s.pending_new_values[:, slot] = self._scaled_values(c)
@@ -1245,7 +1273,8 @@ class DynamicAttention(ValidatedInputs):
         self._note_new_values(old, np.abs(v.astype(np.float64)))
 
     def _apply_query_row(self, i: int, q: np.ndarray) -> None:
-        """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly."""
+        """Q[:, i] = q (validated ``(H, d)``); the row is recomputed exactly (dormant: when
+        it is read)."""
         s, xp = self._state, self._xp
         s.Q[:, i] = xp.asarray(q)
         s.sync_float64_copies(Q=i)
@@ -1254,6 +1283,9 @@ class DynamicAttention(ValidatedInputs):
         s.q_norm[:, i] = xp.asarray(q_norm)
         np.maximum(s.q_col_absmax, np.abs(q.astype(np.float64)), out=s.q_col_absmax)
         s.q_norm_max = max(s.q_norm_max, float(q_norm.max()))
+        if s.dormant:
+            s.refreshed_at[:, i] = s.slots_opened - 1  # out of date
+            return
         self._refresh(np.arange(self._H), np.full(self._H, i))
 
     def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
@@ -1272,7 +1304,7 @@ class DynamicAttention(ValidatedInputs):
         s.key_pos[c] = position
         self._set_key_visible(c, True)
         self._storage.append_column(c)
-        if self._causal and not np.any(self._rows_seeing_position(position)):
+        if s.dormant or (self._causal and not np.any(self._rows_seeing_position(position))):
             return
         zero_column = self._xp.zeros((H, self.n), np.float64)
         slot = self._open_slot(c, zero_column, np.zeros(H), np.zeros(H), new_row=True)
@@ -1288,8 +1320,9 @@ class DynamicAttention(ValidatedInputs):
         slot = s.slot_of.get(c)
         s.key_free[c] = False
         s.key_pos[c] = position
-        if self._causal and not np.any(self._rows_seeing_position(position)):
-            # no row sees it: its weights stay 0 (pending or folded), only the inputs change
+        if s.dormant or (self._causal and not np.any(self._rows_seeing_position(position))):
+            # no row sees it (its weights stay 0, pending or folded), or nothing is kept
+            # (dormant): only the inputs change
             self._set_key_visible(c, True)
             self._write_key_row(c, k)
             if slot is None:
@@ -1453,6 +1486,7 @@ class DynamicAttention(ValidatedInputs):
         self._read_plan = None
         s.stats["columns_materialized"] += int(slots.size)
         predicted = slots.size * policy.column_price(self._H, self.n, self.d)
+        s.upkeep_pending += predicted * self._column_correction
         self._column_correction = policy.corrected(
             self._column_correction, predicted, time.perf_counter() - started
         )
@@ -1468,15 +1502,90 @@ class DynamicAttention(ValidatedInputs):
         s.stats["reads"] += 1
         s.reads_since_update += 1
         t = s.t
+        if self._adaptive:
+            self._charge_dormancy(heads, rows, pairs)
         if not self._adaptive or t == 0:
             return
         deferred, _ = self._policy_plan()
-        s.pending_rent += policy.pending_rent(pairs, t, width, deferred.size, self.d)
+        rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
+        s.pending_rent += rent
+        s.dormancy_balance += rent  # what the pending rows cost this read is upkeep too
         if deferred.size:
             s.column_rent[deferred] += policy.column_rent(pairs, self.d, deferred.size)
             if isinstance(heads, int):  # an entry read: one (head, row) pair
                 heads, rows = np.array([heads]), np.array([rows])
             self._fill_deferred(heads, rows, deferred)
+
+    # ------------------------------------------------------------------ dormancy (tau="auto")
+    def _charge_dormancy(self, heads: Any, rows: Any, pairs: int) -> None:
+        """A read's part in Rule 4 (docs/policy.md): dormant, it recomputes the rows it
+        reads that are out of date and charges their price to the balance; awake, it saves
+        what recomputing its ``pairs`` rows would cost, which the balance loses (the rent
+        the pending rows charge the read is added back by :meth:`_prepare_read`)."""
+        s = self._state
+        if not s.dormant:
+            saved = policy.row_price(pairs, self.m, self.d, self.e)
+            s.dormancy_balance = max(0.0, s.dormancy_balance - saved)
+            return
+        if isinstance(heads, slice):  # every head, rows an index array or a slice
+            row_array = np.arange(self.n)[rows]
+            stale_heads, where = np.nonzero(s.refreshed_at[:, row_array] != s.slots_opened)
+            stale_rows = row_array[where]
+        else:  # (head, row) pairs, or one pair as two ints
+            heads, rows = np.atleast_1d(heads), np.atleast_1d(rows)
+            stale = s.refreshed_at[heads, rows] != s.slots_opened
+            stale_heads, stale_rows = np.unique(np.stack([heads[stale], rows[stale]]), axis=1)
+        if stale_heads.size:
+            self._refresh(stale_heads, stale_rows)
+            s.dormancy_balance += policy.row_price(int(stale_heads.size), self.m, self.d, self.e)
+
+    def _dormancy_rule(self) -> bool:
+        """Rule 4 at an update (docs/policy.md): keeping the snapshot current costs upkeep
+        (slot openings, in-place column updates, whole columns, folds, the pending rows'
+        rent at reads), which reads may save many times over. The balance adds up what
+        the current choice has cost more than the other since it last paid off (never
+        below 0); when it reaches the price of a full refresh, the structure switches:
+        awake, it drops its pending rows and goes dormant; dormant, it wakes with a full
+        refresh. A dormant update saves the upkeep an awake one cost on average. Returns
+        whether the structure is dormant after the update (then nothing else is to be done
+        for it)."""
+        s = self._state
+        price = policy.wake_price(self._H, self.n, self.m, self.d, self.e)
+        if s.dormant:
+            s.slots_opened += 1  # every row's snapshot is out of date now
+            s.dormancy_balance = max(0.0, s.dormancy_balance - s.upkeep_rate)
+            if s.dormancy_balance >= price:
+                self._wake()
+            return s.dormant
+        upkeep, s.upkeep_pending = s.upkeep_pending, 0.0
+        s.upkeep_rate += (upkeep - s.upkeep_rate) / READ_RATE_HORIZON
+        s.dormancy_balance += upkeep
+        if s.dormancy_balance >= price:
+            self._go_dormant()
+            return True
+        return False
+
+    def _go_dormant(self) -> None:
+        """Drop the pending rows and keep no snapshot: updates change only the inputs, and
+        reads recompute the rows they read (O(m*(d+e)) each, as OnDemand does)."""
+        s = self._state
+        s.slot_of.clear()
+        s.slot_kind[: s.t] = FREE
+        s.t = 0
+        self._read_plan = None
+        s.pending_rent = 0.0
+        s.dormant = True
+        s.dormancy_balance = 0.0
+        s.slots_opened += 1  # no row's snapshot is current
+        s.stats["dormant_periods"] += 1
+
+    def _wake(self) -> None:
+        """End dormancy: every row recomputed exactly. Runtime complexity: O(H*n*m*(d+e))."""
+        s = self._state
+        s.dormant = False
+        s.dormancy_balance = 0.0
+        self._full_refresh()
+        s.stats["wakes"] += 1
 
     def _policy_plan(self) -> tuple[np.ndarray, float]:
         """The deferred slots and the fold's predicted price (before the measured
@@ -1638,7 +1747,8 @@ class DynamicAttention(ValidatedInputs):
             folded = part < s.folded_rows
             for group, slots in ((~folded, in_use), (folded, live)):
                 if group.any():
-                    self._refresh_rows(head_block, positions[:, group], part[group], _as_slice(slots), slots.size, out)
+                    where, slots_used = positions[:, group], _as_slice(slots)
+                    self._refresh_rows(head_block, where, part[group], slots_used, slots.size, out)
         s.stats["rows_refreshed"] += int(rows.size)
         return out
 
@@ -1703,7 +1813,8 @@ class DynamicAttention(ValidatedInputs):
                     where_slots, where_rows = xp.index(slots[:, None]), xp.index(part[None, :])
                     s.pending_new_columns[hs, where_slots, where_rows] = current
                     s.pending_old_columns[hs, where_slots, where_rows] = current
-                s.column_max[hs, slots] = np.maximum(s.column_max[hs, slots], xp.to_numpy(xp.amax(current, 2)))
+                largest = xp.to_numpy(xp.amax(current, 2))
+                s.column_max[hs, slots] = np.maximum(s.column_max[hs, slots], largest)
             self._storage.set_rows(hs, columns, weights_t)
 
     # ================================================================== properties
@@ -1787,13 +1898,25 @@ class DynamicAttention(ValidatedInputs):
                 f"fixed tau={self._tau:g}: fold every {s.threshold} pending rows ({t} pending now); "
                 f"reads per update so far: {ratio}"
             )
+        wake = policy.wake_price(self._H, self.n, self.m, self.d, self.e) * 1e6
+        if s.dormant:
+            current = int(np.count_nonzero(s.refreshed_at == s.slots_opened))
+            return (
+                f'tau="auto", dormant: no snapshot is kept (updates change only the inputs; reads '
+                f"recompute the rows they read, {current} of {self._H * self.n} (head, row) pairs "
+                f"are current); reads have cost {s.dormancy_balance * 1e6:.3g} us more than the "
+                f"updates saved, and it wakes with a full refresh when that reaches {wake:.3g} us; "
+                f"reads per update so far: {ratio}"
+            )
         deferred_slots, predicted = self._policy_plan()
         deferred, price = deferred_slots.size, predicted * self._fold_correction
         return (
             f'tau="auto": {t} pending rows ({deferred} with deferred columns, read lazily); '
             f"reads since the last fold were charged {s.pending_rent * 1e6:.3g} us for them, the fold "
             f"would cost {price * 1e6:.3g} us, so it folds when the charge reaches that (or at "
-            f"{s.threshold} pending rows); reads per update so far: {ratio}"
+            f"{s.threshold} pending rows); keeping the snapshot has cost {s.dormancy_balance * 1e6:.3g} us "
+            f"more than reads saved, and it goes dormant when that reaches {wake:.3g} us; "
+            f"reads per update so far: {ratio}"
         )
 
     @property
@@ -1989,6 +2112,8 @@ class DynamicAttention(ValidatedInputs):
             f"t={t} is not the end of the slots in use"
         )
         assert self._spread or live.all(), "a free or folding slot under schedule='amortized'"
+        assert not s.dormant or (self._adaptive and t == 0), "dormant: pending rows, or not tau='auto'"
+        assert s.dormancy_balance >= 0, "negative dormancy balance"
         for slot_map, kind in ((s.slot_of, live), (s.folding_slot_of, folding)):
             assert sorted(slot_map.values()) == np.flatnonzero(kind).tolist(), f"{slot_map} != {kinds}"
             assert all(s.pending_rows[slot] == c for c, slot in slot_map.items()), (
@@ -2060,6 +2185,16 @@ class DynamicAttention(ValidatedInputs):
             logits = np.where(visible[None], logits, -np.inf)
         with np.errstate(over="ignore"):  # a deferred key may outgrow mu until it is read
             fresh_weights = np.exp(logits - s.mu[:, :, None])  # (H, n, m)
+        if s.dormant:
+            # only the current rows hold a snapshot: of today's inputs, with nothing pending
+            current = s.refreshed_at == s.slots_opened
+            fresh_sum = fresh_weights.sum(axis=2)
+            # each weight as for a fresh column: the logits' rounding and the dtype's, summed
+            slack = 2 * self._logit_error(s.q_norm) + (self.m + 8) * 4 * self._unit
+            allowed = slack * fresh_sum + self._underflow_error
+            close = np.abs(s.Z - fresh_sum) <= allowed
+            assert np.all(close[current]), f"a current Z is off at {np.argwhere(current & ~close)[:3]}"
+            return
         stored_keys = np.ones(self.m, dtype=bool)
         stored_keys[s.pending_rows[:t][deferred]] = False
         assert np.isfinite(fresh_weights[:, :, stored_keys]).all(), "a stored weight overflows against mu"
