@@ -163,6 +163,25 @@ def open_price(heads: int, n: int) -> float:
     return 2 * heads * n / r.gemv + r.call
 
 
+#: Array steps an update of an awake structure makes beyond those of a dormant one (the
+#: policy's plan and rules, the slot bookkeeping): about 10 us of Python against a dormant
+#: update's 4 us on the reference machine, where one step (``Rates.call``) is about 2 us.
+AWAKE_UPDATE_STEPS = 4
+
+
+def awake_update_price() -> float:
+    """Seconds an update costs an awake structure more than a dormant one, besides the
+    upkeep it is charged as it is done."""
+    return AWAKE_UPDATE_STEPS * rates().call
+
+
+def entry_price(m: int, d: int) -> float:
+    """Seconds to compute one entry from scratch, as a dormant read of an out-of-date row
+    does: one row of logits and one column of values."""
+    r = rates()
+    return m * (2 * d + 2 + EXP_FLOPS) / r.gemv + r.call
+
+
 def row_price(pairs: int, m: int, d: int, e: int) -> float:
     """Seconds to recompute ``pairs`` (head, row) pairs exactly, as a read of a dormant
     structure does: their logits and weighted values (a pass over K and over V each) and

@@ -843,10 +843,13 @@ class DynamicAttention(ValidatedInputs):
         return out, xp.astype(lse.reshape(*self.batch_shape, rows.size), self._output_dtype)
 
     def _answer_entry(self, h: int, i: int, j: int) -> float:
-        """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back."""
+        """O[h, i, j]. Runtime complexity: O(t); O(m*(d+e)) when certification falls back;
+        O(m*d) when dormant and the row is out of date."""
         s = self._state
         if s.visible_keys[i] == 0:
             return 0.0  # the row sees no key
+        if s.dormant and s.refreshed_at[h, i] != s.slots_opened:
+            return self._entry_from_scratch(h, i, j)
         self._prepare_read(h, i, 1, 1)
         t = s.t
         numerator = float(s.N[h, i, j])
@@ -872,6 +875,24 @@ class DynamicAttention(ValidatedInputs):
             if not bound <= self._tol:
                 return float(self._fallback(np.array([h]), np.array([i]))[0, j])
         return float(s.value_unit[h, j]) * (numerator / denominator) if denominator > 0 else 0.0
+
+    def _entry_from_scratch(self, h: int, i: int, j: int) -> float:
+        """O[h, i, j] of a dormant structure whose row i is out of date, computed as OnDemand
+        does (one row of logits, one column of values) and left out of date: a float64
+        evaluation of the stored inputs, which is what the certificate compares with.
+        Runtime complexity: O(m*d)."""
+        s, xp = self._state, self._xp
+        s.stats["reads"] += 1
+        s.reads_since_update += 1
+        s.dormancy_balance += policy.entry_price(self.m, self.d)
+        logits = s.K64[h] @ s.Q64[h, i]  # (m,)
+        logits *= self._scale
+        visible = self._visibility(np.array([i]))
+        if visible is not None:
+            xp.fill_where_not_(logits, visible[0], -math.inf)
+        weights = xp.exp_(logits - xp.amax(logits, 0))
+        weights /= xp.sum(weights, 0)  # a convex combination of values: no overflow
+        return float(weights @ s.V64[h, :, j])
 
     def _answer_entries(self, heads: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """O[heads[k], rows[k], cols[k]]. Runtime complexity: O(k*t), vectorized."""
@@ -1557,7 +1578,7 @@ class DynamicAttention(ValidatedInputs):
             if s.dormancy_balance >= price:
                 self._wake()
             return s.dormant
-        upkeep, s.upkeep_pending = s.upkeep_pending, 0.0
+        upkeep, s.upkeep_pending = s.upkeep_pending + policy.awake_update_price(), 0.0
         s.upkeep_rate += (upkeep - s.upkeep_rate) / READ_RATE_HORIZON
         s.dormancy_balance += upkeep
         if s.dormancy_balance >= price:
