@@ -517,7 +517,15 @@ def measure_ratio(
         / cells[auto_label]["pooled_seconds_per_update"],
         "auto_stats_timed": {
             k: cells[auto_label]["stats_timed"][k]
-            for k in ("folds", "columns_materialized", "columns_deferred", "updates", "reads")
+            for k in (
+                "folds",
+                "columns_materialized",
+                "columns_deferred",
+                "updates",
+                "reads",
+                "dormant_periods",
+                "wakes",
+            )
         },
         "build_s": build_s,
         "elapsed_s": time.perf_counter() - started,
@@ -531,7 +539,9 @@ def measure_ratio(
         f"OnDemand/auto {record['ondemand_over_auto']:.2f}; "
         f"auto folds {record['auto_stats_timed']['folds']}, "
         f"materialized {record['auto_stats_timed']['columns_materialized']}, deferred "
-        f"{record['auto_stats_timed']['columns_deferred']}; {record['elapsed_s']:.0f} s, other load "
+        f"{record['auto_stats_timed']['columns_deferred']}, dormant "
+        f"{record['auto_stats_timed']['dormant_periods']}, woke {record['auto_stats_timed']['wakes']}; "
+        f"{record['elapsed_s']:.0f} s, other load "
         + ("-" if load is None else f"{load:.2f}")
     )
     del contenders, fns

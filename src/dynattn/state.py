@@ -165,6 +165,8 @@ class AttentionState:
         "dormant": bool,
         "dormancy_balance": float,
         "upkeep_pending": float,
+        "upkeep_total": float,
+        "awake_updates": int,
         "upkeep_rate": float,
     }
 
@@ -196,7 +198,9 @@ class AttentionState:
         self.dormant = False
         self.dormancy_balance = 0.0
         self.upkeep_pending = 0.0  # seconds of snapshot upkeep done since the last update
-        self.upkeep_rate = 0.0  # upkeep per update while awake, averaged over recent updates
+        self.upkeep_total = 0.0  # upkeep since the structure last woke (or was built)
+        self.awake_updates = 0  # and the updates it was spread over
+        self.upkeep_rate = 0.0  # while dormant: their ratio when it went dormant
         self.slot_of: dict[int, int] = {}  # key/value row -> its LIVE pending slot
         self.folding_slot_of: dict[int, int] = {}  # key/value row -> its FOLDING slot
         self.stats = dict.fromkeys(STAT_NAMES, 0)

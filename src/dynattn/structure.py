@@ -1524,7 +1524,7 @@ class DynamicAttention(ValidatedInputs):
         s.reads_since_update += 1
         t = s.t
         if self._adaptive:
-            self._charge_dormancy(heads, rows, pairs)
+            self._charge_dormancy(heads, rows, pairs, width)
         if not self._adaptive or t == 0:
             return
         deferred, _ = self._policy_plan()
@@ -1538,14 +1538,17 @@ class DynamicAttention(ValidatedInputs):
             self._fill_deferred(heads, rows, deferred)
 
     # ------------------------------------------------------------------ dormancy (tau="auto")
-    def _charge_dormancy(self, heads: Any, rows: Any, pairs: int) -> None:
+    def _charge_dormancy(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
         """A read's part in Rule 4 (docs/policy.md): dormant, it recomputes the rows it
         reads that are out of date and charges their price to the balance; awake, it saves
         what recomputing its ``pairs`` rows would cost, which the balance loses (the rent
         the pending rows charge the read is added back by :meth:`_prepare_read`)."""
         s = self._state
         if not s.dormant:
-            saved = policy.row_price(pairs, self.m, self.d, self.e)
+            if isinstance(heads, int) and width == 1:  # dormant, an entry is computed alone
+                saved = policy.entry_price(self.m, self.d)
+            else:
+                saved = policy.row_price(pairs, self.m, self.d, self.e)
             s.dormancy_balance = max(0.0, s.dormancy_balance - saved)
             return
         if isinstance(heads, slice):  # every head, rows an index array or a slice
@@ -1567,19 +1570,21 @@ class DynamicAttention(ValidatedInputs):
         the current choice has cost more than the other since it last paid off (never
         below 0); when it reaches the price of a full refresh, the structure switches:
         awake, it drops its pending rows and goes dormant; dormant, it wakes with a full
-        refresh. A dormant update saves the upkeep an awake one cost on average. Returns
+        refresh. A dormant update saves the upkeep per update of the last awake stretch. Returns
         whether the structure is dormant after the update (then nothing else is to be done
         for it)."""
         s = self._state
-        price = policy.wake_price(self._H, self.n, self.m, self.d, self.e)
         if s.dormant:
             s.slots_opened += 1  # every row's snapshot is out of date now
-            s.dormancy_balance = max(0.0, s.dormancy_balance - s.upkeep_rate)
-            if s.dormancy_balance >= price:
-                self._wake()
+            if s.dormancy_balance > 0.0:  # (the common case, 0, costs nothing more)
+                s.dormancy_balance = max(0.0, s.dormancy_balance - s.upkeep_rate)
+                if s.dormancy_balance >= policy.wake_price(self._H, self.n, self.m, self.d, self.e):
+                    self._wake()
             return s.dormant
+        price = policy.wake_price(self._H, self.n, self.m, self.d, self.e)
         upkeep, s.upkeep_pending = s.upkeep_pending + policy.awake_update_price(), 0.0
-        s.upkeep_rate += (upkeep - s.upkeep_rate) / READ_RATE_HORIZON
+        s.upkeep_total += upkeep
+        s.awake_updates += 1
         s.dormancy_balance += upkeep
         if s.dormancy_balance >= price:
             self._go_dormant()
@@ -1597,6 +1602,9 @@ class DynamicAttention(ValidatedInputs):
         s.pending_rent = 0.0
         s.dormant = True
         s.dormancy_balance = 0.0
+        # what a dormant update saves: the upkeep per update over the whole awake stretch
+        # (folds are rare and dear, so a short average would be mostly noise)
+        s.upkeep_rate = s.upkeep_total / max(s.awake_updates, 1)
         s.slots_opened += 1  # no row's snapshot is current
         s.stats["dormant_periods"] += 1
 
@@ -1604,7 +1612,8 @@ class DynamicAttention(ValidatedInputs):
         """End dormancy: every row recomputed exactly. Runtime complexity: O(H*n*m*(d+e))."""
         s = self._state
         s.dormant = False
-        s.dormancy_balance = 0.0
+        s.dormancy_balance = s.upkeep_total = 0.0
+        s.awake_updates = 0
         self._full_refresh()
         s.stats["wakes"] += 1
 
