@@ -610,7 +610,7 @@ class DynamicAttention(ValidatedInputs):
         if self._adaptive:
             elapsed = time.perf_counter() - started
             self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
-            s.upkeep_pending += predicted * self._fold_correction
+            s.upkeep_pending += predicted  # (the model's price, as every price Rule 4 compares)
         s.slot_of.clear()
         s.slot_kind[: s.t] = FREE
         s.t = 0
@@ -1507,7 +1507,7 @@ class DynamicAttention(ValidatedInputs):
         self._read_plan = None
         s.stats["columns_materialized"] += int(slots.size)
         predicted = slots.size * policy.column_price(self._H, self.n, self.d)
-        s.upkeep_pending += predicted * self._column_correction
+        s.upkeep_pending += predicted
         self._column_correction = policy.corrected(
             self._column_correction, predicted, time.perf_counter() - started
         )
