@@ -351,6 +351,9 @@ def test_every_operation_on_a_dormant_structure(storage, causal, tmp_path):
         att.update_k_many([1, 2, 1], [0, 1, 0], [0.5, -0.25, 0.125])
         att.update_v_many([7, 7], [2, 2], [1.0, -3.0])
         check()
+        att.set_value(9, np.full(e, 1e300))  # values far up: their units move, nothing overflows
+        check()
+        att.set_value(9, rng.normal(size=e))
         Q64, K64, V64 = _inputs(att)
         i, j = np.array([0, 9, 9]), np.array([1, 2, 0])
         got = att.query_many(i, j)

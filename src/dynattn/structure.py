@@ -1044,6 +1044,9 @@ class DynamicAttention(ValidatedInputs):
         moved = units != s.value_unit
         if not moved.any():
             return
+        if s.dormant:  # nothing is kept in units, and no row is current after an update
+            s.value_unit[...] = units
+            return
         factors = self._xp.asarray(s.value_unit / units)  # powers of two <= 1
         self._folding_plan = None  # it holds values in the old units
         s.N *= factors[:, None, :]
