@@ -541,8 +541,7 @@ def measure_ratio(
         f"materialized {record['auto_stats_timed']['columns_materialized']}, deferred "
         f"{record['auto_stats_timed']['columns_deferred']}, dormant "
         f"{record['auto_stats_timed']['dormant_periods']}, woke {record['auto_stats_timed']['wakes']}; "
-        f"{record['elapsed_s']:.0f} s, other load "
-        + ("-" if load is None else f"{load:.2f}")
+        f"{record['elapsed_s']:.0f} s, other load " + ("-" if load is None else f"{load:.2f}")
     )
     del contenders, fns
     gc.collect()
