@@ -1,20 +1,15 @@
 """Smoke test of benchmarks/bench_dormancy.py: tiny sizes, structure of the output only (never timing)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_dormancy():
-    spec = importlib.util.spec_from_file_location("bench_dormancy", ROOT / "benchmarks" / "bench_dormancy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_dormancy")
 
 
 def test_quick_run_follows_every_stream(bench_dormancy, tmp_path, backend, capsys):

@@ -1,24 +1,17 @@
 """Smoke test of benchmarks/bench_latency.py: tiny sizes, structure of the output and the
 percentile arithmetic only (never timing)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_latency():
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "benchmarks" / "bench_latency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_latency"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_latency")
 
 
 @pytest.fixture

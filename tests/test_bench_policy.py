@@ -1,22 +1,15 @@
 """Smoke test of benchmarks/bench_policy.py: --quick sizes, structure of the output only (never timing)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_policy():
-    spec = importlib.util.spec_from_file_location("bench_policy", ROOT / "benchmarks" / "bench_policy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_policy"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_policy")
 
 
 @pytest.mark.parametrize("regime", ["paper", "llm"])

@@ -1,22 +1,15 @@
 """Smoke test of benchmarks/bench_streams.py: tiny sizes, structure of the output only (never timing)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench_streams():
-    spec = importlib.util.spec_from_file_location("bench_streams", ROOT / "benchmarks" / "bench_streams.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_streams"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_streams")
 
 
 def test_tiny_run_writes_both_parts(bench_streams, tmp_path, backend, capsys):

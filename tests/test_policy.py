@@ -33,6 +33,27 @@ def _certified(att, *, mask=None, context=""):
     )
 
 
+def _check_rows(att, rows, mask=None):
+    Q64, K64, V64 = _inputs(att)
+    assert_attention_close(
+        as_numpy(att.query_rows(rows)),
+        Q64,
+        K64,
+        V64,
+        scale=att._scale,
+        dtype=att._dtype,
+        rows=rows,
+        mask=mask,
+    )
+
+
+def _visible(att, causal):
+    """The (n, m) mask of a one-head structure: causal, or its key mask."""
+    if causal:
+        return np.tril(np.ones((att.n, att.m), bool))
+    return np.broadcast_to(att.key_mask, (att.n, att.m))
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 def test_key_updates_compute_no_column_until_read(storage):
     """Entry and row edits of keys under tau="auto" record the change only."""
@@ -179,7 +200,7 @@ def test_abrupt_changes_of_the_read_update_ratio(bursts, storage, dtype, causal,
             rng = np.random.default_rng(seed)
             for _ in range(count):
                 c = int(rng.integers(m))
-                mask = np.tril(np.ones((n, m), bool)) if causal else np.broadcast_to(att.key_mask, (n, m))
+                mask = _visible(att, causal)
                 if kind == "updates":
                     att.update_k(c, int(rng.integers(3)), float(rng.normal()))
                     att.update_v(int(rng.integers(m)), int(rng.integers(2)), float(rng.normal()))
@@ -207,22 +228,9 @@ def test_abrupt_changes_of_the_read_update_ratio(bursts, storage, dtype, causal,
                         mask=mask,
                     )
                 else:
-                    rows = rng.integers(n, size=3)
-                    Q64, K64, V64 = _inputs(att)
-                    assert_attention_close(
-                        as_numpy(att.query_rows(rows)),
-                        Q64,
-                        K64,
-                        V64,
-                        scale=1.0,
-                        dtype=dtype,
-                        rows=rows,
-                        mask=mask,
-                    )
+                    _check_rows(att, rng.integers(n, size=3), mask=mask)
             att._check()
-        _certified(
-            att, mask=np.tril(np.ones((n, m), bool)) if causal else np.broadcast_to(att.key_mask, (n, m))
-        )
+        _certified(att, mask=_visible(att, causal))
 
 
 def test_pending_rows_are_capped_by_the_memory_budget_also_after_appends(tmp_path):
@@ -244,20 +252,6 @@ def test_pending_rows_are_capped_by_the_memory_budget_also_after_appends(tmp_pat
 #: Rates under which keeping a snapshot of a small problem soon costs more than reading rows
 #: from scratch when reads are rare (folds and slot copies are dear, row recomputations cheap).
 DORMANT_RATES = policy.Rates(gemm=1e7, gemv=1e8, call=1e-6)
-
-
-def _check_rows(att, rows, mask=None):
-    Q64, K64, V64 = _inputs(att)
-    assert_attention_close(
-        as_numpy(att.query_rows(rows)),
-        Q64,
-        K64,
-        V64,
-        scale=att._scale,
-        dtype=att._dtype,
-        rows=rows,
-        mask=mask,
-    )
 
 
 @pytest.mark.parametrize("storage", STORAGES)

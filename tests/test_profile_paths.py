@@ -1,20 +1,15 @@
 """Smoke test of benchmarks/profile_paths.py: small sizes, structure of the output only (never timing)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def profile_paths():
-    spec = importlib.util.spec_from_file_location("profile_paths", ROOT / "benchmarks" / "profile_paths.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_paths")
 
 
 def test_quick_run_reports_every_path(profile_paths, tmp_path, backend, capsys):
