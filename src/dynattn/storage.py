@@ -81,6 +81,7 @@ class DenseStorage:
         """Overwrite weight rows ``rows`` (an index array or a slice) of the heads ``heads``
         with the transposed ``weights_t: (H', m, len(rows))``, already rounded to the dtype."""
         target = self.weights_t[heads]
+        # a slice assignment casts; an indexed one (torch's index_put) needs the dtype to match
         target[:, :, rows] = weights_t if isinstance(rows, slice) else self.xp.astype(weights_t, target.dtype)
 
     def append_column(self, c: int) -> None:

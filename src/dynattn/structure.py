@@ -150,7 +150,9 @@ class DynamicAttention(ValidatedInputs):
         is *deferred* (queries compute its logits at the rows they read) until
         reading it lazily has cost as much as computing it, and pending rows are
         folded once the work they add to queries reaches the cost of the fold
-        (at most ``adaptive_threshold`` rows wait, for memory).
+        (at most ``adaptive_threshold`` rows wait, for memory); while reads are
+        rare it may keep no snapshot at all (*dormant*: reads recompute what
+        they read) until reads make keeping one pay again.
     schedule : {"amortized", "spread"}, keyword-only
         When a fold's work is done. ``"amortized"`` (the paper's): all at once,
         when the pending rows reach the threshold, so that update stalls.
@@ -1573,9 +1575,9 @@ class DynamicAttention(ValidatedInputs):
         the current choice has cost more than the other since it last paid off (never
         below 0); when it reaches the price of a full refresh, the structure switches:
         awake, it drops its pending rows and goes dormant; dormant, it wakes with a full
-        refresh. A dormant update saves the upkeep per update of the last awake stretch. Returns
-        whether the structure is dormant after the update (then nothing else is to be done
-        for it)."""
+        refresh. A dormant update saves the upkeep per update of the last awake stretch.
+        Returns whether the structure is dormant after the update (then nothing else is to
+        be done for it)."""
         s = self._state
         if s.dormant:
             s.slots_opened += 1  # every row's snapshot is out of date now
@@ -1906,7 +1908,8 @@ class DynamicAttention(ValidatedInputs):
         """Counters since construction: folds, rows refreshed exactly, query fallbacks,
         full refreshes, rows rescaled (stabilizer moved), fresh column computations,
         storage switches, columns deferred and columns materialized (``tau="auto"``),
-        update operations, reads (answer calls) and fold slices (``schedule="spread"``)."""
+        update operations, reads (answer calls), fold slices (``schedule="spread"``), and
+        the periods the structure was dormant and the times it woke (``tau="auto"``)."""
         return dict(self._state.stats)
 
     @property
