@@ -1850,7 +1850,8 @@ class DynamicAttention(ValidatedInputs):
                     s.pending_old_columns[hs, where_slots, where_rows] = current
                 largest = xp.to_numpy(xp.amax(current, 2))
                 s.column_max[hs, slots] = np.maximum(s.column_max[hs, slots], largest)
-            self._storage.set_rows(hs, columns, weights_t)
+            if not s.dormant:  # (dormant, stored weights wait for the wake's full refresh)
+                self._storage.set_rows(hs, columns, weights_t)
 
     # ================================================================== properties
     @property
