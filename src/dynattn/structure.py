@@ -453,7 +453,9 @@ class DynamicAttention(ValidatedInputs):
         if slot is None:  # dormant: the inputs are all there is to change
             self._fold_if_full()
             return
-        if self._adaptive and (s.column_deferred[slot] or self._reads_are_rare()):
+        if self._adaptive and (
+            s.column_deferred[slot] or self._reads_are_rare(policy.hadamard_price(self.n))
+        ):
             self._defer_column(slot)  # O(1): reads compute the column's logits they need
             s.key_changed[slot] = True
             self._fold_if_full()
@@ -1463,21 +1465,26 @@ class DynamicAttention(ValidatedInputs):
         s.stats["fresh_columns"] += 1
 
     def _renew_column(self, slot: int, c: int, logits: Any = None) -> None:
-        """The pending column of row c after its key or visibility changed: deferred under
-        ``tau="auto"`` (O(1)), else computed now from ``logits`` (or fresh, O(H*n*d))."""
+        """The pending column of row c after its key or visibility changed: under
+        ``tau="auto"`` deferred (O(1)) while reads are rare, else computed now from
+        ``logits`` (or fresh, O(H*n*d))."""
         if self._adaptive:
-            self._defer_column(slot)
-        else:
-            self._set_fresh_columns(slot, c, np.arange(self._H), logits)
+            price = policy.column_price(self._H, self.n, self.d)
+            if self._reads_are_rare(price):
+                self._defer_column(slot)
+                return
+            self._state.upkeep_pending += price
+        self._set_fresh_columns(slot, c, np.arange(self._H), logits)
 
-    def _reads_are_rare(self) -> bool:
-        """Whether an entry update of a stored column should defer it rather than update it
-        in place: when the reads expected per update (``read_rate``) would pay less for
-        the deferred columns, one more included, than the in-place update costs now."""
+    def _reads_are_rare(self, price_now: float) -> bool:
+        """Rule 3 (docs/policy.md): whether a changed key's column should be deferred rather
+        than kept current at ``price_now`` (an entry update in place, or the whole column of
+        a replaced key): when the reads expected per update (``read_rate``) would pay less
+        for the deferred columns, one more included, than that costs now."""
         s = self._state
         deferred = int(np.count_nonzero(s.column_deferred[: s.t])) + 1
         read_price = policy.deferred_read_price(deferred, self.m, self.d) / deferred
-        return s.read_rate * read_price < policy.hadamard_price(self.n)
+        return s.read_rate * read_price < price_now
 
     def _defer_column(self, slot: int) -> None:
         """Stop storing the slot's new column: reads compute its weights where they need
