@@ -146,13 +146,14 @@ class DynamicAttention(ValidatedInputs):
         Laziness exponent: pending key/value rows are folded when their number
         reaches ``threshold = ceil(m**tau)``. 0 folds every change at once
         (the ``Eager`` baseline); 1 lets up to m rows wait. ``"auto"`` lets an
-        online policy decide (``docs/policy.md``): a changed key's weight column
-        is *deferred* (queries compute its logits at the rows they read) until
-        reading it lazily has cost as much as computing it, and pending rows are
-        folded once the work they add to queries reaches the cost of the fold
-        (at most ``adaptive_threshold`` rows wait, for memory); while reads are
-        rare it may keep no snapshot at all (*dormant*: reads recompute what
-        they read) until reads make keeping one pay again.
+        online policy decide (``docs/policy.md``): while reads are rare, a changed
+        key's weight column is *deferred* (queries compute its logits at the rows
+        they read) until reading it lazily has cost as much as computing it;
+        pending rows are folded once the work they add to queries reaches the
+        cost of the fold (at most ``adaptive_threshold`` rows wait, for memory);
+        and while reads are rarer still it may keep no snapshot at all
+        (*dormant*: reads recompute what they read) until reads make keeping one
+        pay again.
     schedule : {"amortized", "spread"}, keyword-only
         When a fold's work is done. ``"amortized"`` (the paper's): all at once,
         when the pending rows reach the threshold, so that update stalls.
