@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dynattn import DynamicAttention
-from dynattn._timing import fmt_seconds, format_table, git_commit, machine_info, write_report
+from dynattn._timing import fmt_seconds, format_table, machine_info, report_header, write_report
 from dynattn.baselines import OnDemand
 from dynattn.testing import random_problem
 
@@ -166,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = argparse.Namespace(paper_n=1024, paper_updates=30000, llm_n=4096, llm_updates=6000, window=500)
     results = [follow(regime, r, cfg) for regime in ("paper", "llm") for r in (0.01, 0.1)]
     info = machine_info()
-    header = [
-        "# python benchmarks/bench_dormancy.py" + (" --quick" if args.quick else ""),
-        f"# commit {git_commit()}",
-        f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']})",
-    ]
+    header = report_header(f"python benchmarks/bench_dormancy.py{' --quick' if args.quick else ''}", info)
     text = report(results, header)
     print(text)
     if not args.no_write:

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from dynattn import DynamicAttention
-from dynattn._timing import fmt_seconds, format_table, gemm_rate, git_commit, machine_info, write_report
+from dynattn._timing import fmt_seconds, format_table, gemm_rate, machine_info, report_header, write_report
 
 #: Functions listed per path.
 TOP = 6
@@ -255,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = [path_token_edit(cfg, floors), path_decode(cfg, floors), *path_entry(cfg, floors)]
     info = machine_info({"float64": floors["gemm"]})
-    header = [
-        "# python benchmarks/profile_paths.py" + (" --quick" if args.quick else ""),
-        f"# commit {git_commit()}",
-        f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']})",
-    ]
+    header = report_header(f"python benchmarks/profile_paths.py{' --quick' if args.quick else ''}", info)
     text = report(results, floors, header)
     print(text)
     if not args.no_write:

@@ -389,6 +389,16 @@ def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
     return info
 
 
+def report_header(command: str, info: Mapping[str, Any]) -> list[str]:
+    """The first lines of a benchmark's text report: the command, the git commit, and the
+    machine (``info`` from :func:`machine_info`)."""
+    return [
+        f"# {command}",
+        f"# commit {git_commit()}",
+        f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']})",
+    ]
+
+
 def fmt_seconds(seconds: float | None) -> str:
     """Human-readable duration: ``"12.3 us"``, ``"4.56 ms"``, ``"1.23 s"``."""
     if seconds is None or not np.isfinite(seconds):
