@@ -167,7 +167,6 @@ class AttentionState:
         "upkeep_pending": float,
         "upkeep_total": float,
         "awake_updates": int,
-        "upkeep_rate": float,
     }
 
     def __init__(self, xp: Any, dtype: np.dtype, sizes: dict[str, int], storage: Any):
@@ -199,8 +198,7 @@ class AttentionState:
         self.dormancy_balance = 0.0
         self.upkeep_pending = 0.0  # seconds of snapshot upkeep done since the last update
         self.upkeep_total = 0.0  # upkeep since the structure last woke (or was built)
-        self.awake_updates = 0  # and the updates it was spread over
-        self.upkeep_rate = 0.0  # while dormant: their ratio when it went dormant
+        self.awake_updates = 0  # and the updates it was spread over (both frozen while dormant)
         self.slot_of: dict[int, int] = {}  # key/value row -> its LIVE pending slot
         self.folding_slot_of: dict[int, int] = {}  # key/value row -> its FOLDING slot
         self.stats = dict.fromkeys(STAT_NAMES, 0)

@@ -616,11 +616,7 @@ class DynamicAttention(ValidatedInputs):
             elapsed = time.perf_counter() - started
             self._fold_correction = policy.corrected(self._fold_correction, predicted, elapsed)
             s.upkeep_pending += predicted  # (the model's price, as every price Rule 4 compares)
-        s.slot_of.clear()
-        s.slot_kind[: s.t] = FREE
-        s.t = 0
-        self._read_plan = None
-        s.pending_rent = 0.0
+        self._clear_pending()
         s.stats["folds"] += 1
         if values_moved:
             s.value_max[...] = xp.to_numpy(xp.amax(xp.abs(s.V64), 1))
@@ -629,6 +625,15 @@ class DynamicAttention(ValidatedInputs):
                 self._full_refresh()  # values shrank: reset the value scales
                 return
         self._refresh_drifted(slice(0, self.n))
+
+    def _clear_pending(self) -> None:
+        """No pending row any more (after a fold, or when going dormant): every slot free."""
+        s = self._state
+        s.slot_of.clear()
+        s.slot_kind[: s.t] = FREE
+        s.t = 0
+        self._read_plan = None
+        s.pending_rent = 0.0
 
     def _fold_plan(self, slots: np.ndarray) -> FoldPlan:
         """The :class:`FoldPlan` of ``slots`` (ascending)."""
@@ -887,8 +892,7 @@ class DynamicAttention(ValidatedInputs):
         evaluation of the stored inputs, which is what the certificate compares with.
         Runtime complexity: O(m*d)."""
         s, xp = self._state, self._xp
-        s.stats["reads"] += 1
-        s.reads_since_update += 1
+        self._count_read()
         s.dormancy_balance += policy.entry_price(self.m, self.d)
         logits = s.K64[h] @ s.Q64[h, i]  # (m,)
         logits *= self._scale
@@ -1214,30 +1218,27 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         if not visible:
             self._hide_key(c, free=bool(s.key_free[c]))
-        elif not s.key_visible[c] and s.dormant:
-            s.key_free[c] = False
-            self._set_key_visible(c, True)
         elif not s.key_visible[c]:
-            slot = self._slot_for(c)
             s.key_free[c] = False
-            self._set_key_visible(c, True)
-            self._renew_column(slot, c)
-            s.key_changed[slot] = True
+            self._show_key(c, True)
         self._fold_if_full()
 
     def _hide_key(self, c: int, *, free: bool) -> None:
         """Hide key c (its weights become 0); ``free`` releases its index for reuse."""
         s = self._state
         s.key_free[c] = free
-        if not s.key_visible[c]:
-            return
-        if s.dormant:
-            self._set_key_visible(c, False)
-            return
-        slot = self._slot_for(c)
-        self._set_key_visible(c, False)
-        self._renew_column(slot, c)
-        s.key_changed[slot] = True
+        if s.key_visible[c]:
+            self._show_key(c, False)
+
+    def _show_key(self, c: int, visible: bool) -> None:
+        """Show or hide key c, renewing its pending column, whose folded weights are those of
+        the old mask (dormant: the mask only)."""
+        s = self._state
+        slot = None if s.dormant else self._slot_for(c)
+        self._set_key_visible(c, visible)
+        if slot is not None:
+            self._renew_column(slot, c)
+            s.key_changed[slot] = True
 
     def _set_key_visible(self, c: int, visible: bool) -> None:
         s = self._state
@@ -1525,6 +1526,12 @@ class DynamicAttention(ValidatedInputs):
             self._column_correction, predicted, time.perf_counter() - started
         )
 
+    def _count_read(self) -> None:
+        """An answer call: counted in the stats and in the reads per update (``read_rate``)."""
+        s = self._state
+        s.stats["reads"] += 1
+        s.reads_since_update += 1
+
     def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
         """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
         rows`` as in :meth:`_row_bounds`, or two ints for one pair), under ``tau="auto"``:
@@ -1533,8 +1540,7 @@ class DynamicAttention(ValidatedInputs):
         what the rents buy is done at the next update (:meth:`_apply_policy`), so that no
         read changes what ``error_bound`` promised for another row (docs/policy.md)."""
         s = self._state
-        s.stats["reads"] += 1
-        s.reads_since_update += 1
+        self._count_read()
         t = s.t
         if self._adaptive:
             self._charge_dormancy(heads, rows, pairs, width)
@@ -1583,14 +1589,16 @@ class DynamicAttention(ValidatedInputs):
         the current choice has cost more than the other since it last paid off (never
         below 0); when it reaches the price of a full refresh, the structure switches:
         awake, it drops its pending rows and goes dormant; dormant, it wakes with a full
-        refresh. A dormant update saves the upkeep per update of the last awake stretch.
+        refresh. A dormant update saves the upkeep per update of the last awake stretch (its
+        whole length: folds are rare and dear, so a short average would be mostly noise).
         Returns whether the structure is dormant after the update (then nothing else is to
         be done for it)."""
         s = self._state
         if s.dormant:
             s.slots_opened += 1  # every row's snapshot is out of date now
             if s.dormancy_balance > 0.0:  # (the common case, 0, costs nothing more)
-                s.dormancy_balance = max(0.0, s.dormancy_balance - s.upkeep_rate)
+                upkeep_rate = s.upkeep_total / max(s.awake_updates, 1)  # frozen while dormant
+                s.dormancy_balance = max(0.0, s.dormancy_balance - upkeep_rate)
                 if s.dormancy_balance >= policy.wake_price(self._H, self.n, self.m, self.d, self.e):
                     self._wake()
             return s.dormant
@@ -1608,16 +1616,9 @@ class DynamicAttention(ValidatedInputs):
         """Drop the pending rows and keep no snapshot: updates change only the inputs, and
         reads recompute the rows they read (O(m*(d+e)) each, as OnDemand does)."""
         s = self._state
-        s.slot_of.clear()
-        s.slot_kind[: s.t] = FREE
-        s.t = 0
-        self._read_plan = None
-        s.pending_rent = 0.0
+        self._clear_pending()
         s.dormant = True
         s.dormancy_balance = 0.0
-        # what a dormant update saves: the upkeep per update over the whole awake stretch
-        # (folds are rare and dear, so a short average would be mostly noise)
-        s.upkeep_rate = s.upkeep_total / max(s.awake_updates, 1)
         s.slots_opened += 1  # no row's snapshot is current
         s.stats["dormant_periods"] += 1
 
