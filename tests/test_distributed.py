@@ -102,6 +102,9 @@ class Mirror:
             np.asarray(x).reshape(single.heads, -1, x.shape[-1]) for x in (single.Q, single.K, single.V)
         )
         np.testing.assert_array_equal(sharded.K, single.K)
+        for shard in sharded._shards:  # the running replay cost and log size match a recount
+            assert shard.log_bytes == sum(entry.nbytes for entry in shard.log)
+            assert shard.log_seconds == pytest.approx(sum(entry.seconds for entry in shard.log), abs=1e-12)
         mask = np.broadcast_to(single.key_mask, (single.n, single.m))
         if single.causal:  # here positions are the indices
             mask = mask & (np.arange(single.m)[None, :] <= np.arange(single.n)[:, None])

@@ -209,6 +209,13 @@ class _Shard:
     next_seq: int = 0
     checkpoint_seconds: float = 0.0
     last_result: Any = None  #: what the shard's last edit returned (``append``'s indices)
+    log_seconds: float = 0.0  #: the logged edits' shard time (the replay cost), kept with ``log``
+    log_bytes: int = 0  #: the logged edits' array bytes, kept with ``log``
+
+    def tally_log(self) -> None:
+        """Recount ``log_seconds`` and ``log_bytes`` after the log was cut or its times redistributed."""
+        self.log_seconds = sum(entry.seconds for entry in self.log)
+        self.log_bytes = sum(entry.nbytes for entry in self.log)
 
 
 def _split(size: int, parts: int) -> list[int]:
@@ -835,6 +842,7 @@ class ShardedAttention(ValidatedInputs):
             nbytes = sum(getattr(x, "nbytes", 8) for _, a, k in shard.unsent for x in (*a, *k.values()))
             entry = _Entry(shard.next_seq, shard.unsent, nbytes)
             shard.log.append(entry)
+            shard.log_bytes += nbytes
             shard.next_seq, shard.unsent = shard.next_seq + 1, []
         checkpoint = self._checkpoint_path(shard) if self._checkpoint_due(shard) else None
         payload = pickle.dumps(
@@ -889,6 +897,7 @@ class ShardedAttention(ValidatedInputs):
         """Record a collected call: its edits' time in the log; a confirmed checkpoint cuts the log."""
         if sent.entry is not None:
             sent.entry.seconds = edit_seconds
+            shard.log_seconds += edit_seconds
         if sent.checkpoint is None:
             return
         if not isinstance(saved, float):
@@ -898,6 +907,7 @@ class ShardedAttention(ValidatedInputs):
         _remove(shard.base)
         shard.base, shard.inputs, shard.checkpoint_seconds = sent.checkpoint, (), saved
         shard.log = [entry for entry in shard.log if entry.seq > sent.covers]
+        shard.tally_log()
         self._counters["checkpoints"] += 1
 
     def _recover(self, shard: _Shard, asks: list[Call]) -> list[Any]:
@@ -921,6 +931,7 @@ class ShardedAttention(ValidatedInputs):
         shard.last_result = last if edits else shard.last_result
         for entry in shard.log:  # the replay's time, spread over the log by number of edits
             entry.seconds = seconds * len(entry.calls) / len(edits)
+        shard.tally_log()
         self._counters["restarts"] += 1
         self._counters["replayed_edits"] += len(edits)
         self._last_recovery_seconds = time.perf_counter() - start
@@ -932,8 +943,8 @@ class ShardedAttention(ValidatedInputs):
             return False
         budget = self._runtime["replay_budget"]
         budget = max(1.0, 10 * shard.checkpoint_seconds) if budget is None else budget
-        cost = sum(e.seconds for e in shard.log) + (shard.base_seconds if shard.base is None else 0.0)
-        return cost > budget or sum(e.nbytes for e in shard.log) > self._runtime["max_log_bytes"]
+        cost = shard.log_seconds + (shard.base_seconds if shard.base is None else 0.0)
+        return cost > budget or shard.log_bytes > self._runtime["max_log_bytes"]
 
     def _checkpoint_path(self, shard: _Shard) -> str:
         return os.path.join(
