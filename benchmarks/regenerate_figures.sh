@@ -49,7 +49,7 @@ for name in "${wanted[@]}"; do
             --baselines eager --repeats 5 --sample-s 0.3 --progress plain --json $figures/exponents_quiet.json
         for flag in "" --fit-per-gemm; do
             echo
-            echo "# \$ dynattn theory --load $figures/exponents_quiet.json $flag"
+            echo "# \$ dynattn theory --load $figures/exponents_quiet.json${flag:+ $flag}"
             dynattn theory --load $figures/exponents_quiet.json $flag
         done >>$figures/exponents_quiet.txt
         ;;
