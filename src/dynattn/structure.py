@@ -556,14 +556,23 @@ class DynamicAttention(ValidatedInputs):
         return slot
 
     def _free_slot(self) -> int:
-        """The lowest free slot (one a spread fold released, else the next one, growing the
-        slot buffers by doubling up to their capacity)."""
+        """A free slot: the next one, growing the slot buffers by doubling up to their
+        capacity. Under ``schedule="spread"`` (where a spread fold releases slots below
+        ``t``) the slot after the pending generation's last one where that is free or
+        next, so that a generation is a run of slots when it starts to fold (its plan and
+        slices then read views, not gathered copies); else the lowest free one."""
         s = self._state
         t = s.t
-        if self._spread:  # only a spread fold leaves free slots below t
-            free = np.flatnonzero(s.slot_kind[:t] == FREE)
-            if free.size:
-                return int(free[0])
+        if self._spread:
+            kinds = s.slot_kind[:t]
+            live = np.flatnonzero(kinds == LIVE)
+            after = int(live[-1]) + 1 if live.size else -1
+            if 0 <= after < t and kinds[after] == FREE:
+                return after
+            if after != t or t == self._slot_capacity():
+                free = np.flatnonzero(kinds == FREE)
+                if free.size:
+                    return int(free[0])
         if t == s.sizes["S"]:
             self._resize(S=min(self._slot_capacity(), 2 * t))
         s.t = t + 1
@@ -752,13 +761,16 @@ class DynamicAttention(ValidatedInputs):
             self._folding_plan = self._fold_plan(np.flatnonzero(s.slot_kind[: s.t] == FOLDING))
         slots = self._folding_plan.slots
         values_moved = self._fold_rows(self._folding_plan, rows, clear=True)
+        # the folded keys' norms, recomputed exactly (their bounds only grow between folds),
+        # a share per slice rather than all at the last one: an exact norm is a sound bound
+        # whenever it is taken, and a key changed later bounds its norm from this one
+        keys = s.pending_rows[slots[slots.size * rows.start // self.n : slots.size * end // self.n]]
+        s.k_norms[:, keys] = cert.norms(xp.to_numpy(s.K64[:, keys]))
         s.folded_rows = end
         s.stats["fold_slices"] += 1
         self._refresh_drifted(rows)
         if end < self.n:
             return
-        keys = s.pending_rows[slots]
-        s.k_norms[:, keys] = cert.norms(xp.to_numpy(s.K64[:, keys]))
         s.slot_kind[slots] = FREE
         while s.t and s.slot_kind[s.t - 1] == FREE:
             s.t -= 1
@@ -2177,6 +2189,9 @@ class DynamicAttention(ValidatedInputs):
             stored, copy64 = getattr(s, name), getattr(s, f"{name}64")
             assert np.array_equal(copy64, stored.astype(np.float64)), f"{name}64 differs from {name}"
         assert np.array_equal(s.Q64_T, s.Q64.transpose(0, 2, 1)), "Q64_T is not Q64 transposed"
+        # key norms bound the keys' (up to the rounding of computing a norm)
+        short = np.argwhere(s.k_norms < cert.norms(s.K64) * (1 - 1e-12))
+        assert not short.size, f"k_norms below the key's norm at (head, key) {short[:3].tolist()}"
         assert np.shares_memory(self._Q, s.Q) and self._Q.shape == (*self.batch_shape, n, self.d)
         # the snapshot is finite, drift bounds are non-negative
         for name in ("mu", "N", "Z", "drift"):
