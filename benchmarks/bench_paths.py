@@ -11,7 +11,11 @@ a. token edit (``set_key`` + ``set_value`` of a random token) + ``query_rows`` o
    cache first), ``Eager``;
 b. causal decode from n0 tokens: ``append`` + query of the new row, dynattn
    (dense, implicit, auto) against a numpy KV-cache attention of the new row and
-   torch SDPA; median, slowest single step, ``nbytes`` against ``memory_budget``;
+   torch SDPA; median, slowest single step, ``nbytes`` against ``memory_budget``.
+   The KV caches are allocated for every token of the run before it starts, and
+   dynattn reserves the same room (``reserve``, timed apart, not in the steps);
+   the ``grown`` rows are dynattn without ``reserve``, its capacity doubling
+   inside the steps;
 c. all rows after a token edit: ``query_rows(all)`` with rows pending against
    ``Eager`` doing the same edit and reading all rows;
 d. ``update_k_many`` of 1000 random entry updates against a Python loop of
@@ -309,8 +313,9 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
     storages = ["dense", "implicit", "auto"]
     if H * n0 * n0 * 4 > cfg.memory_budget:
         storages = ["implicit", "auto"]  # dense weights alone would exceed the budget
+    variants = [(s, True) for s in storages] + [(s, False) for s in storages]
     structures = {
-        f"dynattn-{s}": DynamicAttention(
+        f"dynattn-{s}" + ("" if room else " grown"): DynamicAttention(
             Q,
             K,
             V,
@@ -321,8 +326,14 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
             storage=s,
             memory_budget=cfg.memory_budget,
         )
-        for s in storages
+        for s, room in variants
     }
+    reserve_s: dict[str, float] = {}
+    for name, obj in structures.items():
+        if not name.endswith("grown"):  # the room the KV caches below are allocated with
+            start = time.perf_counter()
+            obj.reserve(n=n0 + total, m=n0 + total)
+            reserve_s[name] = time.perf_counter() - start
     cursors = dict.fromkeys([*structures, "numpy-kv", "sdpa"], 0)
     worst = dict.fromkeys(cursors, 0.0)
     peak_bytes = dict.fromkeys(structures, 0)
@@ -395,6 +406,7 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
         name = rec["contender"]
         rec["max_step_s"] = worst[name]
         if name in structures:
+            rec["reserve_s"] = reserve_s.get(name)
             rec["nbytes_peak"] = peak_bytes[name]
             rec["memory_budget"] = cfg.memory_budget
             rec["storage_now"] = structures[name].storage
@@ -404,8 +416,9 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
         where = {"section": "b_decode", "n0": n0, "contender": name}
         ratio = t.median / reference
         stall = worst[name] / t.median
-        out["targets"].append(target("median <= 1.2x numpy KV-cache", ratio, 1.2, "max", where))
-        out["targets"].append(target("max single step <= 10x median", stall, 10.0, "max", where))
+        if name in reserve_s:  # (the grown rows are reported, not held to the KV caches' terms)
+            out["targets"].append(target("median <= 1.2x numpy KV-cache", ratio, 1.2, "max", where))
+            out["targets"].append(target("max single step <= 10x median", stall, 10.0, "max", where))
         if name == "dynattn-auto":
             out["targets"].append(
                 target(
@@ -425,8 +438,9 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
                 f"{ratio:.2f}x",
                 fmt_seconds(worst[name]),
                 f"{stall:.1f}x",
+                fmt_seconds(reserve_s.get(name)),
                 f"{peak_bytes[name] / 2**20:.0f} / {cfg.memory_budget / 2**20:.0f} MiB",
-                "<= 1.2x; stall <= 10x; auto within budget",
+                "<= 1.2x; stall <= 10x; auto within budget" if name in reserve_s else "(report)",
             ]
         )
     for name in ("numpy-kv", "sdpa"):
@@ -440,6 +454,7 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
                     _fmt(t),
                     f"{t.median / reference:.2f}x",
                     fmt_seconds(worst[name]),
+                    "",
                     "",
                     "",
                     "",
@@ -835,7 +850,10 @@ SECTIONS: list[tuple[str, str, Callable[[PathsConfig, dict[str, Any]], list[list
         "b",
         "causal decode: append + query of the new row, per token; ratio = time / numpy KV-cache",
         section_decode,
-        ["n0", "contender", "storage", "per token", "vs numpy", "max step", "stall", "nbytes peak", "target"],
+        [
+            *("n0", "contender", "storage", "per token", "vs numpy", "max step", "stall"),
+            *("reserve", "nbytes peak", "target"),
+        ],
     ),
     (
         "c",

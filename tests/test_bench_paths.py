@@ -36,6 +36,9 @@ def test_tiny_run_writes_every_section(bench_paths, tmp_path, backend):
         r for r in saved["records"] if r["section"] == "b_decode" and r["contender"].startswith("dynattn")
     ]
     assert decode and all(r["nbytes_peak"] > 0 and r["memory_budget"] == cfg.memory_budget for r in decode)
+    reserved = {r["contender"]: r["reserve_s"] for r in decode}
+    assert {"dynattn-auto", "dynattn-auto grown"} <= set(reserved)
+    assert reserved["dynattn-auto"] > 0 and reserved["dynattn-auto grown"] is None
     fallbacks = [r for r in saved["records"] if r["section"] == "g_fallbacks"]
     assert len(fallbacks) == 2 and all(0 <= r["fraction"] <= 1 for r in fallbacks)
     assert saved["targets"] and all(

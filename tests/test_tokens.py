@@ -184,6 +184,70 @@ def test_causal_decoding_by_append(storage, dtype):
     assert att.threshold == int(np.ceil(42**0.5))
 
 
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_reserve_makes_room_so_that_appends_reallocate_nothing(storage, schedule, tmp_path):
+    heads, d, e = (2,), 5, 4
+    Q, K, V = problem(heads, 9, 9, d, e, seed=21)
+    att = DynamicAttention(Q, K, V, tau=0.5, scale=0.5, storage=storage, causal=True, schedule=schedule)
+    model = Model(Q, K, V, scale=0.5, causal=True)
+    before = state_of(att)
+    att.reserve(n=30, m=31)
+    assert_same_state(before, state_of(att))  # the same structure, with room
+    att._check()
+    buffers = {key: buffer for key, (_, _, buffer) in att._state._buffers.items()}
+    nbytes = att.nbytes
+    rng = np.random.default_rng(22)
+    for step in range(21):
+        q, k, v = (rng.standard_normal((*heads, w)) for w in (d, d, e))
+        att.append(q=q, k=k, v=v)
+        model.append_token(q, k, v)
+        if step % 4 == 1:  # pending rows across the appends
+            c = int(rng.integers(model.K.shape[-2]))
+            k2 = rng.standard_normal((*heads, d))
+            att.set_key(c, k2)
+            model.K[..., c, :] = k2
+        if step % 5 == 0:
+            att._check()
+        model.check(att, context=f"append {step}: ")
+    assert att.n == 30 and att.nbytes == nbytes
+    assert all(att._state._buffers[key][2] is buffer for key, buffer in buffers.items())
+    att.reserve(n=4, m=None)  # below today's sizes: nothing to do
+    assert att.nbytes == nbytes
+    att.append(*(rng.standard_normal((*heads, w)) for w in (d, d, e)))  # past the room: it grows
+    assert att.n == 31 and att.nbytes > nbytes
+    att.save(tmp_path / "reserved.npz")
+    model.append_token(*(as_numpy(x)[..., -1, :] for x in (att.Q, att.K, att.V)))
+    model.check(DynamicAttention.load(tmp_path / "reserved.npz"), context="loaded: ")
+
+
+def test_reserve_checks_its_arguments_and_the_budget():
+    heads, d, e = (2,), 4, 3
+    Q, K, V = problem(heads, 16, 16, d, e, seed=23)
+    att = DynamicAttention(Q, K, V, tau=0.5, causal=True)
+    before = state_of(att)
+    for kwargs, error, words in [
+        ({"n": -1}, ValueError, "n: expected a number of rows >= 0"),
+        ({"m": 2.5}, TypeError, "m"),
+        ({"n": True}, TypeError, "n"),
+    ]:
+        with pytest.raises(error, match=words):
+            att.reserve(**kwargs)
+        assert_same_state(before, state_of(att))
+    with pytest.raises(TypeError):
+        att.reserve(40)  # keyword-only
+    # under storage="auto", room whose dense weights would pass the budget means implicit storage
+    budget = DynamicAttention(Q, K, V).nbytes * 2
+    auto = DynamicAttention(Q, K, V, tau=0.5, causal=True, memory_budget=budget)
+    assert auto.storage == "dense"
+    auto.reserve(n=20, m=20)
+    assert auto.storage == "dense" and auto.nbytes <= budget
+    auto.reserve(n=64, m=64)
+    assert auto.storage == "implicit"  # (the budget decides the storage, as growth does)
+    assert auto.stats["storage_switches"] == 1
+    auto._check()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_auto_storage_switches_to_implicit_before_growing_past_the_budget(tmp_path, dtype):
     heads, d, e = (2,), 4, 3

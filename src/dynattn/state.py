@@ -272,13 +272,7 @@ class AttentionState:
         left by :meth:`remove_index`)."""
         allocated = self.capacity_after(**sizes)
         grow = {a: allocated[a] for a in sizes if allocated[a] > self._capacity[a]}
-        if grow:
-            self._capacity.update(grow)
-            for key, (owner, spec, buffer) in self._buffers.items():
-                if any(a in grow for a in spec.axes):
-                    bigger = self._zeros(spec, spec.shape(allocated))
-                    bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
-                    self._buffers[key] = (owner, spec, bigger)
+        self._grow_buffers(grow)
         exposed = {
             a: (self.sizes[a], size) for a, size in sizes.items() if size > self.sizes[a] and a not in grow
         }
@@ -291,6 +285,25 @@ class AttentionState:
                     live = (slice(old, new) if a == axis else slice(0, self.sizes[a]) for a in spec.axes)
                     buffer[tuple(live)] = 0
         self._reslice()
+
+    def reserve(self, **capacities: int) -> None:
+        """Allocate growable axes to at least ``capacities`` (sizes unchanged), so that
+        :meth:`resize` up to them moves nothing."""
+        self._grow_buffers({a: c for a, c in capacities.items() if c > self._capacity[a]})
+        self._reslice()
+
+    def _grow_buffers(self, grow: dict[str, int]) -> None:
+        """Reallocate every buffer with an axis in ``grow`` to the capacities ``grow``
+        gives (the others as they are), copying the allocated part."""
+        if not grow:
+            return
+        self._capacity.update(grow)
+        allocated = {**self.sizes, **self._capacity}
+        for key, (owner, spec, buffer) in self._buffers.items():
+            if any(a in grow for a in spec.axes):
+                bigger = self._zeros(spec, spec.shape(allocated))
+                bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
+                self._buffers[key] = (owner, spec, bigger)
 
     def remove_index(self, axis: str, index: int) -> None:
         """Delete entry ``index`` of ``axis`` from every array (later entries move down one)."""

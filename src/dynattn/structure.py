@@ -340,11 +340,13 @@ class DynamicAttention(ValidatedInputs):
         #: schedule="spread": the fold in progress, gathered once (None: gather it again)
         self._folding_plan: FoldPlan | None = None
 
-    def _threshold_for_size(self) -> int:
-        """The fold threshold for the current sizes (``append`` raises it, never lowers it)."""
+    def _threshold_for_size(self, n: int | None = None, m: int | None = None) -> int:
+        """The fold threshold for the current sizes, or for ``n`` queries and ``m`` keys
+        (``append`` raises it, never lowers it)."""
+        n, m = self.n if n is None else n, self.m if m is None else m
         if self._adaptive:
-            return adaptive_threshold(self.m, self._H, self.n, self.e, self._memory_budget)
-        return fold_threshold(self.m, self._tau)
+            return adaptive_threshold(m, self._H, n, self.e, self._memory_budget)
+        return fold_threshold(m, self._tau)
 
     def _after_resize(self) -> None:
         """Sizes and size-dependent constants after the state grew or shrank."""
@@ -372,13 +374,18 @@ class DynamicAttention(ValidatedInputs):
         sizes = {axis: size for axis, size in sizes.items() if size != s.sizes[axis]}
         if not sizes:
             return
-        if self._auto_storage and self._storage.name == "dense":
-            capacity, allocated = s.capacity_after(**sizes), s.capacity_after()
-            grows = any(capacity[axis] > allocated[axis] for axis in sizes)
-            if grows and AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
-                self._switch_to_implicit()
+        capacity, allocated = s.capacity_after(**sizes), s.capacity_after()
+        if any(capacity[axis] > allocated[axis] for axis in sizes):
+            self._fit_budget(capacity)
         s.resize(**sizes)
         self._after_resize()
+
+    def _fit_budget(self, capacity: dict[str, int]) -> None:
+        """Under ``storage="auto"``, switch dense storage to implicit when its buffers at
+        ``capacity`` would not fit ``memory_budget`` (before they are allocated)."""
+        if self._auto_storage and self._storage.name == "dense":
+            if AttentionState.bytes_for(capacity, self._dtype, DenseStorage) > self._memory_budget:
+                self._switch_to_implicit()
 
     def _switch_to_implicit(self) -> None:
         """Drop the dense weights. The pending rows' folded columns came from them exactly,
@@ -578,13 +585,13 @@ class DynamicAttention(ValidatedInputs):
         s.t = t + 1
         return t
 
-    def _slot_capacity(self) -> int:
-        """Slots that can be in use at once: the threshold; twice that under
-        ``schedule="spread"`` (a folding generation and a pending one, each below the
-        threshold when an update ends), plus room for the slots one operation opens before
-        it checks the schedule."""
-        s = self._state
-        return 2 * s.threshold + 2 if self._spread else s.threshold
+    def _slot_capacity(self, threshold: int | None = None) -> int:
+        """Slots that can be in use at once with the current threshold (or ``threshold``):
+        the threshold; twice that under ``schedule="spread"`` (a folding generation and a
+        pending one, each below the threshold when an update ends), plus room for the
+        slots one operation opens before it checks the schedule."""
+        threshold = self._state.threshold if threshold is None else threshold
+        return 2 * threshold + 2 if self._spread else threshold
 
     def _fold_if_full(self) -> None:
         """After each update operation: fold when the pending rows reach the threshold
@@ -1151,6 +1158,31 @@ class DynamicAttention(ValidatedInputs):
         k_row = None if k is None else self._valid_key_row("k", k)
         v_row = None if v is None else self._valid_row("v", v, self.e).reshape(self._H, self.e)
         return self._append(q_row, k_row, v_row)
+
+    def reserve(self, *, n: int | None = None, m: int | None = None) -> None:
+        """Allocate room for ``n`` query rows and ``m`` keys in all (a size below today's
+        is ignored), so that ``append`` up to them reallocates nothing: a decoding loop
+        that knows its length pays for the memory here, not with one long append when
+        the capacity doubles (docs/bench.md, "Decoding"). Under ``storage="auto"``,
+        dense storage that would not fit ``memory_budget`` at that capacity switches to
+        implicit first, as growth does. ``nbytes`` counts the room reserved.
+        Runtime complexity: O(size of the state at the new capacity).
+        """
+        wanted = {axis: as_index(axis, size) for axis, size in (("n", n), ("m", m)) if size is not None}
+        for axis, size in wanted.items():
+            if size < 0:
+                raise ValueError(f"{axis}: expected a number of rows >= 0 to reserve, got {size}")
+        s = self._state
+        capacity = s.capacity_after()
+        # and the pending slots that the threshold at those sizes may need
+        threshold = max(s.threshold, self._threshold_for_size(wanted.get("n"), wanted.get("m")))
+        wanted["S"] = self._slot_capacity(threshold)
+        grow = {axis: size for axis, size in wanted.items() if size > capacity[axis]}
+        if not grow:
+            return
+        self._fit_budget({**capacity, **grow})
+        s.reserve(**grow)
+        self._after_resize()
 
     def slide(self, k: Any, v: Any, *, window: int, sinks: int = 0, q: Any = None) -> tuple[int | None, int]:
         """One step of a sliding window: delete the oldest live keys so that, with the
