@@ -1174,9 +1174,10 @@ class DynamicAttention(ValidatedInputs):
                 raise ValueError(f"{axis}: expected a number of rows >= 0 to reserve, got {size}")
         s = self._state
         capacity = s.capacity_after()
-        # and the pending slots that the threshold at those sizes may need
+        # the slot buffers, which grow as slots open, in proportion to the slot capacity
+        # at those sizes (so reserving never allocates slots no operation asked for)
         threshold = max(s.threshold, self._threshold_for_size(wanted.get("n"), wanted.get("m")))
-        wanted["S"] = self._slot_capacity(threshold)
+        wanted["S"] = -(-capacity["S"] * self._slot_capacity(threshold) // self._slot_capacity())
         grow = {axis: size for axis, size in wanted.items() if size > capacity[axis]}
         if not grow:
             return
