@@ -39,6 +39,7 @@ to change), with the command line and the git commit.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import sys
 import time
@@ -167,6 +168,20 @@ def _record(
         }
         for name, t in timings.items()
     ]
+
+
+def _without_gc(sample: Callable[[], float]) -> Callable[[], float]:
+    """``sample`` run after a garbage collection, with the collector off while it runs."""
+
+    def run() -> float:
+        gc.collect()
+        gc.disable()
+        try:
+            return sample()
+        finally:
+            gc.enable()
+
+    return run
 
 
 def _heads_problem(heads: int, n: int, d: int, dtype: Any, seed: int) -> tuple[np.ndarray, ...]:
@@ -400,6 +415,9 @@ def _decode_at(cfg: PathsConfig, out: dict[str, Any], n0: int) -> list[list[Any]
             return elapsed / steps
 
         contenders["sdpa"] = sdpa_sample
+    # per-step maxima are per-call latencies: no collection of earlier sections' garbage in a
+    # step (as benchmarks/bench_latency.py times its calls)
+    contenders = {name: _without_gc(sample) for name, sample in contenders.items()}
     grown = {name: sample for name, sample in contenders.items() if name.endswith("grown")}
     timings = interleaved(
         {name: sample for name, sample in contenders.items() if name not in grown},
