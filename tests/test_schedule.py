@@ -233,26 +233,3 @@ def test_policy_text_describes_the_fold_in_progress():
         _random_updates(att, rng, 1)
     assert f"of {att.n} query rows done" in att.policy
 
-
-def test_each_generation_folds_as_a_run_of_slots(monkeypatch):
-    # entry updates open at most one slot each: every generation is a run of slots when it
-    # starts to fold (the two generations alternate between two runs), so its plan and its
-    # slices read views of the pending buffers instead of gathered copies
-    Q, K, V = random_problem(61, 40, 6, 5, seed=11)
-    att = DynamicAttention(Q, K, V, tau=0.75, schedule="spread")
-    plans = []
-    original = structure.DynamicAttention._fold_plan
-
-    def recording(self, slots):
-        plans.append(slots.copy())
-        return original(self, slots)
-
-    monkeypatch.setattr(structure.DynamicAttention, "_fold_plan", recording)
-    rng = np.random.default_rng(5)
-    for _ in range(20 * att.threshold):
-        att.update_k(int(rng.integers(att.m)), int(rng.integers(att.d)), float(rng.normal(0, 0.3)))
-    att._check()
-    assert len(plans) >= 10
-    assert all(np.array_equal(slots, np.arange(slots[0], slots[0] + slots.size)) for slots in plans)
-    assert len({int(slots[0]) for slots in plans}) == 2
-    _certified(att)

@@ -563,23 +563,14 @@ class DynamicAttention(ValidatedInputs):
         return slot
 
     def _free_slot(self) -> int:
-        """A free slot: the next one, growing the slot buffers by doubling up to their
-        capacity. Under ``schedule="spread"`` (where a spread fold releases slots below
-        ``t``) the slot after the pending generation's last one where that is free or
-        next, so that a generation is a run of slots when it starts to fold (its plan and
-        slices then read views, not gathered copies); else the lowest free one."""
+        """The lowest free slot (one a spread fold released, else the next one, growing the
+        slot buffers by doubling up to their capacity)."""
         s = self._state
         t = s.t
-        if self._spread:
-            kinds = s.slot_kind[:t]
-            live = np.flatnonzero(kinds == LIVE)
-            after = int(live[-1]) + 1 if live.size else -1
-            if 0 <= after < t and kinds[after] == FREE:
-                return after
-            if after != t or t == self._slot_capacity():
-                free = np.flatnonzero(kinds == FREE)
-                if free.size:
-                    return int(free[0])
+        if self._spread:  # only a spread fold leaves free slots below t
+            free = np.flatnonzero(s.slot_kind[:t] == FREE)
+            if free.size:
+                return int(free[0])
         if t == s.sizes["S"]:
             self._resize(S=min(self._slot_capacity(), 2 * t))
         s.t = t + 1
