@@ -213,6 +213,31 @@ def test_two_dimensional_float32_and_causal(ray):
         mirror.check("causal: ")
 
 
+def test_reserve_then_decode(ray):
+    Q, K, V = problem(heads=2)
+    mirror = Mirror(ray, Q, K, V, shards=2, by="rows", causal=False, scale=SCALE)
+    with mirror.sharded as att:
+
+        def shard_bytes():
+            answers = att._exchange({k: [("nbytes", (), {})] for k in range(att.shards)})
+            return [answers[k][0] for k in range(att.shards)]
+
+        before = shard_bytes()
+        mirror.reserve(n=N + 6, m=N + 6)
+        reserved = shard_bytes()
+        assert all(b < r for b, r in zip(before, reserved, strict=True))  # every shard got room
+        for _ in range(6):
+            expected, got = mirror.append(q=mirror.row(D), k=mirror.row(D), v=mirror.row(E))
+            assert got == expected
+        assert shard_bytes() == reserved  # and the appends fit in it
+        mirror.check("after reserve and appends: ")
+        with pytest.raises(ValueError, match="n: expected a number of rows >= 0"):
+            att.reserve(n=-1)
+        with pytest.raises(TypeError, match="m"):
+            att.reserve(m=1.5)
+        mirror.check("after rejected reserves: ")
+
+
 def test_the_log_is_cut_at_checkpoints_and_bounded(ray, tmp_path):
     Q, K, V = problem()
     folder = tmp_path / "checkpoints"

@@ -54,7 +54,7 @@ from dynattn._validation import (
 )
 from dynattn.backends import resolve_backend
 from dynattn.persistence import SnapshotError
-from dynattn.structure import DynamicAttention, fold_threshold
+from dynattn.structure import DynamicAttention, fold_threshold, reserve_sizes
 
 __all__ = ["INSTALL_HINT", "RUNTIME_OPTIONS", "ShardedAttention"]
 
@@ -611,6 +611,23 @@ class ShardedAttention(ValidatedInputs):
             self.m = max(self.m, key_index + 1)
         self._expose()
         return query_index, key_index
+
+    def reserve(self, *, n: int | None = None, m: int | None = None) -> None:
+        """``DynamicAttention.reserve`` on the shards: room for ``m`` keys on every shard and
+        for query rows up to ``n`` in all on the last row block (where appended query rows
+        go); queued like an edit. Runtime complexity: that of ``DynamicAttention.reserve``
+        per shard, in parallel.
+        """
+        wanted = reserve_sizes(n, m)
+        last = self._row_blocks - 1
+
+        def calls(shard: _Shard) -> list[Call]:
+            room = {"m": wanted["m"]} if "m" in wanted else {}
+            if "n" in wanted and shard.index % self._row_blocks == last:
+                room["n"] = max(wanted["n"] - shard.rows[0], 0)
+            return [("reserve", (), room)] if room else []
+
+        self._queue(calls)
 
     def delete_key(self, c: int) -> None:
         """``DynamicAttention.delete_key(c)`` on every shard (key c hidden from every query); queued.

@@ -118,6 +118,15 @@ def _as_slice(rows: np.ndarray) -> Any:
     return rows
 
 
+def reserve_sizes(n: Any, m: Any) -> dict[str, int]:
+    """``reserve``'s arguments checked: ``{"n": n, "m": m}`` without those that are None."""
+    wanted = {axis: as_index(axis, size) for axis, size in (("n", n), ("m", m)) if size is not None}
+    for axis, size in wanted.items():
+        if size < 0:
+            raise ValueError(f"{axis}: expected a number of rows >= 0 to reserve, got {size}")
+    return wanted
+
+
 def fold_threshold(m: int, tau: float) -> int:
     """Pending rows that trigger a fold: ``ceil(m**tau)``, between 1 and m."""
     return min(m, max(1, math.ceil(m**tau * (1 - 1e-12))))
@@ -1159,10 +1168,7 @@ class DynamicAttention(ValidatedInputs):
         implicit first, as growth does. ``nbytes`` counts the room reserved.
         Runtime complexity: O(size of the state at the new capacity).
         """
-        wanted = {axis: as_index(axis, size) for axis, size in (("n", n), ("m", m)) if size is not None}
-        for axis, size in wanted.items():
-            if size < 0:
-                raise ValueError(f"{axis}: expected a number of rows >= 0 to reserve, got {size}")
+        wanted = reserve_sizes(n, m)
         s = self._state
         capacity = s.capacity_after()
         # the slot buffers, which grow as slots open, in proportion to the slot capacity
