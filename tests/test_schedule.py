@@ -232,4 +232,3 @@ def test_policy_text_describes_the_fold_in_progress():
     while not att._state.folded_rows:
         _random_updates(att, rng, 1)
     assert f"of {att.n} query rows done" in att.policy
-
