@@ -221,6 +221,21 @@ def test_reserve_makes_room_so_that_appends_reallocate_nothing(storage, schedule
     model.check(DynamicAttention.load(tmp_path / "reserved.npz"), context="loaded: ")
 
 
+def test_regrowth_exposes_zeros_where_a_deleted_row_left_its_copy():
+    # delete_query leaves a stale copy of the last row in the spare capacity; a growth of
+    # the state past its capacity (several rows at once here) must not bring it back
+    heads, d, e = (2,), 4, 3
+    Q, K, V = problem(heads, 8, 8, d, e, seed=24)
+    att = DynamicAttention(Q, K, V, tau=0.5, storage="implicit")
+    att.delete_query(2)
+    s = att._state
+    stale = as_numpy(s.Q[:, -1])
+    assert np.array_equal(as_numpy(s._buffers["Q"][2][:, att.n]), stale)  # the copy, in the spare row
+    s.resize(n=att.n + 4)
+    for name in ("Q", "N", "Z"):
+        assert not as_numpy(getattr(s, name)[:, att.n :]).any(), name
+
+
 def test_reserve_checks_its_arguments_and_the_budget():
     heads, d, e = (2,), 4, 3
     Q, K, V = problem(heads, 16, 16, d, e, seed=23)

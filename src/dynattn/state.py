@@ -294,7 +294,8 @@ class AttentionState:
 
     def _grow_buffers(self, grow: dict[str, int]) -> None:
         """Reallocate every buffer with an axis in ``grow`` to the capacities ``grow``
-        gives (the others as they are), copying the allocated part."""
+        gives (the others as they are), copying the live part: the spare capacity of the
+        new buffer is zero (no stale entry of :meth:`remove_index` survives a regrowth)."""
         if not grow:
             return
         self._capacity.update(grow)
@@ -302,7 +303,8 @@ class AttentionState:
         for key, (owner, spec, buffer) in self._buffers.items():
             if any(a in grow for a in spec.axes):
                 bigger = self._zeros(spec, spec.shape(allocated))
-                bigger[tuple(slice(0, k) for k in buffer.shape)] = buffer
+                live = tuple(slice(0, self.sizes[a]) for a in spec.axes)
+                bigger[live] = buffer[live]
                 self._buffers[key] = (owner, spec, bigger)
 
     def remove_index(self, axis: str, index: int) -> None:
