@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from dynattn import DynamicAttention
-from dynattn._timing import fmt_seconds, format_table, machine_info, report_header, write_report
+from dynattn._timing import (
+    add_output_options,
+    fmt_seconds,
+    format_table,
+    machine_info,
+    report_header,
+    write_report,
+)
 from dynattn.baselines import OnDemand
 from dynattn.testing import random_problem
 
@@ -157,8 +164,7 @@ def report(results: list[dict[str, Any]], header: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (tests)")
-    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent.parent / "docs" / "figures"))
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, "dormancy", Path(__file__).resolve().parent.parent / "docs" / "figures")
     args = parser.parse_args(argv)
     if args.quick:
         cfg = argparse.Namespace(paper_n=48, paper_updates=3000, llm_n=64, llm_updates=1200, window=300)
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results, header)
     print(text)
     if not args.no_write:
-        write_report({"machine": info, "results": results, "text": text}, Path(args.out_dir), "dormancy")
+        write_report({"machine": info, "results": results, "text": text}, args.out_dir, "dormancy")
     return 0
 
 

@@ -87,6 +87,7 @@ import numpy as np  # noqa: E402
 from dynattn import DynamicAttention  # noqa: E402
 from dynattn._timing import (  # noqa: E402
     LoadMonitor,
+    add_output_options,
     fmt_ratio,
     fmt_seconds,
     format_table,
@@ -688,8 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, fewer operations (< 60 s)")
     parser.add_argument("--sections", default="a,b", help="which sections to run, e.g. 'a,b' or 'a'")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "figures", help="where latency.* go")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, "latency", ROOT / "docs" / "figures")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sections = "".join(sorted(set(args.sections.replace(",", "").replace(" ", ""))))

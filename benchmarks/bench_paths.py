@@ -53,6 +53,7 @@ import numpy as np
 from dynattn import DynamicAttention
 from dynattn._timing import (
     Timing,
+    add_output_options,
     fmt_ratio,
     fmt_seconds,
     format_table,
@@ -980,8 +981,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--full", action="store_true", help="add n = 16384 (long)")
     parser.add_argument("--repeats", type=int, help="timed rounds per section (default 5; --quick 2)")
     parser.add_argument("--sections", default="abcdefgh", help="which sections to run, e.g. 'abc'")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "figures", help="where paths.* go")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, "paths", ROOT / "docs" / "figures")
     args = parser.parse_args(argv)
     cfg = PathsConfig.preset(quick=args.quick, full=args.full)
     if args.repeats:

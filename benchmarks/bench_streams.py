@@ -72,6 +72,7 @@ import numpy as np
 from dynattn import DynamicAttention
 from dynattn._timing import (
     LoadMonitor,
+    add_output_options,
     fmt_ratio,
     fmt_seconds,
     format_table,
@@ -714,8 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--parts", default="ab", help="which parts to run, e.g. 'a'")
     parser.add_argument("--profile", action="store_true", help="cProfile dynattn's window steps (part b)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "docs" / "figures", help="where streams.* go")
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, "streams", ROOT / "docs" / "figures")
     args = parser.parse_args(argv)
     cfg = StreamsConfig.preset(quick=args.quick, tiny=args.tiny)
     if args.steps is not None:

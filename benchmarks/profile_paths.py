@@ -43,7 +43,15 @@ from typing import Any
 import numpy as np
 
 from dynattn import DynamicAttention
-from dynattn._timing import fmt_seconds, format_table, gemm_rate, machine_info, report_header, write_report
+from dynattn._timing import (
+    add_output_options,
+    fmt_seconds,
+    format_table,
+    gemm_rate,
+    machine_info,
+    report_header,
+    write_report,
+)
 
 #: Functions listed per path.
 TOP = 6
@@ -242,8 +250,7 @@ def report(results: list[dict[str, Any]], floors: dict[str, float], header: list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (tests)")
-    parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent.parent / "docs" / "figures"))
-    parser.add_argument("--no-write", action="store_true", help="print only")
+    add_output_options(parser, "profile", Path(__file__).resolve().parent.parent / "docs" / "figures")
     args = parser.parse_args(argv)
     cfg = argparse.Namespace(
         n=256 if args.quick else 4096, paper_n=128 if args.quick else 1024, steps=10 if args.quick else 150
@@ -261,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         write_report(
             {"machine": info, "floors": floors, "results": results, "text": text},
-            Path(args.out_dir),
+            args.out_dir,
             "profile",
         )
     return 0

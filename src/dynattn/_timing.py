@@ -355,6 +355,15 @@ def targets_summary(targets: Sequence[dict[str, Any]]) -> str:
     return summary
 
 
+def add_output_options(parser: Any, stem: str, out_dir: Any) -> None:
+    """The options of a benchmark that writes ``{stem}.json`` and ``{stem}.txt`` with
+    :func:`write_report`: ``--out-dir`` (a ``Path``, default ``out_dir``) and ``--no-write``."""
+    from pathlib import Path
+
+    parser.add_argument("--out-dir", type=Path, default=Path(out_dir), help=f"where {stem}.* go")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+
+
 def write_report(result: dict[str, Any], out_dir: Any, stem: str) -> None:
     """Write a benchmark's ``result`` as ``{stem}.json`` (all but its text) and its
     ``result["text"]`` as ``{stem}.txt`` in the folder ``out_dir`` (a ``Path``; created)."""
