@@ -62,8 +62,8 @@ __all__ = ["INSTALL_HINT", "RUNTIME_OPTIONS", "ShardedAttention"]
 INSTALL_HINT = 'pip install "dynattn[ray]"'
 #: Version of the manifest written by :meth:`ShardedAttention.save`.
 MANIFEST_FORMAT = 1
-#: Environment variables that limit a shard's BLAS/OpenMP threads.
-BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: Environment variables that limit a shard's BLAS/OpenMP threads (and numba's, dynattn.kernels).
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 #: Calls without answers a shard may have in flight before the driver waits for them.
 MAX_IN_FLIGHT = 2
 #: One call on a shard's structure: (method or attribute, positional arguments, keyword arguments).

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dynattn import certificate as cert
-from dynattn import policy
+from dynattn import kernels, policy
 from dynattn._base import ValidatedInputs
 from dynattn._validation import (
     as_index,
@@ -1450,10 +1450,16 @@ class DynamicAttention(ValidatedInputs):
     def _masked_logits(self, heads: np.ndarray, c: int) -> Any:
         """``s * Q K_c^T`` for ``heads`` as ``(len(heads), n)``, -inf where key c is hidden."""
         s = self._state
-        if heads.size == 1:
+        whole = heads.size == self._H
+        queries = s.Q if whole else s.Q[heads[0] : heads[0] + 1] if heads.size == 1 else None
+        logits = None if queries is None else kernels.rows_dot(queries, s.K64[heads, c][:, :, None])
+        if logits is not None:
+            logits = logits[:, :, 0]
+            logits *= self._scale
+        elif heads.size == 1:
             logits = (s.K64[heads[0], c] @ s.Q64_T[heads[0]])[None] * self._scale
         else:
-            columns = s.Q64_T if heads.size == self._H else s.Q64_T[heads]
+            columns = s.Q64_T if whole else s.Q64_T[heads]
             logits = (s.K64[heads, c][:, None, :] @ columns)[:, 0] * self._scale
         return self._hide_from_masked_rows(logits, c)
 
@@ -1476,7 +1482,10 @@ class DynamicAttention(ValidatedInputs):
             keys = xp.zeros((self._H, 2, self.d), np.float64)
             keys[:, 0] = s.K64[:, c]
             keys[:, 1] = xp.asarray(new_key.astype(np.float64))
-            logits = self._hide_from_masked_rows((keys @ s.Q64_T) * self._scale, c)
+            logits_t = kernels.rows_dot(s.Q, xp.swap_last(keys))  # (H, n, 2)
+            logits = keys @ s.Q64_T if logits_t is None else xp.swap_last(logits_t)
+            logits *= self._scale
+            logits = self._hide_from_masked_rows(logits, c)
             old_logits, new_logits = logits[:, 0], logits[:, 1]
         column = xp.exp(old_logits - s.mu)
         self._round_to_dtype(column)
@@ -1868,7 +1877,10 @@ class DynamicAttention(ValidatedInputs):
             where = positions[:, start : start + block]
             part = rows[start : start + block]
             columns = _as_slice(part)
-            weights_t = xp.matmul_into(s.K64[hs], s.Q64_T[hs][:, :, columns], buffer[:, :, : part.size])
+            queries_t, into = s.Q64_T[hs][:, :, columns], buffer[:, :, : part.size]
+            weights_t = kernels.rows_dot(s.K[hs], queries_t, into)
+            if weights_t is None:
+                weights_t = xp.matmul_into(s.K64[hs], queries_t, into)
             weights_t *= self._scale
             visible = self._visibility(part)
             if visible is not None:
@@ -1879,7 +1891,9 @@ class DynamicAttention(ValidatedInputs):
             xp.exp_(weights_t)
             self._round_to_dtype(weights_t)
             z = xp.sum(weights_t, 1)
-            full = xp.swap_last(weights_t) @ values  # (H', rows, e)
+            full = kernels.weighted_rows(weights_t, s.V[hs]) if moderate else None
+            if full is None:
+                full = xp.swap_last(weights_t) @ values  # (H', rows, e)
             if moderate:
                 full /= units[:, None, :]
             out[xp.index(where)] = full / xp.where(z > 0, z, 1.0)[:, :, None] * units[:, None, :]
