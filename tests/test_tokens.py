@@ -236,6 +236,24 @@ def test_regrowth_exposes_zeros_where_a_deleted_row_left_its_copy():
         assert not as_numpy(getattr(s, name)[:, att.n :]).any(), name
 
 
+def test_growth_within_capacity_zeroes_each_stale_row_it_exposes():
+    # two deletions leave two stale rows past the live part; growing one row at a time
+    # (no regrowth: room reserved) must zero each as it comes into view, and only those
+    heads, d, e = (2,), 4, 3
+    Q, K, V = problem(heads, 8, 8, d, e, seed=25)
+    att = DynamicAttention(Q, K, V, tau=0.5, storage="implicit")
+    att.reserve(n=16)
+    att.delete_query(1)
+    att.delete_query(1)
+    s = att._state
+    n = att.n
+    assert as_numpy(s._buffers["Q"][2][:, n : n + 2]).any()  # the stale copies
+    for grown in (n + 1, n + 2, n + 3):
+        s.resize(n=grown)
+        for name in ("Q", "N", "Z"):
+            assert not as_numpy(getattr(s, name)[:, n:]).any(), (name, grown)
+
+
 def test_reserve_checks_its_arguments_and_the_budget():
     heads, d, e = (2,), 4, 3
     Q, K, V = problem(heads, 16, 16, d, e, seed=23)

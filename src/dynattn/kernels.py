@@ -14,7 +14,7 @@ with fused multiply-adds) is unchanged.
 Kernels are chosen by name and held in the plain registry :data:`KERNELS`:
 
 ``"numba"``
-    compiled with numba (``pip install "dynattn[fast]"``), parallel over heads;
+    compiled with numba (``pip install "dynattn[fast]"``), single-threaded;
 ``"numpy"``
     no kernel: the structure uses numpy/BLAS on its float64 copies (always
     available, and what the torch backend always does).

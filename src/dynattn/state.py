@@ -176,6 +176,9 @@ class AttentionState:
         #: current sizes of every axis, and allocated sizes of the growable ones
         self.sizes = dict(sizes)
         self._capacity = {axis: self.sizes[axis] for axis in GROWABLE}
+        #: spare capacity of each growable axis is zero from this index on (entries that
+        #: :meth:`remove_index` moved past the live part lie below it)
+        self._stale_until = dict.fromkeys(GROWABLE, 0)
         self.t = 0  # slots 0..t-1 are in use (answers add up their terms)
         self.threshold = 1  # pending rows that trigger a fold: ceil(m**tau)
         self.slots_opened = 0  # slots opened since construction (the next slot_sequence)
@@ -257,10 +260,12 @@ class AttentionState:
         zeros = self._xp.zeros if spec.device else np.zeros
         return zeros(shape, spec.resolved_dtype(self._dtype))
 
-    def _reslice(self) -> None:
-        """Point every declared attribute at the live part of its buffer."""
+    def _reslice(self, axes: str = "") -> None:
+        """Point every declared attribute (or those with an axis in ``axes``) at the live
+        part of its buffer."""
         for owner, spec, buffer in self._buffers.values():
-            owner.__dict__[spec.name] = buffer[tuple(slice(0, self.sizes[a]) for a in spec.axes)]
+            if not axes or any(a in axes for a in spec.axes):
+                owner.__dict__[spec.name] = buffer[tuple(slice(0, self.sizes[a]) for a in spec.axes)]
         if self._dtype == np.float64:
             for name, spec in declared_arrays(type(self)).items():
                 if spec.float64_copy_of:
@@ -273,9 +278,12 @@ class AttentionState:
         allocated = self.capacity_after(**sizes)
         grow = {a: allocated[a] for a in sizes if allocated[a] > self._capacity[a]}
         self._grow_buffers(grow)
-        exposed = {
-            a: (self.sizes[a], size) for a, size in sizes.items() if size > self.sizes[a] and a not in grow
-        }
+        exposed = {}  # the stale entries a growing axis brings into view
+        for a, size in sizes.items():
+            if size < self.sizes[a]:
+                self._stale_until[a] = max(self._stale_until[a], self.sizes[a])
+            elif a not in grow and self.sizes[a] < self._stale_until[a]:
+                exposed[a] = (self.sizes[a], min(size, self._stale_until[a]))
         self.sizes.update(sizes)
         # only the live part of the other axes: an entry in their spare capacity is zeroed
         # when that axis grows over it (then this one is live)
@@ -284,7 +292,7 @@ class AttentionState:
                 if axis in spec.axes:
                     live = (slice(old, new) if a == axis else slice(0, self.sizes[a]) for a in spec.axes)
                     buffer[tuple(live)] = 0
-        self._reslice()
+        self._reslice("".join(sizes))
 
     def reserve(self, **capacities: int) -> None:
         """Allocate growable axes to at least ``capacities`` (sizes unchanged), so that
@@ -299,6 +307,7 @@ class AttentionState:
         if not grow:
             return
         self._capacity.update(grow)
+        self._stale_until.update(dict.fromkeys(grow, 0))
         allocated = {**self.sizes, **self._capacity}
         for key, (owner, spec, buffer) in self._buffers.items():
             if any(a in grow for a in spec.axes):
@@ -355,6 +364,7 @@ class AttentionState:
         state._xp, state._dtype, state._storage = xp, np.dtype(dtype), storage
         state.sizes = dict(numbers["sizes"])
         state._capacity = {axis: state.sizes[axis] for axis in GROWABLE}
+        state._stale_until = dict.fromkeys(GROWABLE, 0)
         for name, kind in cls.SCALARS.items():
             setattr(state, name, kind(numbers[name]))
         state.slot_of = {int(c): int(s) for c, s in numbers["slot_of"].items()}
