@@ -635,8 +635,7 @@ class DynamicAttention(ValidatedInputs):
         self._clear_pending()
         s.stats["folds"] += 1
         if values_moved:
-            s.value_max[...] = xp.to_numpy(xp.amax(xp.abs(s.V64), 1))
-            s.value_max_stale[...] = False
+            self._head_ratios()  # recomputes the stale value maxima (the others are exact)
             if np.any(s.value_scale / 2 > s.value_max):
                 self._full_refresh()  # values shrank: reset the value scales
                 return
