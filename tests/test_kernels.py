@@ -12,7 +12,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from dynattn import DynamicAttention, kernels
+from dynattn import DynamicAttention, kernels, policy
 from dynattn.certificate import gamma
 from dynattn.testing import as_numpy, reference_attention, value_scale
 
@@ -126,15 +126,26 @@ def _check_rows(att, Q, K, V, mask):
         assert np.all(err <= att.error_bound(i)), (i, err.max(), att.error_bound(i))
 
 
+@pytest.mark.parametrize("tau", [0.5, "auto"])
 @pytest.mark.parametrize("storage", ["dense", "implicit"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_structure_under_each_kernel_set(kernel_set, storage, causal):
+def test_structure_under_each_kernel_set(kernel_set, storage, causal, tau):
     """Decoding (append + the new row), token edits and entry updates of a float32
-    structure with heads: every row within its certified bound."""
+    structure with heads: every row within its certified bound (under tau="auto" the
+    edits defer their columns, which the reads then compute)."""
     rng = np.random.default_rng(7)
     H, n, d, e = 3, 11, 5, 4
     Q, K, V = (rng.standard_normal((H, n, w)).astype(np.float32) for w in (d, d, e))
-    att = DynamicAttention(Q, K, V, tau=0.5, dtype=np.float32, storage=storage, causal=causal, scale=0.7)
+    # tau="auto" with rates that defer every column: reads then compute them, with one
+    # product over every key once a third of the keys is deferred
+    with policy.use_rates(policy.Rates(gemm=1.0, gemv=1e9, call=0.0)):
+        _edit_and_check(tau, storage, causal, Q, K, V, rng)
+
+
+def _edit_and_check(tau, storage, causal, Q, K, V, rng):
+    H, _, d = Q.shape
+    e = V.shape[2]
+    att = DynamicAttention(Q, K, V, tau=tau, dtype=np.float32, storage=storage, causal=causal, scale=0.7)
     Q, K, V = (list(x) for x in (Q, K, V))
     for step in range(12):
         q, k, v = (rng.standard_normal((H, w)).astype(np.float32) for w in (d, d, e))
@@ -154,6 +165,8 @@ def test_structure_under_each_kernel_set(kernel_set, storage, causal):
             att.update_k(c, j, 0.5, head=1)
             K[1][c, j] += np.float32(0.5)
         att._check()
+    if tau == "auto":
+        assert 3 * att.pending >= att.m and att.stats["columns_deferred"] >= att.pending
     count = len(Q[0])
     mask = np.tril(np.ones((count, count), bool)) if causal else None
     for h in range(H):

@@ -912,7 +912,8 @@ class DynamicAttention(ValidatedInputs):
         s, xp = self._state, self._xp
         self._count_read()
         s.dormancy_balance += policy.entry_price(self.m, self.d)
-        logits = s.K64[h] @ s.Q64[h, i]  # (m,)
+        logits = kernels.rows_dot(s.K[h : h + 1], s.Q64[h, i][None, :, None])
+        logits = s.K64[h] @ s.Q64[h, i] if logits is None else logits[0, :, 0]  # (m,)
         logits *= self._scale
         visible = self._visibility(np.array([i]))
         if visible is not None:
@@ -1726,7 +1727,11 @@ class DynamicAttention(ValidatedInputs):
         whole = 3 * keys.size >= self.m
         for h, part in groups:
             if whole:
-                logits = (s.Q64[h, part] @ xp.swap_last(s.K64[h]))[:, xp.index(keys)]
+                logits_t = kernels.rows_dot(s.K[h : h + 1], xp.swap_last(s.Q64[h, part])[None])
+                if logits_t is not None:  # (1, m, len(part))
+                    logits = logits_t[0, keys].T
+                else:
+                    logits = (s.Q64[h, part] @ xp.swap_last(s.K64[h]))[:, xp.index(keys)]
             else:
                 logits = s.Q64[h, part] @ xp.swap_last(s.K64[h, keys])  # (len(part), len(slots))
             logits *= self._scale
