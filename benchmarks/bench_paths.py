@@ -948,7 +948,7 @@ def run_paths(
         f"# {command}",
         f"# commit {result['git_commit']}",
         f"# {result['machine']['cpu_model']}, {result['machine']['cores']} cores, numpy "
-        f"{result['machine']['numpy']}, torch {result['torch']}",
+        f"{result['machine']['numpy']}, torch {result['torch']}, kernels {result['machine']['kernels']}",
         "# median [min-max] over interleaved rounds; targets from the issues next to each ratio",
     ]
     for letter, title, fn, headers in SECTIONS:

@@ -10,10 +10,12 @@ functions), and two floors measured in the same run:
 * **arithmetic**: its flops over the float64 GEMM rate (or GEMV rate where the
   product is a matrix-vector one).
 
-The floors count what the structure reads as it is built: logits and the
-snapshot are computed from float64 copies of Q, K and V whatever the storage
-dtype (``docs/accuracy.md``), so a float32 structure reads twice the bytes of a
-float32 KV cache on the paths that stream K, V or Q.
+The floors count what the structure reads: logits and the snapshot are float64
+evaluations whatever the storage dtype (``docs/accuracy.md``). With the numpy
+kernels numpy computes them from float64 copies of Q, K and V, twice the bytes
+of a float32 KV cache on the paths that stream K, V or Q; with the numba kernels
+(:mod:`dynattn.kernels`, named in the report) those paths read the float32 arrays
+and widen each element as they go.
 
 Paths:
 
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from dynattn import DynamicAttention
+from dynattn import DynamicAttention, kernels
 from dynattn._timing import (
     add_output_options,
     fmt_seconds,
@@ -130,15 +132,15 @@ def path_token_edit(cfg: argparse.Namespace, floors: dict[str, float]) -> dict[s
 
     wall, top = profiled(step, count)
     T = att.threshold
-    logit_bytes = H * n * d * 8  # the new key's logits read Q in float64
+    logit_bytes = H * n * d * 8  # the new key's logits: Q in float64 (numpy kernels)
     fold_flops = 4 * H * n * d  # per edit: its share of the fold's key and value products (e = d)
     return {
         "path": f"token edit + 1 row, H = {H}, n = {n}, d = e = {d}, float32, tau = 0.5, dense (T = {T})",
         "wall": wall,
         "top": top,
         "floors": {
-            "memory: Q in float64 for the new key's logits": logit_bytes / floors["bandwidth"],
-            "memory: the same Q in float32": logit_bytes / 2 / floors["bandwidth"],
+            "memory: Q in float64 (numpy kernels)": logit_bytes / floors["bandwidth"],
+            "memory: the same Q in float32 (numba kernels)": logit_bytes / 2 / floors["bandwidth"],
             "arithmetic: logits (GEMV) + fold share (GEMM)": 2 * H * n * d / floors["gemv"]
             + fold_flops / floors["gemm"],
         },
@@ -170,8 +172,8 @@ def path_decode(cfg: argparse.Namespace, floors: dict[str, float]) -> dict[str, 
         "wall": wall,
         "top": top,
         "floors": {
-            "memory: K and V in float64 for the new row": kv_bytes / floors["bandwidth"],
-            "memory: K and V in float32 (a float32 KV cache)": kv_bytes / 2 / floors["bandwidth"],
+            "memory: K and V in float64 for the new row (numpy kernels)": kv_bytes / floors["bandwidth"],
+            "memory: K and V in float32 (numba kernels, a KV cache)": kv_bytes / 2 / floors["bandwidth"],
             "arithmetic: the new row (two GEMVs per head)": 2 * H * m * 2 * d / floors["gemv"],
         },
         "stats": att.stats,
@@ -228,7 +230,7 @@ def report(results: list[dict[str, Any]], floors: dict[str, float], header: list
     lines.append(
         f"read bandwidth {floors['bandwidth'] / 1e9:.1f} GB/s, "
         f"float64 GEMM {floors['gemm'] / 1e9:.1f} GFLOP/s, "
-        f"GEMV (4096 x 64) {floors['gemv'] / 1e9:.2f} GFLOP/s"
+        f"GEMV (4096 x 64) {floors['gemv'] / 1e9:.2f} GFLOP/s; kernels: {kernels.active()}"
     )
     for k, result in enumerate(results):
         lines += [

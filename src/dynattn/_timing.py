@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from dynattn import kernels
+
 #: A sample function: runs the work and returns its duration in seconds
 #: (``None`` means "time the whole call").
 Sample = Callable[[], "float | None"]
@@ -392,6 +394,7 @@ def machine_info(rates: Mapping[str, float] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "dynattn": source_version(),
+        "kernels": kernels.active(),
     }
     if rates:
         info["gemm_gflops"] = {k: v / 1e9 for k, v in rates.items()}
@@ -404,7 +407,8 @@ def report_header(command: str, info: Mapping[str, Any]) -> list[str]:
     return [
         f"# {command}",
         f"# commit {git_commit()}",
-        f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']})",
+        f"# {info['cpu_model']}, {info['cores']} cores, numpy {info['numpy']} ({info['blas']}), "
+        f"kernels {info.get('kernels', 'numpy')}",
     ]
 
 
