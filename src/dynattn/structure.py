@@ -1077,10 +1077,11 @@ class DynamicAttention(ValidatedInputs):
             return
         factors = self._xp.asarray(s.value_unit / units)  # powers of two <= 1
         self._folding_plan = None  # it holds values in the old units
-        s.N *= factors[:, None, :]
         s.pending_new_values *= factors[:, None, :]
         s.pending_old_values *= factors[:, None, :]
         for h in np.flatnonzero(moved.any(axis=1)).tolist():
+            # only the moved heads' snapshot (usually one column moves, in one head)
+            s.N[h] *= factors[h][None, :]
             s.drift[h] += float(np.finfo(np.float64).smallest_subnormal)
         s.value_unit[...] = units
 
