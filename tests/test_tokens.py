@@ -424,6 +424,52 @@ def test_batched_updates_equal_single_updates(storage):
     )
 
 
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_batch_folds_once_for_all_its_rows(storage, dtype):
+    """update_k_many / update_v_many touching many more rows than the threshold fold once,
+    and every row's answer stays within its certified bound of the exact attention."""
+    heads, n, m, d, e = (3,), 10, 40, 4, 3
+    Q, K, V = problem(heads, n, m, d, e, seed=30)
+    att = DynamicAttention(Q, K, V, tau=0.5, storage=storage, dtype=dtype)
+    rng = np.random.default_rng(31)
+    size = 120
+    rows, hs = rng.integers(m, size=size), rng.integers(3, size=size)
+    att.update_k_many(rows, rng.integers(d, size=size), rng.normal(0, 0.3, size), heads=hs)
+    assert att.stats["folds"] == 1 and att.pending == 0  # one fold for every touched row
+    att._check()
+    att.update_v_many(rows, rng.integers(e, size=size), rng.normal(0, 0.3, size), heads=hs)
+    assert att.stats["folds"] == 2
+    att._check()
+    Q, K, V = (as_numpy(x).astype(np.float64) for x in (att.Q, att.K, att.V))
+    for h in range(3):
+        reference = reference_attention(Q[h], K[h], V[h], precise=True)
+        scale = np.abs(V[h]).max(axis=0)
+        for i in range(n):
+            err = np.abs(as_numpy(att.query_row(i))[h].astype(np.float64) - reference[i]) / scale
+            assert np.all(err <= att.error_bound(i, head=h)), (h, i)
+
+
+def test_a_batch_keeps_within_the_memory_budget():
+    """With little room left in memory_budget a batch folds as often as its pending buffers
+    need, and storage="auto" keeps its dense storage."""
+    heads, n, m, d, e = (2,), 64, 400, 4, 3
+    Q, K, V = problem(heads, n, m, d, e, seed=32)
+    probe = DynamicAttention(Q, K, V, tau=0.5, storage="auto")
+    per_slot = 16 * 2 * (n + e)
+    budget = probe.nbytes + 4 * probe.threshold * per_slot  # room for about twice the threshold
+    att = DynamicAttention(Q, K, V, tau=0.5, storage="auto", memory_budget=budget)
+    assert att.storage == "dense"
+    rng = np.random.default_rng(33)
+    size = 600
+    hs = rng.integers(2, size=size)
+    rows, cols = rng.integers(m, size=size), rng.integers(d, size=size)
+    att.update_k_many(rows, cols, rng.normal(0, 0.3, size), heads=hs)
+    assert att.storage == "dense" and att.nbytes <= budget
+    assert 1 < att.stats["folds"] < size // att.threshold  # batched, within the room
+    att._check()
+
+
 BAD_TOKEN_CALLS = [
     ("set_key", (9, np.ones(3)), IndexError, "c=9"),
     ("set_key", (0, np.ones(4)), ValueError, r"k: expected shape \(3,\)"),
