@@ -8,6 +8,7 @@ shared reference with every row's error bound covering its measured error.
 """
 
 import importlib.util
+import types
 
 import numpy as np
 import pytest
@@ -116,6 +117,42 @@ def test_use_restores_the_previous_choice_and_names_the_valid_ones():
     with pytest.raises(ValueError, match="kernels.*'numba'.*'numpy'|kernels.*numpy"):
         kernels.use("fortran")
     assert kernels.active() == before
+
+
+def test_auto_without_an_importable_numba_runs_numpy(monkeypatch):
+    def broken():
+        raise ImportError("numba built for another numpy")
+
+    before = kernels.active()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setitem(kernels.KERNELS, "numba", broken)
+            kernels.use("auto")
+            assert kernels.active() == "numpy"
+    finally:
+        kernels.use(before)  # (after the registry is whole again)
+
+
+def test_a_kernel_numba_cannot_compile_turns_the_kernels_off(monkeypatch):
+    numba_error = type("TypingError", (Exception,), {"__module__": "numba.core.errors"})
+
+    def fails(*arguments):
+        raise numba_error("cannot type this")
+
+    def bug(*arguments):
+        raise ZeroDivisionError("a bug, not numba")
+
+    a, x = np.ones((1, 4, 2), np.float32), np.ones((1, 2, 1))
+    # the fakes are undone first, then the outer block restores the choice before the test
+    with kernels.use("numpy"), monkeypatch.context() as patch:
+        patch.setattr(kernels, "_active", types.SimpleNamespace(rows_dot=bug))
+        with pytest.raises(ZeroDivisionError):
+            kernels.rows_dot(a, x)
+        patch.setattr(kernels, "_active", types.SimpleNamespace(rows_dot=fails))
+        patch.setattr(kernels, "_active_name", "numba")
+        with pytest.warns(RuntimeWarning, match="numba failed.*using numpy"):
+            assert kernels.rows_dot(a, x) is None
+        assert kernels.active() == "numpy" and kernels.rows_dot(a, x) is None
 
 
 def _check_rows(att, Q, K, V, mask):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,8 +72,13 @@ def use(name: str = "auto") -> contextlib.AbstractContextManager[str]:
     check_choice("kernels", name, ("auto", *KERNELS))
     previous = _active_name
     if name == "auto":
-        name = "numba" if importlib.util.find_spec("numba") is not None else "numpy"
-    _active, _active_name = KERNELS[name](), name
+        try:  # a numba that does not import (one built for another numpy): no kernels
+            _active, name = KERNELS["numba"](), "numba"
+        except ImportError:
+            _active, name = KERNELS["numpy"](), "numpy"
+    else:
+        _active = KERNELS[name]()
+    _active_name = name
 
     @contextlib.contextmanager
     def restore() -> Iterator[str]:
@@ -107,8 +113,7 @@ def rows_dot(a: Any, x: Any, out: Any = None) -> np.ndarray | None:
         return None
     if out is None:
         out = np.empty((a.shape[0], a.shape[1], x.shape[2]), np.float64)
-    _active.rows_dot(flat[0], flat[1], np.ascontiguousarray(np.swapaxes(x, 1, 2)), out)
-    return out
+    return _run(_active.rows_dot, flat[0], flat[1], np.ascontiguousarray(np.swapaxes(x, 1, 2)), out)
 
 
 def weighted_rows(w_t: Any, b: Any) -> np.ndarray | None:
@@ -127,8 +132,22 @@ def weighted_rows(w_t: Any, b: Any) -> np.ndarray | None:
     if flat is None:
         return None
     out = np.empty((w_t.shape[0], w_t.shape[2], b.shape[2]), np.float64)
-    _active.weighted_rows(np.ascontiguousarray(np.swapaxes(w_t, 1, 2)), flat[0], flat[1], out)
-    return out
+    return _run(_active.weighted_rows, np.ascontiguousarray(np.swapaxes(w_t, 1, 2)), flat[0], flat[1], out)
+
+
+def _run(kernel: Callable[..., None], *arguments: Any) -> np.ndarray | None:
+    """Run ``kernel`` (its last argument is the output, returned). A numba that cannot
+    compile it on this machine turns the kernels off with a warning, and None sends the
+    caller to its numpy path; any other error is raised."""
+    try:
+        kernel(*arguments)
+    except Exception as error:
+        if not type(error).__module__.startswith("numba"):
+            raise
+        warnings.warn(f"dynattn.kernels: numba failed ({error}); using numpy", RuntimeWarning, stacklevel=3)
+        use("numpy")
+        return None
+    return arguments[-1]
 
 
 def _applies(low: Any, columns: int) -> bool:
