@@ -76,6 +76,29 @@ def test_key_updates_compute_no_column_until_read(storage):
         att._check()
 
 
+def test_reads_are_priced_per_head_they_read():
+    """A read computes deferred columns head by head: a row read of every head counts as
+    H head reads in read_rate and charges each deferred column H times the fixed steps."""
+    rng = np.random.default_rng(3)
+    H, n, d, e = 4, 12, 3, 2
+    Q, K, V = (rng.standard_normal((H, n, w)) for w in (d, d, e))
+    rates = policy.Rates(gemm=1e9, gemv=1e9, call=1e-6)
+    with policy.use_rates(rates):
+        att = DynamicAttention(Q, K, V, tau="auto")
+        att.set_key(2, np.ones((H, d)))  # no reads yet: deferred
+        s = att._state
+        assert s.column_deferred[: s.t].sum() == 1
+        att.query_rows([5])
+        assert s.column_rent[0] == pytest.approx(policy.column_rent(H, d, 1, H))
+        assert s.column_rent[0] > policy.column_rent(H, d, 1)  # more than one head's steps
+        att.query(5, 0, head=1)  # an entry: one head
+        assert s.reads_since_update == H + 1
+        before = s.read_rate
+        att.set_value(3, np.ones((H, e)))
+        assert s.read_rate == pytest.approx(before + (H + 1 - before) / 32)
+        att._check()
+
+
 def test_deferred_column_is_bought_when_its_rent_reaches_its_price():
     n, d = 40, 4
     Q, K, V = random_problem(n, 9, d, 3, seed=2)

@@ -192,7 +192,7 @@ class AttentionState:
         self.q_norm_max = 0.0
         self.all_keys_visible = True
         self.pending_rent = 0.0  # seconds pending rows added to reads since the last fold
-        self.read_rate = 0.0  # reads per update, averaged over recent updates (tau="auto")
+        self.read_rate = 0.0  # head reads per update, averaged over recent updates (tau="auto")
         self.reads_since_update = 0
         # tau="auto" may keep no snapshot (dormant: a row is current only while its
         # refreshed_at equals slots_opened); the balance is the rent-or-buy counter of

@@ -71,7 +71,7 @@ MAX_COLUMN_GROWTH = 32.0
 #: units instead of the m value rows: no product or sum can overflow, and an underflowing
 #: product errs by at most 2**-1015 of a unit, below the weight floor the bound charges.
 UNIT_RANGE = (2.0**-60, 2.0**60)
-#: tau="auto" averages the reads per update over about this many updates.
+#: tau="auto" averages the head reads per update over about this many updates.
 READ_RATE_HORIZON = 32.0
 #: A fold works on blocks of pending slots of at most this many float64 weights at once.
 FOLD_BLOCK_ENTRIES = 1 << 21
@@ -606,7 +606,7 @@ class DynamicAttention(ValidatedInputs):
         s = self._state
         s.stats["updates"] += 1
         self._read_plan = None
-        # reads per update, averaged over about the last READ_RATE_HORIZON updates
+        # head reads per update, averaged over about the last READ_RATE_HORIZON updates
         s.read_rate += (s.reads_since_update - s.read_rate) / READ_RATE_HORIZON
         s.reads_since_update = 0
         if self._adaptive and self._dormancy_rule():
@@ -1540,8 +1540,8 @@ class DynamicAttention(ValidatedInputs):
     def _reads_are_rare(self, price_now: float) -> bool:
         """Rule 3 (docs/policy.md): whether a changed key's column should be deferred rather
         than kept current at ``price_now`` (an entry update in place, or the whole column of
-        a replaced key): when the reads expected per update (``read_rate``) would pay less
-        for the deferred columns, one more included, than that costs now."""
+        a replaced key): when the head reads expected per update (``read_rate``) would
+        pay less for the deferred columns, one more included, than that costs now."""
         s = self._state
         deferred = int(np.count_nonzero(s.column_deferred[: s.t])) + 1
         read_price = policy.deferred_read_price(deferred, self.m, self.d) / deferred
@@ -1585,11 +1585,13 @@ class DynamicAttention(ValidatedInputs):
             self._column_correction, predicted, time.perf_counter() - started
         )
 
-    def _count_read(self) -> None:
-        """An answer call: counted in the stats and in the reads per update (``read_rate``)."""
+    def _count_read(self, heads: int = 1) -> None:
+        """An answer call reading ``heads`` heads: one read in the stats, ``heads`` in the
+        head reads per update (``read_rate``: the policy prices deferred columns per head
+        read, as a read computes them head by head)."""
         s = self._state
         s.stats["reads"] += 1
-        s.reads_since_update += 1
+        s.reads_since_update += heads
 
     def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
         """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
@@ -1599,7 +1601,11 @@ class DynamicAttention(ValidatedInputs):
         what the rents buy is done at the next update (:meth:`_apply_policy`), so that no
         read changes what ``error_bound`` promised for another row (docs/policy.md)."""
         s = self._state
-        self._count_read()
+        if isinstance(heads, slice):
+            head_count = len(range(*heads.indices(self._H)))
+        else:
+            head_count = 1 if isinstance(heads, int) else int(np.unique(heads).size)
+        self._count_read(head_count)
         t = s.t
         if self._adaptive:
             self._charge_dormancy(heads, rows, pairs, width)
@@ -1610,7 +1616,7 @@ class DynamicAttention(ValidatedInputs):
         s.pending_rent += rent
         s.dormancy_balance += rent  # what the pending rows cost this read is upkeep too
         if deferred.size:
-            s.column_rent[deferred] += policy.column_rent(pairs, self.d, deferred.size)
+            s.column_rent[deferred] += policy.column_rent(pairs, self.d, deferred.size, head_count)
             if isinstance(heads, int):  # an entry read: one (head, row) pair
                 heads, rows = np.array([heads]), np.array([rows])
             self._fill_deferred(heads, rows, deferred)
