@@ -450,6 +450,27 @@ def test_a_batch_folds_once_for_all_its_rows(storage, dtype):
             assert np.all(err <= att.error_bound(i, head=h)), (h, i)
 
 
+def test_a_batch_interrupted_by_an_error_leaves_a_consistent_structure(monkeypatch):
+    """Validation makes a batch all-or-nothing for bad input; should an update fail
+    anyway (memory), the structure folds what is pending and its invariants hold."""
+    Q, K, V = problem((2,), 10, 40, 4, 3, seed=34)
+    att = DynamicAttention(Q, K, V, tau=0.5)
+    apply_k, calls = att._apply_k, []
+
+    def failing(h, c, j, new):
+        calls.append(c)
+        if len(calls) == 30:
+            raise MemoryError("simulated")
+        apply_k(h, c, j, new)
+
+    monkeypatch.setattr(att, "_apply_k", failing)
+    rng = np.random.default_rng(35)
+    with pytest.raises(MemoryError):
+        att.update_k_many(np.arange(40), rng.integers(4, size=40), np.full(40, 0.1), heads=np.zeros(40, int))
+    assert att.pending < att.threshold
+    att._check()
+
+
 def test_a_batch_keeps_within_the_memory_budget():
     """With little room left in memory_budget a batch folds as often as its pending buffers
     need, and storage="auto" keeps its dense storage."""

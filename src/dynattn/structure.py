@@ -2194,12 +2194,12 @@ class DynamicAttention(ValidatedInputs):
         self._batch_limit = limit
         try:
             yield
-        finally:
+        finally:  # (also after an error: the invariants of _check hold again)
             self._batch_limit = None
-        if s.t >= s.threshold:
-            self._fold()
-        if s.sizes["S"] > self._slot_capacity():
-            self._resize(S=max(s.t, self._slot_capacity()))
+            if s.t >= s.threshold:
+                self._fold()
+            if s.sizes["S"] > self._slot_capacity():
+                self._resize(S=max(s.t, self._slot_capacity()))
 
     def _valid_batch(
         self, target: str, rows: Any, cols: Any, deltas: Any, heads: Any, width: int
