@@ -642,7 +642,7 @@ class DynamicAttention(ValidatedInputs):
         self._clear_pending()
         s.stats["folds"] += 1
         if values_moved:
-            self._head_ratios()  # recomputes the stale value maxima (the others are exact)
+            self._recompute_stale_maxima()
             if np.any(s.value_scale / 2 > s.value_max):
                 self._full_refresh()  # values shrank: reset the value scales
                 return
@@ -792,7 +792,7 @@ class DynamicAttention(ValidatedInputs):
         self._folding_plan = None
         s.stats["folds"] += 1
         if values_moved:
-            self._head_ratios()  # recomputes the stale value maxima
+            self._recompute_stale_maxima()
             if np.any(s.value_scale / 2 > s.value_max):
                 # values shrank: the value scales are reset by a full refresh, which needs
                 # nothing pending (the units may move down), so the pending rows fold first
@@ -1053,11 +1053,17 @@ class DynamicAttention(ValidatedInputs):
 
     def _head_ratios(self) -> np.ndarray:
         """Worst column ratio of each head ``(H,)``."""
+        self._recompute_stale_maxima()
+        s = self._state
+        return cert.value_ratio(s.value_scale, s.value_max, np.where).max(axis=1)
+
+    def _recompute_stale_maxima(self) -> None:
+        """Make every ``value_max`` exact again (only the stale ones are recomputed; the
+        others are exact, as :meth:`_check` asserts)."""
         s = self._state
         if s.value_max_stale.any():
             heads, cols = np.nonzero(s.value_max_stale)
             self._column_ratio(heads, cols)  # recomputes the stale maxima
-        return cert.value_ratio(s.value_scale, s.value_max, np.where).max(axis=1)
 
     # ------------------------------------------------------------------ value units
     def _scaled_values(self, c: int) -> Any:
@@ -1601,15 +1607,17 @@ class DynamicAttention(ValidatedInputs):
         what the rents buy is done at the next update (:meth:`_apply_policy`), so that no
         read changes what ``error_bound`` promised for another row (docs/policy.md)."""
         s = self._state
+        if not self._adaptive:  # (read_rate is the policy's: a fixed tau only counts the read)
+            self._count_read()
+            return
         if isinstance(heads, slice):
             head_count = len(range(*heads.indices(self._H)))
         else:
             head_count = 1 if isinstance(heads, int) else int(np.unique(heads).size)
         self._count_read(head_count)
         t = s.t
-        if self._adaptive:
-            self._charge_dormancy(heads, rows, pairs, width)
-        if not self._adaptive or t == 0:
+        self._charge_dormancy(heads, rows, pairs, width)
+        if t == 0:
             return
         deferred, _ = self._policy_plan()
         rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
@@ -2182,12 +2190,15 @@ class DynamicAttention(ValidatedInputs):
         if self._adaptive or self._spread or s.dormant or wanted <= s.threshold:
             yield
             return
-        # bytes of one slot's pending columns and values; the slot buffers grow by doubling
-        # up to twice the limit, which may take half of what the budget has left (so that
+        # bytes of one more slot in every slot array; the slot buffers grow by doubling up to
+        # twice the limit, which may take half of what the budget has left (so that
         # storage="auto" never switches storage for a batch)
-        per_slot = 16 * self._H * (self.n + self.e)
+        capacity = s.capacity_after()
+        per_slot = AttentionState.bytes_for(
+            {**capacity, "S": 1}, self._dtype, type(self._storage)
+        ) - AttentionState.bytes_for({**capacity, "S": 0}, self._dtype, type(self._storage))
         room = max(0, int(self._memory_budget) - self.nbytes) // 2 // per_slot
-        limit = min(wanted + 1, (s.capacity_after()["S"] + room) // 2)  # + 1: no fold before the end
+        limit = min(wanted + 1, (capacity["S"] + room) // 2)  # + 1: no fold before the end
         if limit <= s.threshold:
             yield
             return
