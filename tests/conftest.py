@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from dynattn.testing import as_numpy, reference_attention, value_scale
+
 settings.register_profile(
     "default",
     deadline=None,
@@ -110,3 +112,17 @@ def policy_rates():
 
     with policy.use_rates(policy.Rates(*TEST_RATES)):
         yield
+
+
+def assert_rows_certified(att, Q, K, V, *, mask=None):
+    """Every row of every head of ``att`` against the extended-precision reference of
+    ``Q, K, V: (H, n, d)`` (float64 copies of its inputs, heads flattened), each row's
+    measured error within its ``error_bound``."""
+    for h in range(Q.shape[0]):
+        reference = reference_attention(Q[h], K[h], V[h], scale=att._scale, mask=mask, precise=True)
+        scale = value_scale(V[h])
+        for i in range(Q.shape[1]):
+            answer = as_numpy(att.query_row(i)).reshape(Q.shape[0], -1)[h].astype(np.float64)
+            err = np.abs(answer - reference[i]) / scale
+            bound = att.error_bound(i, head=h if att.batch_shape else None)
+            assert np.all(err <= bound), (h, i, err.max(), bound)

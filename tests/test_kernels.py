@@ -13,9 +13,9 @@ import types
 import numpy as np
 import pytest
 
+from conftest import assert_rows_certified
 from dynattn import DynamicAttention, kernels, policy
 from dynattn.certificate import gamma
-from dynattn.testing import as_numpy, reference_attention, value_scale
 
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
 KERNEL_SETS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(not HAVE_NUMBA, reason="no numba"))]
@@ -155,14 +155,6 @@ def test_a_kernel_numba_cannot_compile_turns_the_kernels_off(monkeypatch):
         assert kernels.active() == "numpy" and kernels.rows_dot(a, x) is None
 
 
-def _check_rows(att, Q, K, V, mask):
-    reference = reference_attention(Q, K, V, scale=att._scale, mask=mask, precise=True)
-    scale = value_scale(V)
-    for i in range(Q.shape[0]):
-        err = np.abs(as_numpy(att.query_row(i)).astype(np.float64) - reference[i]) / scale
-        assert np.all(err <= att.error_bound(i)), (i, err.max(), att.error_bound(i))
-
-
 @pytest.mark.parametrize("tau", [0.5, "auto"])
 @pytest.mark.parametrize("storage", ["dense", "implicit"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -206,19 +198,4 @@ def _edit_and_check(tau, storage, causal, Q, K, V, rng):
         assert 3 * att.pending >= att.m and att.stats["columns_deferred"] >= att.pending
     count = len(Q[0])
     mask = np.tril(np.ones((count, count), bool)) if causal else None
-    for h in range(H):
-        view = att if H == 1 else _Head(att, h)
-        _check_rows(view, Q[h], K[h], V[h], mask)
-
-
-class _Head:
-    """One head of a multi-head structure, with the row interface _check_rows uses."""
-
-    def __init__(self, att, h):
-        self.att, self.h, self._scale = att, h, att._scale
-
-    def query_row(self, i):
-        return as_numpy(self.att.query_row(i))[self.h]
-
-    def error_bound(self, i):
-        return self.att.error_bound(i, head=self.h)
+    assert_rows_certified(att, *(np.stack(x).astype(np.float64) for x in (Q, K, V)), mask=mask)

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from _schedules import tau_schedules
-from conftest import assert_same_state, state_of
+from conftest import assert_rows_certified, assert_same_state, state_of
 from dynattn import DynamicAttention
 from dynattn.structure import SCHEDULES
 from dynattn.testing import as_numpy, assert_attention_close, reference_attention
@@ -441,13 +441,7 @@ def test_a_batch_folds_once_for_all_its_rows(storage, dtype):
     att.update_v_many(rows, rng.integers(e, size=size), rng.normal(0, 0.3, size), heads=hs)
     assert att.stats["folds"] == 2
     att._check()
-    Q, K, V = (as_numpy(x).astype(np.float64) for x in (att.Q, att.K, att.V))
-    for h in range(3):
-        reference = reference_attention(Q[h], K[h], V[h], precise=True)
-        scale = np.abs(V[h]).max(axis=0)
-        for i in range(n):
-            err = np.abs(as_numpy(att.query_row(i))[h].astype(np.float64) - reference[i]) / scale
-            assert np.all(err <= att.error_bound(i, head=h)), (h, i)
+    assert_rows_certified(att, *(as_numpy(x).astype(np.float64) for x in (att.Q, att.K, att.V)))
 
 
 def test_a_batch_interrupted_by_an_error_leaves_a_consistent_structure(monkeypatch):
