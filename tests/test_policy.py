@@ -47,6 +47,13 @@ def _check_rows(att, rows, mask=None):
     )
 
 
+def _awake(att):
+    """``att`` woken by ``fold()``: a tau="auto" structure starts dormant (Rule 4), and these
+    tests are about the rules of an awake one."""
+    att.fold()
+    return att
+
+
 def _visible(att, causal):
     """The (n, m) mask of a one-head structure: causal, or its key mask."""
     if causal:
@@ -59,7 +66,7 @@ def test_key_updates_compute_no_column_until_read(storage):
     """Entry and row edits of keys under tau="auto" record the change only."""
     Q, K, V = random_problem(40, 30, 6, 5, seed=1)
     with policy.use_rates(policy.Rates(gemm=1.0, gemv=1e9, call=0.0)):  # folds: never by rent
-        att = DynamicAttention(Q, K, V, tau="auto", storage=storage)
+        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage))
         for c in range(6):
             att.update_k(c, c % 6, 0.3)
         att.set_key(7, np.ones(6))
@@ -84,7 +91,7 @@ def test_reads_are_priced_per_head_they_read():
     Q, K, V = (rng.standard_normal((H, n, w)) for w in (d, d, e))
     rates = policy.Rates(gemm=1e9, gemv=1e9, call=1e-6)
     with policy.use_rates(rates):
-        att = DynamicAttention(Q, K, V, tau="auto")
+        att = _awake(DynamicAttention(Q, K, V, tau="auto"))
         att.set_key(2, np.ones((H, d)))  # no reads yet: deferred
         s = att._state
         assert s.column_deferred[: s.t].sum() == 1
@@ -103,7 +110,7 @@ def test_deferred_column_is_bought_when_its_rent_reaches_its_price():
     n, d = 40, 4
     Q, K, V = random_problem(n, 9, d, 3, seed=2)
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e9, call=0.0)):  # folds: never by rent
-        att = DynamicAttention(Q, K, V, tau="auto", storage="dense")
+        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage="dense"))
         att.update_k(4, 1, 0.5)
         price, rent = policy.column_price(1, n, d), policy.column_rent(1, d, 1)
         reads = 0
@@ -125,7 +132,7 @@ def test_fold_happens_when_the_pending_rent_reaches_its_price():
     Q, K, V = random_problem(n, m, d, e, seed=3)
     rates = policy.Rates(gemm=1e12, gemv=1e6, call=1e-6)
     with policy.use_rates(rates):
-        att = DynamicAttention(Q, K, V, tau="auto", storage="implicit")
+        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage="implicit"))
         for c in range(5):
             att.update_k(c, 0, 0.2)
         t = att.pending
@@ -155,7 +162,7 @@ def test_deferred_key_far_above_the_stabilizer_moves_it_when_read(storage, causa
     moves those rows' stabilizers first (float32: limit e**22)."""
     Q, K, V = random_problem(6, 6, 2, 3, seed=4, dtype=np.float32)
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e12, call=0.0)):  # read lazily, fold never
-        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=np.float32, causal=causal)
+        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=np.float32, causal=causal))
         q = as_numpy(att._Q)[5].astype(np.float64)
         att.set_key(2, (40.0 * q / (q @ q)).astype(np.float32))  # logit 40 for row 5
         att.query(5, 0)
@@ -168,7 +175,7 @@ def test_deferred_key_far_above_the_stabilizer_moves_it_when_read(storage, causa
 def test_save_and_load_with_deferred_columns(storage, tmp_path):
     Q, K, V = random_problem(20, 15, 4, 3, seed=5)
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e12, call=0.0)):
-        att = DynamicAttention(Q, K, V, tau="auto", storage=storage)
+        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage))
         for c in range(4):
             att.update_k(c, 1, 0.4)
         att.set_value(9, np.ones(3))
@@ -286,9 +293,9 @@ def test_rare_reads_make_it_dormant_and_frequent_reads_wake_it(storage, dtype):
     Q, K, V = random_problem(n, m, d, e, seed=7, dtype=dtype)
     rng = np.random.default_rng(7)
     with policy.use_rates(DORMANT_RATES):
-        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=dtype)
+        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=dtype))
         updates = 0
-        while not att.stats["dormant_periods"]:  # a read every 10 updates
+        while not att._state.dormant:  # a read every 10 updates
             att.update_k(int(rng.integers(m)), int(rng.integers(d)), float(rng.normal(0, 0.3)))
             updates += 1
             if updates % 10 == 0:
@@ -308,29 +315,33 @@ def test_rare_reads_make_it_dormant_and_frequent_reads_wake_it(storage, dtype):
                 att._check()
         after = att.stats
         assert after["folds"] == before["folds"] and after["columns_deferred"] == before["columns_deferred"]
-        assert after["wakes"] == 0 and att.pending == 0
+        assert after["wakes"] == before["wakes"] and att.pending == 0
         # reads of every row after every update: dearer than the upkeep, so it wakes
         for _ in range(200):
             att.update_v(int(rng.integers(m)), int(rng.integers(e)), float(rng.normal(0, 0.3)))
             _check_rows(att, np.arange(n))
-            if att.stats["wakes"]:
+            if att.stats["wakes"] > before["wakes"]:
                 break
-        assert att.stats["wakes"] == 1 and not att._state.dormant
+        assert att.stats["wakes"] == before["wakes"] + 1 and not att._state.dormant
         att._check()
         _certified(att)
 
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_every_operation_on_a_dormant_structure(storage, causal, tmp_path):
-    """Token edits, masks, appends, deletions, batches, saving and loading while dormant:
-    the inputs change, reads recompute what they read, and fold() wakes it."""
+@pytest.mark.parametrize("woken", [False, True], ids=["dormant-since-built", "dormant-after-waking"])
+def test_every_operation_on_a_dormant_structure(storage, causal, woken, tmp_path):
+    """Token edits, masks, appends, deletions, batches, saving and loading while dormant
+    (since construction, which computed no row, or after an awake stretch): the inputs
+    change, reads recompute what they read, and fold() wakes it."""
     n = m = 14
     d, e = 4, 3
     Q, K, V = random_problem(n, m, d, e, seed=8)
     rng = np.random.default_rng(8)
     with policy.use_rates(DORMANT_RATES):
         att = DynamicAttention(Q, K, V, tau="auto", storage=storage, causal=causal)
+        if woken:
+            _awake(att)
         for step in range(5000):
             att.update_v(int(rng.integers(att.m)), 0, float(rng.normal()))
             if att._state.dormant:
@@ -398,5 +409,37 @@ def test_every_operation_on_a_dormant_structure(storage, causal, tmp_path):
         np.testing.assert_array_equal(as_numpy(loaded.output()), as_numpy(att.output()))
         loaded._check()
         att.fold()  # the paper's rebuild: a dormant structure wakes
-        assert not att._state.dormant and att.stats["wakes"] == 1
+        assert not att._state.dormant and att.stats["wakes"] == 1 + woken
         att._check()
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_it_starts_dormant_and_wakes_once_reads_pay_for_a_snapshot(storage):
+    """Rule 4 from construction: no row is computed until read; rare reads recompute their
+    rows and never pay for a snapshot (each update saves the upkeep an awake one would
+    cost, the model's until it was awake); reads of every row wake it."""
+    n, m, d, e = 30, 25, 6, 4
+    Q, K, V = random_problem(n, m, d, e, seed=9)
+    rng = np.random.default_rng(9)
+    with policy.use_rates(DORMANT_RATES):
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage)
+        assert att._state.dormant and att.stats["rows_refreshed"] == 0 and att.stats["full_refreshes"] == 0
+        att._check()
+        _check_rows(att, np.array([3, 17]))
+        assert att.stats["rows_refreshed"] == 2
+        estimate = policy.awake_update_estimate(1, n, d, e)
+        for step in range(300):  # one row read per 30 updates: less than the upkeep saved
+            balance = att._state.dormancy_balance
+            att.update_k(int(rng.integers(m)), int(rng.integers(d)), float(rng.normal(0, 0.3)))
+            assert att._state.dormancy_balance == max(0.0, balance - estimate)
+            if step % 30 == 0:
+                _check_rows(att, rng.integers(n, size=1))
+        assert att._state.dormant and att.stats["wakes"] == 0
+        for _ in range(200):  # every row read after every update: it wakes
+            att.update_v(int(rng.integers(m)), int(rng.integers(e)), float(rng.normal(0, 0.3)))
+            _check_rows(att, np.arange(n))
+            if att.stats["wakes"]:
+                break
+        assert att.stats["wakes"] == 1 and not att._state.dormant
+        att._check()
+        _certified(att)

@@ -180,6 +180,15 @@ def awake_update_price() -> float:
     return AWAKE_UPDATE_STEPS * rates().call
 
 
+def awake_update_estimate(heads: int, n: int, d: int, e: int) -> float:
+    """Seconds of upkeep per update that Rule 4 assumes for a structure that has not been
+    awake yet (it starts dormant): each update opens a pending row, whose column is
+    computed and folded by GEMMs (logits, exponentials, the fold's products), plus the
+    steps an awake update makes beyond a dormant one."""
+    r = rates()
+    return open_price(heads, n) + 2 * heads * n * (d + e) / r.gemm + EXP_FLOPS * heads * n / r.gemv + awake_update_price()
+
+
 def entry_price(m: int, d: int) -> float:
     """Seconds to compute one entry from scratch, as a dormant read of an out-of-date row
     does: one row of logits and one column of values."""

@@ -307,7 +307,11 @@ class DynamicAttention(ValidatedInputs):
         s.key_pos[...] = np.arange(m)
         s.visible_keys[...] = self._count_visible_keys(np.arange(n))
         s.next_position = max(n, m)
-        self._full_refresh()
+        if adaptive:  # Rule 4 from the start: no snapshot until reads make one pay
+            self._reset_value_tables()
+            self._go_dormant()
+        else:
+            self._full_refresh()
 
     def _configure(
         self,
@@ -1670,7 +1674,11 @@ class DynamicAttention(ValidatedInputs):
         if s.dormant:
             s.slots_opened += 1  # every row's snapshot is out of date now
             if s.dormancy_balance > 0.0:  # (the common case, 0, costs nothing more)
-                upkeep_rate = s.upkeep_total / max(s.awake_updates, 1)  # frozen while dormant
+                upkeep_rate = (  # frozen while dormant; the model's until the structure was awake
+                    s.upkeep_total / s.awake_updates
+                    if s.awake_updates
+                    else policy.awake_update_estimate(self._H, self.n, self.d, self.e)
+                )
                 s.dormancy_balance = max(0.0, s.dormancy_balance - upkeep_rate)
                 if s.dormancy_balance >= policy.wake_price(self._H, self.n, self.m, self.d, self.e):
                     self._wake()
@@ -1824,17 +1832,22 @@ class DynamicAttention(ValidatedInputs):
 
     def _full_refresh(self) -> None:
         """Recompute every row exactly and reset the value scales (init, or values shrank)."""
+        self._reset_value_tables()
+        H, n = self._H, self.n
+        self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
+        self._state.stats["full_refreshes"] += 1
+
+    def _reset_value_tables(self) -> None:
+        """Value maxima, scales and units, and key norms, exact for today's inputs (with no
+        pending row, and every row about to be recomputed or out of date). O(H*m*(d+e))."""
         s, xp = self._state, self._xp
         s.value_max[...] = xp.to_numpy(xp.amax(xp.abs(s.V64), 1))
         s.value_max_stale[...] = False
         s.value_scale[...] = s.value_max
-        # every row is recomputed below (and nothing is pending), so the units may move down too
+        # every row is recomputed or out of date (and nothing is pending): units may move down
         s.value_unit[...] = cert.power_of_two_units(s.value_scale)
         s.k_norms[...] = cert.norms(xp.to_numpy(s.K64))
         s.k_norm_max = float(s.k_norms.max())
-        H, n = self._H, self.n
-        self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
-        s.stats["full_refreshes"] += 1
 
     def _fallback(self, heads: np.ndarray, rows: np.ndarray) -> Any:
         self._state.stats["query_fallbacks"] += int(rows.size)
