@@ -186,7 +186,8 @@ def awake_update_estimate(heads: int, n: int, d: int, e: int) -> float:
     computed and folded by GEMMs (logits, exponentials, the fold's products), plus the
     steps an awake update makes beyond a dormant one."""
     r = rates()
-    return open_price(heads, n) + 2 * heads * n * (d + e) / r.gemm + EXP_FLOPS * heads * n / r.gemv + awake_update_price()
+    products = 2 * heads * n * (d + e) / r.gemm + EXP_FLOPS * heads * n / r.gemv
+    return open_price(heads, n) + products + awake_update_price()
 
 
 def entry_price(m: int, d: int) -> float:
