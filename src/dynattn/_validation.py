@@ -88,8 +88,7 @@ def check_matrix(
         raise ValueError(f"{name}: expected {rows} {row_name}, got shape {array.shape}")
     if cols is not None and array.shape[-1] != cols:
         raise ValueError(f"{name}: expected {cols} {col_name}, got shape {array.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        converted = np.array(array, dtype=dtype, order="C", copy=True)
+    converted = _converted_copy(array, dtype, order="C")
     _check_finite(name, converted, original=array)
     return converted
 
@@ -99,10 +98,18 @@ def check_rows(name: str, value: Any, *, dtype: np.dtype, shape: tuple[int, ...]
     array = _as_real_array(name, value)
     if array.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {array.shape}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        converted = np.array(array, dtype=dtype, copy=True)
+    converted = _converted_copy(array, dtype)
     _check_finite(name, converted, original=array)
     return converted
+
+
+def _converted_copy(array: np.ndarray, dtype: Any, order: str = "K") -> np.ndarray:
+    """A copy of ``array`` in ``dtype``; values beyond its range become inf (reported by
+    :func:`_check_finite`), without a warning."""
+    if array.dtype == dtype:  # (a plain copy cannot overflow)
+        return np.array(array, order=order, copy=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.array(array, dtype=dtype, order=order, copy=True)
 
 
 def check_flag(name: str, value: Any) -> bool:
@@ -427,9 +434,7 @@ def _as_real_array(name: str, value: Any) -> np.ndarray:
         array = np.asarray(value)
     except Exception as exc:  # pragma: no cover - numpy raises many types here
         raise TypeError(f"{name}: expected a real numeric array, could not convert: {exc}") from exc
-    if array.dtype == bool or not (
-        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
-    ):
+    if array.dtype.kind not in "fiu":  # floating, signed or unsigned integer (bool is "b")
         raise TypeError(f"{name}: expected a real numeric array (integer or float), got dtype {array.dtype}")
     return array
 

@@ -116,18 +116,17 @@ def power_of_two_units(scale: np.ndarray) -> np.ndarray:
     return np.where(scale > 0, np.ldexp(1.0, exponent - 1), 1.0)
 
 
-def note_new_values(state: Any, index: Any, old_abs: Any, new_abs: Any) -> bool:
-    """Value-scale bookkeeping after values at ``index`` of the ``(H, e)`` tables changed
-    from ``|old|`` to ``|new|``: ``value_max`` stays exact or is marked stale,
-    ``value_scale`` only grows. Returns whether a column's unit must move up."""
-    value_max = state.value_max[index]
-    rises = new_abs >= value_max
-    falls = ~rises & (old_abs >= value_max)
-    state.value_max[index] = np.where(rises, new_abs, value_max)
-    state.value_max_stale[index] = (state.value_max_stale[index] & ~rises) | falls
-    scale = np.maximum(state.value_scale[index], new_abs)
-    state.value_scale[index] = scale
-    return bool(np.any(scale / 2 >= state.value_unit[index]))
+def note_new_values(state: Any, old_abs: Any, new_abs: Any) -> bool:
+    """Value-scale bookkeeping after a value row changed from ``|old|`` to ``|new|``, both
+    ``(H, e)``: ``value_max`` stays exact or is marked stale, ``value_scale`` only grows
+    (the tables are updated in place). Returns whether a column's unit must move up."""
+    value_max, stale, scale = state.value_max, state.value_max_stale, state.value_scale
+    # stale where the old max may have left (``old >= max``) and no new value reached it
+    np.logical_or(stale, old_abs >= value_max, out=stale)
+    np.logical_and(stale, new_abs < value_max, out=stale)
+    np.maximum(value_max, new_abs, out=value_max)
+    np.maximum(scale, new_abs, out=scale)
+    return bool(np.any(scale / 2 >= state.value_unit))
 
 
 def note_new_value(state: Any, h: int, j: int, old_abs: float, new_abs: float) -> bool:
@@ -147,9 +146,10 @@ def note_new_value(state: Any, h: int, j: int, old_abs: float, new_abs: float) -
 def norms(x: Any) -> np.ndarray:
     """Euclidean norms along the last axis, without overflow or underflow of the squares."""
     x = np.asarray(x, dtype=np.float64)
+    squares = np.einsum("...d,...d->...", x, x)
+    if not squares.size or squares.max() < math.inf:  # no square overflowed (underflow only
+        return np.sqrt(squares)  # loses < 1e-150)
     biggest = np.abs(x).max(axis=-1, keepdims=True, initial=0.0)
-    if biggest.size and biggest.max() < 1e150:  # no square can overflow (underflow only loses < 1e-150)
-        return np.sqrt(np.einsum("...d,...d->...", x, x))
     safe = np.where(biggest > 0, biggest, 1.0)
     scaled = x / safe
     return np.sqrt(np.einsum("...d,...d->...", scaled, scaled)) * safe[..., 0]
