@@ -963,7 +963,9 @@ class DynamicAttention(ValidatedInputs):
         s, xp = self._state, self._xp
         # a run of consecutive rows (all of them, for output()) is read through views
         index = _as_slice(rows)
-        self._prepare_read(slice(None), index, self._H * rows.size, self.e)
+        recomputed = self._prepare_read(slice(None), index, self._H * rows.size, self.e)
+        if recomputed is not None:  # (dormant) every row read was recomputed just now
+            return recomputed, self._lse(rows, s.Z[:, rows]) if return_lse else None
         t, H, k = s.t, self._H, rows.size
         numerator = s.N[:, index]
         if t:
@@ -992,9 +994,15 @@ class DynamicAttention(ValidatedInputs):
             return answer, None
         if doubtful.any():  # recomputed rows: the pending terms cancel, the sum is Z
             denominator[bad_heads, bad_rows] = s.Z[bad_heads, rows[bad_rows]]
+        return answer, self._lse(rows, denominator)
+
+    def _lse(self, rows: np.ndarray, denominator: Any) -> Any:
+        """Log-sum-exp of ``rows`` of every head ``(H, k)``, from their weight sums against
+        ``mu`` (``denominator: (H, k)``); -inf for a row that sees no key."""
+        s, xp = self._state, self._xp
         seen = xp.asarray(s.visible_keys[rows] > 0)[None, :]
         lse = s.mu[:, rows] + xp.log(xp.where(seen, denominator, 1.0))
-        return answer, xp.where(seen, lse, -math.inf)
+        return xp.where(seen, lse, -math.inf)
 
     # ------------------------------------------------------------------ the certificate
     def _row_bounds(self, heads: Any, rows: Any) -> tuple[Any, Any]:
@@ -1376,7 +1384,7 @@ class DynamicAttention(ValidatedInputs):
         if s.dormant:
             s.refreshed_at[:, i] = s.slots_opened - 1  # out of date
             return
-        self._refresh(np.arange(self._H), np.full(self._H, i))
+        self._refresh(None, np.array([i]))
 
     def _append_key(self, k: np.ndarray, v: np.ndarray, position: int) -> None:
         """A new key-value row: a pending row whose folded column and values are zero.
@@ -1604,26 +1612,28 @@ class DynamicAttention(ValidatedInputs):
         s.stats["reads"] += 1
         s.reads_since_update += heads
 
-    def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
+    def _prepare_read(self, heads: Any, rows: Any, pairs: int, width: int) -> Any:
         """Before a read of ``pairs`` (head, row) pairs and ``width`` output columns (``heads,
         rows`` as in :meth:`_row_bounds`, or two ints for one pair), under ``tau="auto"``:
         charge the read's rents (to the pending rows and to each deferred column) and
         compute the deferred columns' weights at the rows read. A read decides nothing:
         what the rents buy is done at the next update (:meth:`_apply_policy`), so that no
-        read changes what ``error_bound`` promised for another row (docs/policy.md)."""
+        read changes what ``error_bound`` promised for another row (docs/policy.md).
+        Returns the rows read, ``(H, k, e)``, where a dormant structure recomputed every
+        one of them (the answer, exactly as the snapshot would give it), else None."""
         s = self._state
         if not self._adaptive:  # (read_rate is the policy's: a fixed tau only counts the read)
             self._count_read()
-            return
+            return None
         if isinstance(heads, slice):
             head_count = len(range(*heads.indices(self._H)))
         else:
             head_count = 1 if isinstance(heads, int) else int(np.unique(heads).size)
         self._count_read(head_count)
         t = s.t
-        self._charge_dormancy(heads, rows, pairs, width)
+        recomputed = self._charge_dormancy(heads, rows, pairs, width)
         if t == 0:
-            return
+            return recomputed
         deferred, _ = self._policy_plan()
         rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
         s.pending_rent += rent
@@ -1633,13 +1643,16 @@ class DynamicAttention(ValidatedInputs):
             if isinstance(heads, int):  # an entry read: one (head, row) pair
                 heads, rows = np.array([heads]), np.array([rows])
             self._fill_deferred(heads, rows, deferred)
+        return None
 
     # ------------------------------------------------------------------ dormancy (tau="auto")
-    def _charge_dormancy(self, heads: Any, rows: Any, pairs: int, width: int) -> None:
+    def _charge_dormancy(self, heads: Any, rows: Any, pairs: int, width: int) -> Any:
         """A read's part in Rule 4 (docs/policy.md): dormant, it recomputes the rows it
         reads that are out of date and charges their price to the balance; awake, it saves
         what recomputing its ``pairs`` rows would cost, which the balance loses (the rent
-        the pending rows charge the read is added back by :meth:`_prepare_read`)."""
+        the pending rows charge the read is added back by :meth:`_prepare_read`). Returns
+        the recomputed rows ``(H, k, e)`` where every head of every row read was out of
+        date (the usual dormant row read), else None."""
         s = self._state
         if not s.dormant:
             if isinstance(heads, int) and width == 1:  # dormant, an entry is computed alone
@@ -1647,18 +1660,27 @@ class DynamicAttention(ValidatedInputs):
             else:
                 saved = policy.row_price(pairs, self.m, self.d, self.e)
             s.dormancy_balance = max(0.0, s.dormancy_balance - saved)
-            return
+            return None
+        recomputed = None
         if isinstance(heads, slice):  # every head, rows an index array or a slice
             row_array = np.arange(self.n)[rows]
-            stale_heads, where = np.nonzero(s.refreshed_at[:, row_array] != s.slots_opened)
-            stale_rows = row_array[where]
+            stale = s.refreshed_at[:, row_array] != s.slots_opened
+            count = int(np.count_nonzero(stale))
+            if count == stale.size:  # one batched pass, whose outputs are the answer
+                recomputed = self._refresh(None, row_array).reshape(self._H, row_array.size, self.e)
+            elif count:
+                stale_heads, where = np.nonzero(stale)
+                self._refresh(stale_heads, row_array[where])
         else:  # (head, row) pairs, or one pair as two ints
             heads, rows = np.atleast_1d(heads), np.atleast_1d(rows)
             stale = s.refreshed_at[heads, rows] != s.slots_opened
             stale_heads, stale_rows = np.unique(np.stack([heads[stale], rows[stale]]), axis=1)
-        if stale_heads.size:
-            self._refresh(stale_heads, stale_rows)
-            s.dormancy_balance += policy.row_price(int(stale_heads.size), self.m, self.d, self.e)
+            count = stale_heads.size
+            if count:
+                self._refresh(stale_heads, stale_rows)
+        if count:
+            s.dormancy_balance += policy.row_price(count, self.m, self.d, self.e)
+        return recomputed
 
     def _dormancy_rule(self) -> bool:
         """Rule 4 at an update (docs/policy.md): keeping the snapshot current costs upkeep
@@ -1834,8 +1856,7 @@ class DynamicAttention(ValidatedInputs):
     def _full_refresh(self) -> None:
         """Recompute every row exactly and reset the value scales (init, or values shrank)."""
         self._reset_value_tables()
-        H, n = self._H, self.n
-        self._refresh(np.repeat(np.arange(H), n), np.tile(np.arange(n), H))
+        self._refresh(None, np.arange(self.n))
         self._state.stats["full_refreshes"] += 1
 
     def _reset_value_tables(self) -> None:
@@ -1854,8 +1875,9 @@ class DynamicAttention(ValidatedInputs):
         self._state.stats["query_fallbacks"] += int(rows.size)
         return self._refresh(heads, rows)
 
-    def _refresh(self, heads: np.ndarray, rows: np.ndarray) -> Any:
-        """Recompute (head, row) pairs exactly from Q, K, V; return their outputs ``(k, e)``.
+    def _refresh(self, heads: np.ndarray | None, rows: np.ndarray) -> Any:
+        """Recompute (head, row) pairs exactly from Q, K, V; return their outputs ``(k, e)``
+        (``heads=None``: every head of ``rows``, in one batched pass, as ``(H * k, e)``).
 
         The snapshot of each row is rebuilt so that the pending terms cancel
         (old and new weight columns both set to today's weights; values as
@@ -1864,19 +1886,14 @@ class DynamicAttention(ValidatedInputs):
         """
         s, xp = self._state, self._xp
         t, H = s.t, self._H
-        out = xp.zeros((rows.size, self.e), np.float64)
         in_use = np.flatnonzero(s.slot_kind[:t] != FREE)
         live = np.flatnonzero(s.slot_kind[:t] == LIVE) if s.spread_length else in_use
-        per_head = rows.size // H
-        if (
-            rows.size == H * per_head
-            and np.array_equal(heads, np.repeat(np.arange(H), per_head))
-            and np.array_equal(rows.reshape(H, per_head), np.broadcast_to(rows[:per_head], (H, per_head)))
-        ):
-            # the same rows of every head (a new query row, a full refresh): one batched pass
-            groups = [(slice(None), np.arange(rows.size).reshape(H, per_head))]
+        if heads is None:
+            groups = [(slice(None), np.arange(H * rows.size).reshape(H, rows.size))]
+            rows = np.tile(rows, H)
         else:
             groups = [(slice(h, h + 1), np.nonzero(heads == h)[0][None]) for h in np.unique(heads).tolist()]
+        out = xp.zeros((rows.size, self.e), np.float64)
         for head_block, positions in groups:
             part = rows[positions[0]]
             folded = part < s.folded_rows
