@@ -162,9 +162,10 @@ class DynamicAttention(ValidatedInputs):
         they read) until reading it lazily has cost as much as computing it;
         pending rows are folded once the work they add to queries reaches the
         cost of the fold (at most ``adaptive_threshold`` rows wait, for memory);
-        and while reads are rarer still it may keep no snapshot at all
-        (*dormant*: reads recompute what they read) until reads make keeping one
-        pay again.
+        and while reads are rarer still it keeps no snapshot at all (*dormant*:
+        reads recompute what they read) until reads make keeping one pay. It
+        starts dormant: construction computes no row, and ``fold()`` builds the
+        snapshot at once where many reads are known to follow.
     schedule : {"amortized", "spread"}, keyword-only
         When a fold's work is done. ``"amortized"`` (the paper's): all at once,
         when the pending rows reach the threshold, so that update stalls.
@@ -215,7 +216,8 @@ class DynamicAttention(ValidatedInputs):
     device : optional, keyword-only
         Device for the torch backend (default: the inputs' device, else CPU).
 
-    Runtime complexity: construction O(H*n*m*(d+e)); see each method.
+    Runtime complexity: construction O(H*n*m*(d+e)) (``tau="auto"``: the inputs' norms
+    and value scales, no row); see each method.
     """
 
     _batched = True
