@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _schedules import tau_schedule_pairs, tau_schedules
+from _schedules import AUTO_AWAKE, build, tau_schedule_pairs, tau_schedules
 from dynattn import DynamicAttention
 from dynattn.baselines import Eager, OnDemand, Recompute, Rows
 from dynattn.testing import (
@@ -23,7 +23,7 @@ from dynattn.testing import (
 
 STORAGES = ["dense", "implicit"]
 DTYPES = [np.float64, np.float32]
-TAUS = [0.0, 0.5, 1.0, "auto"]
+TAUS = [0.0, 0.5, 1.0, "auto", AUTO_AWAKE]
 
 
 def dominant_key_problem(n, extra_keys, big, e, seed):
@@ -68,7 +68,7 @@ def test_dominant_key_moved_away_repeatedly(storage, dtype, tau, schedule):
     """(a) Cancellation: den = Z + (a_new - a_old) subtracts two nearly equal numbers."""
     n, big = 9, 40.0
     Q, K, V = dominant_key_problem(n, extra_keys=14, big=big, e=3, seed=1)
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
+    att = build(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     K = K.astype(dtype)
     Q, V = Q.astype(dtype), V.astype(dtype)
     for rep in range(6):
@@ -91,7 +91,7 @@ def test_one_dominant_key_for_all_rows_removed(storage, tau, schedule):
     K = rng.standard_normal((m, d)) * 0.1
     K[5] = 30.0
     V = rng.standard_normal((m, e))
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, schedule=schedule)
+    att = build(Q, K, V, tau=tau, storage=storage, schedule=schedule)
     for _ in range(3):
         for j in range(d):
             att.update_k(5, j, -1000.0)
@@ -115,7 +115,7 @@ def test_huge_logits(storage, dtype, tau, schedule):
     Q = rng.standard_normal((n, d))
     K = rng.standard_normal((m, d)) * magnitude / 2
     V = rng.standard_normal((m, e))
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
+    att = build(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     Q, K, V = (x.astype(dtype) for x in (Q, K, V))
     K = K.copy()
     V = V.copy()
@@ -162,7 +162,7 @@ def test_values_with_huge_dynamic_range_and_cancelling_numerators(storage, dtype
     span = 1e8 if dtype == np.float64 else 1e4
     V = rng.standard_normal((m, e)) * np.logspace(-np.log10(span), np.log10(span), m)[:, None]
     V[1::2] = -V[0::2]  # pairs that nearly cancel
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
+    att = build(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     Q, K, V = (x.astype(dtype).copy() for x in (Q, K, V))
     check_all_answers(att, Q, K, V)
     # shrink the largest values by many orders of magnitude, entry by entry
@@ -241,7 +241,7 @@ def test_hypothesis_adversarial_key_moves(steps, tau_schedule, storage, dtype):
     n = 6
     big = 30.0 if dtype == np.float64 else 10.0
     Q, K, V = dominant_key_problem(n, extra_keys=5, big=big, e=2, seed=len(steps))
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
+    att = build(Q, K, V, tau=tau, storage=storage, dtype=dtype, schedule=schedule)
     Q, K, V = (x.astype(dtype).copy() for x in (Q, K, V))
     for c, delta in steps:
         delta = delta if dtype == np.float64 else delta / 4

@@ -77,6 +77,8 @@ SPREAD_TAUS = (0.3, 0.5, 1.0)
 #: regimes: folds and column purchases decided by rent, folds only at the memory cap
 #: (columns read lazily until a fold), and columns bought after a few reads
 POLICY_RATES = ((2e10, 5e9, 2e-6), (1e3, 1e12, 0.0), (1e3, 1e4, 0.0))
+#: how often a tau="auto" structure is woken at construction (else it starts dormant)
+AWAKE_PROBABILITY = 0.75
 WORKLOADS = ("random", "adversarial")
 #: leading (head/batch) axes of Q, K, V
 BATCH_SHAPES = ((), (1,), (3,), (2, 2))
@@ -143,6 +145,9 @@ class FuzzConfig:
         Initial query rows, key rows, key width, value width.
     schedule : {"amortized", "spread"}
         When folds are done.
+    awake : bool
+        ``tau="auto"`` only: woken by ``fold()`` right after construction (it starts
+        dormant, and with some of the rates above would never wake by itself).
     """
 
     dtype: np.dtype
@@ -159,6 +164,7 @@ class FuzzConfig:
     d: int
     e: int
     schedule: str = "amortized"
+    awake: bool = False
 
     @property
     def scale(self) -> float:
@@ -204,7 +210,8 @@ def draw_config(
         e=int(rng.integers(1, MAX_WIDTH + 1)),
     )
     if tau == "auto":  # drawn last: the other configurations keep their seeds' streams
-        config = dataclasses.replace(config, rates=POLICY_RATES[int(rng.integers(len(POLICY_RATES)))])
+        rates = POLICY_RATES[int(rng.integers(len(POLICY_RATES)))]
+        config = dataclasses.replace(config, rates=rates, awake=bool(rng.random() < AWAKE_PROBABILITY))
     return config
 
 
@@ -393,6 +400,9 @@ class Fuzzer:
             + f", dtype=np.{config.dtype.name})"
         )
         self.att = DynamicAttention(Q, K, V, **arguments)
+        if config.awake:
+            self.record("att.fold()  # wakes it")
+            self.att.fold()
 
     # ------------------------------------------------------------------ content
     @property

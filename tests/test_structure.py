@@ -5,14 +5,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _schedules import tau_schedules
+from _schedules import AUTO_AWAKE, build, tau_schedules
 from dynattn import DynamicAttention
 from dynattn.baselines import BASELINES
 from dynattn.testing import as_numpy, assert_attention_close, random_problem
 
 DTYPES = [np.float64, np.float32]
 STORAGES = ["dense", "implicit"]
-TAUS = [0.0, 0.25, 0.5, 1.0, "auto"]
+TAUS = [0.0, 0.25, 0.5, 1.0, "auto", AUTO_AWAKE]
 SIZES = [(1, 1, 1, 1), (2, 7, 1, 2), (7, 2, 3, 1), (59, 97, 7, 5), (97, 59, 2, 7)]
 
 
@@ -61,8 +61,8 @@ def run_workload(att, Q, K, V, *, steps, seed, scale=1.0, check=True, k_step=0.5
 def test_random_sequences_match_reference(shape, tau, schedule, dtype, storage):
     n, m, d, e = shape
     Q, K, V = random_problem(n, m, d, e, seed=n * 1000 + m, logit_scale=2.0)
-    att = DynamicAttention(Q, K, V, tau=tau, dtype=dtype, storage=storage, schedule=schedule)
-    if tau != "auto":
+    att = build(Q, K, V, tau=tau, dtype=dtype, storage=storage, schedule=schedule)
+    if tau not in ("auto", AUTO_AWAKE):
         assert att.threshold == min(m, max(1, int(np.ceil(m**tau - 1e-9))))
     Q, K, V = run_workload(att, Q, K, V, steps=60, seed=m)
     assert_attention_close(as_numpy(att.output()), Q, K, V, scale=1.0, dtype=dtype)
@@ -197,7 +197,7 @@ ACTIONS = st.lists(
 def test_hypothesis_action_sequences(actions, tau, storage, dtype, shape):
     n, m, d, e = shape
     Q, K, V = random_problem(n, m, d, e, seed=len(actions), logit_scale=3.0)
-    att = DynamicAttention(Q, K, V, tau=tau, storage=storage, dtype=dtype)
+    att = build(Q, K, V, tau=tau, storage=storage, dtype=dtype)
     Q, K, V = Q.astype(dtype), K.astype(dtype), V.astype(dtype)
     dt = np.dtype(dtype)
     for kind, a, b, x in actions:

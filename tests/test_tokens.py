@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _schedules import tau_schedules
+from _schedules import AUTO_AWAKE, build, tau_schedules
 from conftest import assert_rows_certified, assert_same_state, state_of
 from dynattn import DynamicAttention
 from dynattn.structure import SCHEDULES
@@ -88,12 +88,12 @@ def problem(batch, n, m, d, e, seed, dtype=np.float64):
 
 @pytest.mark.parametrize("storage", STORAGES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("tau", "schedule"), tau_schedules([0.0, 0.5, 1.0, "auto"]))
+@pytest.mark.parametrize(("tau", "schedule"), tau_schedules([0.0, 0.5, 1.0, "auto", AUTO_AWAKE]))
 def test_row_edits_match_reference(storage, dtype, tau, schedule):
     n, m, d, e = 11, 13, 4, 3
     Q, K, V = problem((), n, m, d, e, seed=1, dtype=dtype)
     scale = 1 / np.sqrt(d)
-    att = DynamicAttention(Q, K, V, tau=tau, scale=scale, storage=storage, dtype=dtype, schedule=schedule)
+    att = build(Q, K, V, tau=tau, scale=scale, storage=storage, dtype=dtype, schedule=schedule)
     model = Model(Q, K, V, scale=scale, dtype=dtype)
     rng = np.random.default_rng(2)
     for step in range(30):
