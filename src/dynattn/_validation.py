@@ -29,7 +29,7 @@ import math
 import numbers
 import operator
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -103,7 +103,7 @@ def check_rows(name: str, value: Any, *, dtype: np.dtype, shape: tuple[int, ...]
     return converted
 
 
-def _converted_copy(array: np.ndarray, dtype: Any, order: str = "K") -> np.ndarray:
+def _converted_copy(array: np.ndarray, dtype: Any, order: Literal["K", "C"] = "K") -> np.ndarray:
     """A copy of ``array`` in ``dtype``; values beyond its range become inf (reported by
     :func:`_check_finite`), without a warning."""
     if array.dtype == dtype:  # (a plain copy cannot overflow)

@@ -112,6 +112,19 @@ def _parts(count: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, count, size)]
 
 
+def _every_head_of_the_same_rows(heads: np.ndarray, rows: np.ndarray, H: int) -> bool:
+    """Whether (head, row) pairs are the same rows of every head, head by head (cheap
+    tests first: most pairs that are not fail on their first or last head)."""
+    per_head = rows.size // H
+    return (
+        rows.size == H * per_head > 0
+        and heads[0] == 0
+        and heads[-1] == H - 1
+        and np.array_equal(heads, np.repeat(np.arange(H), per_head))
+        and np.array_equal(rows.reshape(H, per_head), np.broadcast_to(rows[:per_head], (H, per_head)))
+    )
+
+
 def _as_slice(rows: np.ndarray) -> Any:
     """``rows`` as a slice when they are consecutive and ascending (indexing then gives
     views, not copies), else unchanged."""
@@ -1891,8 +1904,11 @@ class DynamicAttention(ValidatedInputs):
         in_use = np.flatnonzero(s.slot_kind[:t] != FREE)
         live = np.flatnonzero(s.slot_kind[:t] == LIVE) if s.spread_length else in_use
         if heads is None:
-            groups = [(slice(None), np.arange(H * rows.size).reshape(H, rows.size))]
-            rows = np.tile(rows, H)
+            heads, rows = np.repeat(np.arange(H), rows.size), np.tile(rows, H)
+        elif _every_head_of_the_same_rows(heads, rows, H):  # (fallbacks, drift refreshes)
+            heads = None
+        if heads is None:  # one batched pass
+            groups = [(slice(None), np.arange(rows.size).reshape(H, rows.size // H))]
         else:
             groups = [(slice(h, h + 1), np.nonzero(heads == h)[0][None]) for h in np.unique(heads).tolist()]
         out = xp.zeros((rows.size, self.e), np.float64)
