@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from _schedules import AUTO_AWAKE, build, tau_schedules
 from dynattn import DynamicAttention
 from dynattn.baselines import BASELINES
-from dynattn.testing import as_numpy, assert_attention_close, random_problem
+from dynattn.testing import as_numpy, assert_attention_close, random_problem, reference_attention
 
 DTYPES = [np.float64, np.float32]
 STORAGES = ["dense", "implicit"]
@@ -245,3 +245,27 @@ def test_hypothesis_action_sequences(actions, tau, storage, dtype, shape):
             )
         att._check()
     assert_attention_close(as_numpy(att.output()), Q, K, V, scale=1.0, dtype=dt)
+
+
+def test_every_head_of_the_same_rows_is_recomputed_in_one_batched_pass(monkeypatch):
+    """A refresh of the same rows of every head (a dormant row read, a new query row, a
+    full refresh, or such pairs given explicitly) is one batched pass over the heads;
+    other pairs go head by head. Each gives the reference rows."""
+    H, n, m, d, e = 3, 7, 6, 4, 2
+    rng = np.random.default_rng(3)
+    Q, K, V = (rng.standard_normal((H, r, w)) for r, w in ((n, d), (m, d), (m, e)))
+    att = DynamicAttention(Q, K, V, tau=0.5)
+    blocks = []
+    batched = att._refresh_rows
+    monkeypatch.setattr(
+        att, "_refresh_rows", lambda block, *rest: blocks.append(block) or batched(block, *rest)
+    )
+    expected = np.stack([reference_attention(Q[h], K[h], V[h]) for h in range(H)])  # (H, n, e)
+    out = att._refresh(None, np.array([1, 4]))
+    np.testing.assert_allclose(as_numpy(out), expected[:, [1, 4]].reshape(-1, e), rtol=1e-12, atol=1e-12)
+    out = att._refresh(np.repeat(np.arange(H), 2), np.tile([1, 4], H))
+    np.testing.assert_allclose(as_numpy(out), expected[:, [1, 4]].reshape(-1, e), rtol=1e-12, atol=1e-12)
+    out = att._refresh(np.array([0, 2]), np.array([5, 5]))
+    np.testing.assert_allclose(as_numpy(out), expected[[0, 2], [5, 5]], rtol=1e-12, atol=1e-12)
+    assert blocks == [slice(None), slice(None), slice(0, 1), slice(2, 3)]
+    att._check()

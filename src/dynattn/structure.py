@@ -1903,23 +1903,26 @@ class DynamicAttention(ValidatedInputs):
         t, H = s.t, self._H
         in_use = np.flatnonzero(s.slot_kind[:t] != FREE)
         live = np.flatnonzero(s.slot_kind[:t] == LIVE) if s.spread_length else in_use
-        if heads is None:
-            heads, rows = np.repeat(np.arange(H), rows.size), np.tile(rows, H)
-        elif _every_head_of_the_same_rows(heads, rows, H):  # (fallbacks, drift refreshes)
-            heads = None
-        if heads is None:  # one batched pass
-            groups = [(slice(None), np.arange(rows.size).reshape(H, rows.size // H))]
+        if heads is not None and _every_head_of_the_same_rows(heads, rows, H):
+            heads, rows = None, rows[: rows.size // H]  # (fallbacks, drift refreshes)
+        # (heads, positions in the output (H', k), their rows (k,))
+        groups: list[tuple[slice, np.ndarray, np.ndarray]] = []
+        if heads is None:  # every head of the same rows: one batched pass
+            pairs = H * rows.size
+            groups.append((slice(None), np.arange(pairs).reshape(H, rows.size), rows))
         else:
-            groups = [(slice(h, h + 1), np.nonzero(heads == h)[0][None]) for h in np.unique(heads).tolist()]
-        out = xp.zeros((rows.size, self.e), np.float64)
-        for head_block, positions in groups:
-            part = rows[positions[0]]
+            pairs = rows.size
+            for h in np.unique(heads).tolist():
+                positions = np.nonzero(heads == h)[0]
+                groups.append((slice(h, h + 1), positions[None], rows[positions]))
+        out = xp.zeros((pairs, self.e), np.float64)
+        for head_block, positions, part in groups:
             folded = part < s.folded_rows
             for group, slots in ((~folded, in_use), (folded, live)):
                 if group.any():
                     where, slots_used = positions[:, group], _as_slice(slots)
                     self._refresh_rows(head_block, where, part[group], slots_used, slots.size, out)
-        s.stats["rows_refreshed"] += int(rows.size)
+        s.stats["rows_refreshed"] += pairs
         return out
 
     def _refresh_rows(
