@@ -2185,8 +2185,7 @@ class DynamicAttention(ValidatedInputs):
         k = self._valid_row(name, value, self.d).reshape(self._H, self.d)
         # one product bounds every head's |k|^2 (the 1e-3 covers its rounding); the exact
         # norms, which _note_key_row computes anyway, only where that bound is too coarse
-        total = float(np.vdot(k, k))
-        if not self._state.q_norm_max * math.sqrt(total) * 1.001 * max(1.0, abs(self._scale)) <= 1e300:
+        if not self._key_norm_in_range(math.sqrt(float(np.vdot(k, k))) * 1.001):
             self._guard_key_norm(name, float(cert.norms(k).max()))
         return k
 
@@ -2196,10 +2195,14 @@ class DynamicAttention(ValidatedInputs):
         self._guard_logit_reach(name, float(cert.norms(q).max()), self._state.k_norm_max)
         return q
 
+    def _key_norm_in_range(self, k_norm: float) -> bool:
+        """Whether a key of norm ``k_norm`` keeps every logit with today's queries within
+        float64's range (False also for an infinite norm)."""
+        return self._state.q_norm_max * k_norm * max(1.0, abs(self._scale)) <= 1e300
+
     def _guard_key_norm(self, name: str, k_norm: float) -> None:
-        q_norm = self._state.q_norm_max
-        if q_norm * k_norm * max(1.0, abs(self._scale)) > 1e300 or not k_norm < math.inf:
-            self._guard_logit_reach(name, q_norm, k_norm)
+        if not self._key_norm_in_range(k_norm):
+            self._guard_logit_reach(name, self._state.q_norm_max, k_norm)
 
     def _guard_logit_reach(self, name: str, q_norm: float, k_norm: float) -> None:
         """Reject inputs whose dot products ``q.k`` or logits ``scale*q.k`` could leave
