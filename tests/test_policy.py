@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _schedules import AUTO_AWAKE, build
 from dynattn import DynamicAttention, policy
 from dynattn.testing import as_numpy, assert_attention_close, random_problem
 
@@ -47,13 +48,6 @@ def _check_rows(att, rows, mask=None):
     )
 
 
-def _awake(att):
-    """``att`` woken by ``fold()``: a tau="auto" structure starts dormant (Rule 4), and these
-    tests are about the rules of an awake one."""
-    att.fold()
-    return att
-
-
 def _visible(att, causal):
     """The (n, m) mask of a one-head structure: causal, or its key mask."""
     if causal:
@@ -66,7 +60,7 @@ def test_key_updates_compute_no_column_until_read(storage):
     """Entry and row edits of keys under tau="auto" record the change only."""
     Q, K, V = random_problem(40, 30, 6, 5, seed=1)
     with policy.use_rates(policy.Rates(gemm=1.0, gemv=1e9, call=0.0)):  # folds: never by rent
-        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage))
+        att = build(Q, K, V, tau=AUTO_AWAKE, storage=storage)
         for c in range(6):
             att.update_k(c, c % 6, 0.3)
         att.set_key(7, np.ones(6))
@@ -91,7 +85,7 @@ def test_reads_are_priced_per_head_they_read():
     Q, K, V = (rng.standard_normal((H, n, w)) for w in (d, d, e))
     rates = policy.Rates(gemm=1e9, gemv=1e9, call=1e-6)
     with policy.use_rates(rates):
-        att = _awake(DynamicAttention(Q, K, V, tau="auto"))
+        att = build(Q, K, V, tau=AUTO_AWAKE)
         att.set_key(2, np.ones((H, d)))  # no reads yet: deferred
         s = att._state
         assert s.column_deferred[: s.t].sum() == 1
@@ -110,7 +104,7 @@ def test_deferred_column_is_bought_when_its_rent_reaches_its_price():
     n, d = 40, 4
     Q, K, V = random_problem(n, 9, d, 3, seed=2)
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e9, call=0.0)):  # folds: never by rent
-        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage="dense"))
+        att = build(Q, K, V, tau=AUTO_AWAKE, storage="dense")
         att.update_k(4, 1, 0.5)
         price, rent = policy.column_price(1, n, d), policy.column_rent(1, d, 1)
         reads = 0
@@ -132,7 +126,7 @@ def test_fold_happens_when_the_pending_rent_reaches_its_price():
     Q, K, V = random_problem(n, m, d, e, seed=3)
     rates = policy.Rates(gemm=1e12, gemv=1e6, call=1e-6)
     with policy.use_rates(rates):
-        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage="implicit"))
+        att = build(Q, K, V, tau=AUTO_AWAKE, storage="implicit")
         for c in range(5):
             att.update_k(c, 0, 0.2)
         t = att.pending
@@ -162,7 +156,7 @@ def test_deferred_key_far_above_the_stabilizer_moves_it_when_read(storage, causa
     moves those rows' stabilizers first (float32: limit e**22)."""
     Q, K, V = random_problem(6, 6, 2, 3, seed=4, dtype=np.float32)
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e12, call=0.0)):  # read lazily, fold never
-        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=np.float32, causal=causal))
+        att = build(Q, K, V, tau=AUTO_AWAKE, storage=storage, dtype=np.float32, causal=causal)
         q = as_numpy(att._Q)[5].astype(np.float64)
         att.set_key(2, (40.0 * q / (q @ q)).astype(np.float32))  # logit 40 for row 5
         att.query(5, 0)
@@ -175,7 +169,7 @@ def test_deferred_key_far_above_the_stabilizer_moves_it_when_read(storage, causa
 def test_save_and_load_with_deferred_columns(storage, tmp_path):
     Q, K, V = random_problem(20, 15, 4, 3, seed=5)
     with policy.use_rates(policy.Rates(gemm=1e-3, gemv=1e12, call=0.0)):
-        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage))
+        att = build(Q, K, V, tau=AUTO_AWAKE, storage=storage)
         for c in range(4):
             att.update_k(c, 1, 0.4)
         att.set_value(9, np.ones(3))
@@ -293,7 +287,7 @@ def test_rare_reads_make_it_dormant_and_frequent_reads_wake_it(storage, dtype):
     Q, K, V = random_problem(n, m, d, e, seed=7, dtype=dtype)
     rng = np.random.default_rng(7)
     with policy.use_rates(DORMANT_RATES):
-        att = _awake(DynamicAttention(Q, K, V, tau="auto", storage=storage, dtype=dtype))
+        att = build(Q, K, V, tau=AUTO_AWAKE, storage=storage, dtype=dtype)
         updates = 0
         while not att._state.dormant:  # a read every 10 updates
             att.update_k(int(rng.integers(m)), int(rng.integers(d)), float(rng.normal(0, 0.3)))
@@ -339,9 +333,7 @@ def test_every_operation_on_a_dormant_structure(storage, causal, woken, tmp_path
     Q, K, V = random_problem(n, m, d, e, seed=8)
     rng = np.random.default_rng(8)
     with policy.use_rates(DORMANT_RATES):
-        att = DynamicAttention(Q, K, V, tau="auto", storage=storage, causal=causal)
-        if woken:
-            _awake(att)
+        att = build(Q, K, V, tau=AUTO_AWAKE if woken else "auto", storage=storage, causal=causal)
         for step in range(5000):
             att.update_v(int(rng.integers(att.m)), 0, float(rng.normal()))
             if att._state.dormant:
