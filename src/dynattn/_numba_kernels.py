@@ -22,31 +22,57 @@ _OPTIONS: dict[str, Any] = {"parallel": False, "cache": True, "fastmath": {"reas
 @numba.njit(**_OPTIONS)
 def rows_dot(rows: Any, head_stride: int, x: Any, out: Any) -> None:  # pragma: no cover - compiled
     """``out[h, i, j] = sum_k rows[h * head_stride + i, k] * x[h, j, k]`` (rows float32,
-    C-contiguous; x and out float64)."""
+    C-contiguous; x and out float64). Rows go four at a time (each
+    ``x[h, j]`` element loaded once for four products), each read once for every j."""
     heads, count, columns = out.shape
     width = rows.shape[1]
     for h in range(heads):
-        for i in range(count):
-            row = rows[h * head_stride + i]
+        base = h * head_stride
+        i = 0
+        while i + 4 <= count:
+            r0, r1, r2, r3 = rows[base + i], rows[base + i + 1], rows[base + i + 2], rows[base + i + 3]
+            for j in range(columns):
+                xj = x[h, j]
+                t0 = t1 = t2 = t3 = 0.0
+                for k in range(width):
+                    xk = xj[k]
+                    t0 += np.float64(r0[k]) * xk
+                    t1 += np.float64(r1[k]) * xk
+                    t2 += np.float64(r2[k]) * xk
+                    t3 += np.float64(r3[k]) * xk
+                out[h, i, j], out[h, i + 1, j], out[h, i + 2, j], out[h, i + 3, j] = t0, t1, t2, t3
+            i += 4
+        while i < count:
+            row = rows[base + i]
             for j in range(columns):
                 total = 0.0
                 for k in range(width):
                     total += np.float64(row[k]) * x[h, j, k]
                 out[h, i, j] = total
+            i += 1
 
 
 @numba.njit(**_OPTIONS)
 def weighted_rows(w: Any, rows: Any, head_stride: int, out: Any) -> None:  # pragma: no cover - compiled
     """``out[h, j, :] = sum_c w[h, j, c] * rows[h * head_stride + c, :]`` (rows float32,
-    C-contiguous; w and out float64)."""
+    C-contiguous; w and out float64). Two rows per step into the accumulator: half the
+    loads and stores of the accumulator per row read."""
     heads, columns, count = w.shape
     width = rows.shape[1]
     for h in range(heads):
+        base = h * head_stride
         for j in range(columns):
+            wj = w[h, j]
             total = np.zeros(width, np.float64)
-            for c in range(count):
-                weight = w[h, j, c]
-                row = rows[h * head_stride + c]
+            c = 0
+            while c + 2 <= count:
+                w0, w1 = wj[c], wj[c + 1]
+                r0, r1 = rows[base + c], rows[base + c + 1]
+                for k in range(width):
+                    total[k] += w0 * np.float64(r0[k]) + w1 * np.float64(r1[k])
+                c += 2
+            if c < count:
+                weight, row = wj[c], rows[base + c]
                 for k in range(width):
                     total[k] += weight * np.float64(row[k])
             out[h, j] = total

@@ -263,9 +263,11 @@ class AttentionState:
     def _reslice(self, axes: str = "") -> None:
         """Point every declared attribute (or those with an axis in ``axes``) at the live
         part of its buffer."""
+        live = {a: slice(0, size) for a, size in self.sizes.items()}
+        changed = set(axes)
         for owner, spec, buffer in self._buffers.values():
-            if not axes or any(a in axes for a in spec.axes):
-                owner.__dict__[spec.name] = buffer[tuple(slice(0, self.sizes[a]) for a in spec.axes)]
+            if not changed or not changed.isdisjoint(spec.axes):
+                owner.__dict__[spec.name] = buffer[tuple([live[a] for a in spec.axes])]
         if self._dtype == np.float64:
             for name, spec in declared_arrays(type(self)).items():
                 if spec.float64_copy_of:
@@ -287,8 +289,8 @@ class AttentionState:
         self.sizes.update(sizes)
         # only the live part of the other axes: an entry in their spare capacity is zeroed
         # when that axis grows over it (then this one is live)
-        for _owner, spec, buffer in self._buffers.values():
-            for axis, (old, new) in exposed.items():
+        for axis, (old, new) in exposed.items():
+            for _owner, spec, buffer in self._buffers.values():
                 if axis in spec.axes:
                     live = (slice(old, new) if a == axis else slice(0, self.sizes[a]) for a in spec.axes)
                     buffer[tuple(live)] = 0

@@ -81,6 +81,8 @@ FOLD_BLOCK_ENTRIES = 1 << 21
 MIN_SLICE_FLOPS = 1 << 24
 #: Exact row recomputations materialize at most this many float64 weights at once.
 REFRESH_BLOCK_ENTRIES = 1 << 22
+#: _refresh_rows keeps its working memory between calls up to this many float64s (2 MiB)
+SCRATCH_ENTRIES = 1 << 18
 #: Fold schedules: a whole fold at once, or spread over the updates that follow (docs/latency.md).
 SCHEDULES = ("amortized", "spread")
 #: Saved-file format version (``save`` / ``load``).
@@ -320,8 +322,8 @@ class DynamicAttention(ValidatedInputs):
         s.all_keys_visible = bool(visible.all())
         s.query_pos[...] = np.arange(n)
         s.key_pos[...] = np.arange(m)
+        s.next_position = max(n, m)  # (every position is below it; _visibility relies on that)
         s.visible_keys[...] = self._count_visible_keys(np.arange(n))
-        s.next_position = max(n, m)
         if adaptive:  # Rule 4 from the start: no snapshot until reads make one pay
             self._reset_value_tables()
             self._go_dormant()
@@ -367,6 +369,11 @@ class DynamicAttention(ValidatedInputs):
         self._fold_correction = self._column_correction = 1.0
         self._dtype_max = float(info.max)
         self._subnormal_step = float(info.smallest_subnormal)
+        #: absolute error of any stored weight from the dtype's underflow, magnified by growth
+        self._weight_floor = float(info.tiny) * math.exp(MAX_COLUMN_GROWTH)
+        #: float64 memory _refresh_rows works in, kept between calls (fresh memory of that
+        #: size would be faulted in page by page on every call)
+        self._refresh_scratch: Any = None
         #: schedule="spread": the fold in progress, gathered once (None: gather it again)
         self._folding_plan: FoldPlan | None = None
         #: during update_k_many/update_v_many: pending rows allowed before a fold (None:
@@ -387,14 +394,11 @@ class DynamicAttention(ValidatedInputs):
         self._read_plan: tuple[np.ndarray, float] | None = None
         sizes = self._state.sizes
         self.n, self.m, self.d, self.e = sizes["n"], sizes["m"], sizes["d"], sizes["e"]
-        info = np.finfo(self._dtype)
-        #: absolute error of any stored weight from the dtype's underflow, magnified by growth
-        self._weight_floor = float(info.tiny) * math.exp(MAX_COLUMN_GROWTH)
-        #: that error summed over what an answer adds up: the snapshot's m weights, the
-        #: pending old and new weights, and a fresh evaluation's m weights
+        #: the underflow error of a stored weight summed over what an answer adds up: the
+        #: snapshot's m weights, the pending old and new weights, and a fresh evaluation's m
         self._underflow_error = 2 * (self.m + sizes["S"] + 1) * self._weight_floor
         #: absolute error of re-rounding a row's stored weights when they are subnormal
-        self._subnormal_error = (self.m + 2 * sizes["S"]) * float(info.smallest_subnormal)
+        self._subnormal_error = (self.m + 2 * sizes["S"]) * self._subnormal_step
         s = self._state
         self._Q = s.Q.reshape(*self.batch_shape, self.n, self.d)
         self._K = s.K.reshape(*self.batch_shape, self.m, self.d)
@@ -1030,14 +1034,17 @@ class DynamicAttention(ValidatedInputs):
         s, xp = self._state, self._xp
         t = s.t
         z = s.Z[heads, rows]
-        new_sum = xp.sum(s.pending_new_columns[heads, :t, rows], 1)
-        old_weights = s.pending_old_columns[heads, :t, rows]  # (k, t)
-        old_sum = xp.sum(old_weights, 1)
-        denominator = z + new_sum - old_sum
-        mismatch = self._storage.mismatch_error(
-            s, old_weights, 1, self._mismatch_rate, heads, rows, slice(0, t)
-        )
-        error = self._row_error(s.drift[heads, rows], z + new_sum + old_sum, mismatch)
+        if t:
+            new_sum = xp.sum(s.pending_new_columns[heads, :t, rows], 1)
+            old_weights = s.pending_old_columns[heads, :t, rows]  # (k, t)
+            old_sum = xp.sum(old_weights, 1)
+            denominator, mass = z + new_sum - old_sum, z + new_sum + old_sum
+            mismatch = self._storage.mismatch_error(
+                s, old_weights, 1, self._mismatch_rate, heads, rows, slice(0, t)
+            )
+        else:  # nothing pending: the same sums over no slot, exactly 0 (a copy: z may be a view)
+            denominator, mass, mismatch = xp.copy(z), z, 0.0
+        error = self._row_error(s.drift[heads, rows], mass, mismatch)
         bound = cert.row_bound(error, denominator, xp.where)
         if not self._certify:
             bound = bound * 0
@@ -1475,6 +1482,10 @@ class DynamicAttention(ValidatedInputs):
         len(keys))``; None if all of them."""
         s = self._state
         if s.all_keys_visible and not self._causal:
+            return None
+        # every key's position is below next_position: rows at the latest one see them all
+        latest = rows.size and s.query_pos[rows].min() >= s.next_position - 1
+        if keys is None and s.all_keys_visible and latest:
             return None
         if keys is None:
             keys = np.arange(self.m)
@@ -1947,10 +1958,10 @@ class DynamicAttention(ValidatedInputs):
         values = s.V64[hs] if moderate else s.V64[hs] / units[:, None, :]
         block = max(1, REFRESH_BLOCK_ENTRIES // (self.m * heads))
         # transposed, (H', m, rows): one key's weights at these rows are contiguous, as the
-        # dense weights and the pending columns store them; one buffer, worked on in place,
-        # since a block is up to REFRESH_BLOCK_ENTRIES float64s and every temporary of that
-        # size is fresh memory to fault in
-        buffer = xp.zeros((heads, self.m, min(block, rows.size)), np.float64)
+        # dense weights and the pending columns store them; one buffer, worked on in place
+        # and kept between calls, since a block is up to REFRESH_BLOCK_ENTRIES float64s and
+        # every temporary of that size is fresh memory to fault in
+        buffer = self._scratch((heads, self.m, min(block, rows.size)))
         for start in range(0, rows.size, block):
             where = positions[:, start : start + block]
             part = rows[start : start + block]
@@ -1995,6 +2006,16 @@ class DynamicAttention(ValidatedInputs):
                 s.column_max[hs, slots] = np.maximum(s.column_max[hs, slots], largest)
             if not s.dormant:  # (dormant, stored weights wait for the wake's full refresh)
                 self._storage.set_rows(hs, columns, weights_t)
+
+    def _scratch(self, shape: tuple[int, ...]) -> Any:
+        """A float64 array of ``shape`` (contents undefined) over the reused refresh
+        memory, valid until the next call; fresh memory beyond ``SCRATCH_ENTRIES``."""
+        size = math.prod(shape)
+        if size > SCRATCH_ENTRIES:
+            return self._xp.zeros(shape, np.float64)
+        if self._refresh_scratch is None or self._refresh_scratch.shape[0] < size:
+            self._refresh_scratch = self._xp.zeros((size,), np.float64)
+        return self._refresh_scratch[:size].reshape(shape)
 
     # ================================================================== properties
     @property
