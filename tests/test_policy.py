@@ -447,3 +447,56 @@ def test_it_starts_dormant_and_wakes_once_reads_pay_for_a_snapshot(storage):
         assert att.stats["wakes"] == 1 and not att._state.dormant
         att._check()
         _certified(att)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_rule4_compares_measured_operations_once_both_states_ran_them(storage, monkeypatch):
+    """With measured rates Rule 4 charges each public operation its measured time less
+    the other state's mean for the same operation (per unit) over its last stretch; the
+    model's difference where the other state has not run it; a wake's measured time
+    corrects the switching price. A fake clock makes each operation take a fixed time
+    per state: awake token edits 5 ms, dormant ones 1 ms, so an awake structure gains
+    4 ms per edit and goes dormant once that reaches the price of a full refresh."""
+    n, m, d, e = 30, 25, 6, 4
+    Q, K, V = random_problem(n, m, d, e, seed=11)
+    rng = np.random.default_rng(11)
+    seconds = {True: 1e-3, False: 5e-3}  # per clock reading, by state: one operation
+    clock = [0.0]
+
+    def fake_now():
+        clock[0] += seconds[att._state.dormant]
+        return clock[0]
+
+    with policy.use_rates(policy.Rates(gemm=1e9, gemv=1e9, call=1e-6, measured=True)):
+        att = DynamicAttention(Q, K, V, tau="auto", storage=storage)
+        monkeypatch.setattr(policy, "now", fake_now)
+
+        def edit():
+            att.set_token(int(rng.integers(m)), k=rng.normal(size=d), v=rng.normal(size=e))
+
+        for _ in range(policy.MIN_METERED_UNITS):  # dormant: the awake side is not measured yet
+            edit()
+            assert att._state.dormancy_balance == 0.0
+        assert att._operation_costs[True, "set_token"] == [pytest.approx(8e-3), 8]
+        price = policy.wake_price(1, n, m, d, e)
+        att.fold()  # wakes it; the wake took one clock reading awake, 5 ms
+        assert att._wake_correction == pytest.approx(policy.corrected(1.0, price, 5e-3))
+        switch = att._switch_price()
+        assert switch == pytest.approx(price * att._wake_correction)
+        edits = 0
+        while not att._state.dormant:
+            balance = att._state.dormancy_balance
+            edit()
+            edits += 1
+            if not att._state.dormant:
+                assert att._state.dormancy_balance == pytest.approx(balance + 4e-3)
+            assert edits < 10_000
+        # it switched at the first edit that found the balance at the price
+        assert edits == math.ceil(switch / 4e-3 - 1e-9) + 1
+        assert att._state.dormancy_balance == 0.0 and att.stats["dormant_periods"] == 2
+        # dormant again: its edits cost 4 ms less than the awake stretch measured them
+        for _ in range(5):
+            edit()
+            assert att._state.dormancy_balance == 0.0
+        att._check()
+        _certified(att)

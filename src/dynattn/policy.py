@@ -212,6 +212,13 @@ def wake_price(heads: int, n: int, m: int, d: int, e: int) -> float:
     return 2 * heads * n * m * (d + e) / r.gemm + EXP_FLOPS * heads * n * m / r.gemv + heads * r.call
 
 
+#: The clock Rule 4 times operations with (seconds; tests replace it).
+now = time.perf_counter
+#: Rule 4 with measured rates uses the other state's measured cost of an operation once it
+#: has run it on this many units (updates, or (head, row) pairs read) in its last stretch;
+#: the model's difference until then.
+MIN_METERED_UNITS = 8
+
 #: How much one measured fold or column computation moves a structure's price correction
 #: (an exponential average), and the range the correction is kept in.
 CORRECTION_WEIGHT = 0.5

@@ -32,10 +32,11 @@ answers, token edits, weight maintenance, persistence and invariants.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -89,6 +90,44 @@ SCHEDULES = ("amortized", "spread")
 FORMAT_VERSION = 5
 #: Host-side operations (bookkeeping arrays are always numpy).
 HOST = NumpyBackend()
+
+
+class OperationMeter:
+    """One public operation timed for Rule 4 (``tau="auto"`` with measured rates): when
+    it started, the state it started in, the model's balance change it made (used where
+    the other state has no measurement of this operation yet), its units (1 for an
+    update, the (head, row) pairs of a read) and the seconds a switch inside it took."""
+
+    __slots__ = ("started", "dormant", "model_delta", "units", "switch_seconds")
+
+    def __init__(self, dormant: bool):
+        self.started = policy.now()
+        self.dormant = dormant
+        self.model_delta = 0.0
+        self.units = 1
+        self.switch_seconds = 0.0
+
+
+def _metered(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A public operation that Rule 4 times under ``tau="auto"`` with measured rates (not
+    when called from another public operation, nor with rates fixed by
+    ``policy.use_rates``: then Rule 4 compares the model's prices, as before)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def metered(self: DynamicAttention, *args: Any, **kwargs: Any) -> Any:
+        if not self._adaptive or self._meter is not None or not policy.rates().measured:
+            return method(self, *args, **kwargs)
+        self._meter = OperationMeter(self._state.dormant)
+        try:
+            result = method(self, *args, **kwargs)
+        except BaseException:
+            self._meter = None
+            raise
+        self._end_meter(name)
+        return result
+
+    return metered
 
 
 class FoldPlan(NamedTuple):
@@ -371,6 +410,12 @@ class DynamicAttention(ValidatedInputs):
         self._subnormal_step = float(info.smallest_subnormal)
         #: absolute error of any stored weight from the dtype's underflow, magnified by growth
         self._weight_floor = float(info.tiny) * math.exp(MAX_COLUMN_GROWTH)
+        #: Rule 4 on measured time: the operation being timed, and per (dormant, operation
+        #: name) the seconds and units of the last stretch in that state (not saved: a
+        #: loaded structure measures again); the measured over predicted price of waking
+        self._meter: OperationMeter | None = None
+        self._operation_costs: dict[tuple[bool, str], list[float]] = {}
+        self._wake_correction = 1.0
         #: float64 memory _refresh_rows works in, kept between calls (fresh memory of that
         #: size would be faulted in page by page on every call)
         self._refresh_scratch: Any = None
@@ -435,6 +480,7 @@ class DynamicAttention(ValidatedInputs):
         s.stats["storage_switches"] += 1
 
     # ================================================================== the paper's operations
+    @_metered
     def update_k(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
         """Paper's UpdateK: ``K[head][i, j] += delta``.
 
@@ -446,6 +492,7 @@ class DynamicAttention(ValidatedInputs):
         j = check_index("j", j, self.d, axis="key columns, d")
         self._apply_k(h, i, j, self._checked_sum("delta", self._state.K[h, i, j], delta, "K"))
 
+    @_metered
     def update_v(self, i: int, j: int, delta: float, *, head: Any = None) -> None:
         """Paper's UpdateV: ``V[head][i, j] += delta``.
 
@@ -456,6 +503,7 @@ class DynamicAttention(ValidatedInputs):
         j = check_index("j", j, self.e, axis="value columns, e")
         self._apply_v(h, i, j, self._checked_sum("delta", self._state.V[h, i, j], delta, "V"))
 
+    @_metered
     def query(self, i: int, j: int, *, head: Any = None) -> float:
         """Paper's Query: ``O[head][i, j]`` as a Python float.
 
@@ -824,6 +872,7 @@ class DynamicAttention(ValidatedInputs):
                     self._full_refresh()
 
     # ================================================================== answers
+    @_metered
     def query_row(self, i: int) -> np.ndarray:
         """``O[..., i, :]`` for every head, a new ``(*batch, e)`` array.
 
@@ -832,6 +881,7 @@ class DynamicAttention(ValidatedInputs):
         i = check_index("i", i, self.n, axis="query rows, n")
         return self._rows_all_heads(np.array([i]))[..., 0, :]
 
+    @_metered
     def query_rows(self, rows: Any, *, return_lse: bool = False) -> Any:
         """``O[..., rows, :]`` for every head, a new ``(*batch, len(rows), e)`` array.
 
@@ -845,6 +895,7 @@ class DynamicAttention(ValidatedInputs):
         rows = check_index_array("rows", rows, self.n, axis="query rows, n")
         return self._rows_all_heads(rows, check_flag("return_lse", return_lse))
 
+    @_metered
     def query_many(self, rows: Any, cols: Any, *, heads: Any = None) -> np.ndarray:
         """``O[heads[k]][rows[k], cols[k]]`` for every k, a new ``(len(rows),)`` array.
 
@@ -859,6 +910,7 @@ class DynamicAttention(ValidatedInputs):
         head_index = self._head_indices(heads, rows.size)
         return self._xp.astype(self._answer_entries(head_index, rows, cols), self._output_dtype)
 
+    @_metered
     def output(self, *, return_lse: bool = False) -> Any:
         """The whole attention output ``O: (*batch, n, e)``, as a new array (with
         ``return_lse=True`` also ``LSE: (*batch, n)``, as in :meth:`query_rows`).
@@ -867,6 +919,7 @@ class DynamicAttention(ValidatedInputs):
         """
         return self._rows_all_heads(np.arange(self.n), check_flag("return_lse", return_lse))
 
+    @_metered
     def error_bound(self, i: int, *, head: Any = None) -> float:
         """Bound on ``|answer - exact| / max|V[:, j]|`` for answers about row ``i``.
 
@@ -941,7 +994,7 @@ class DynamicAttention(ValidatedInputs):
         Runtime complexity: O(m*d)."""
         s, xp = self._state, self._xp
         self._count_read()
-        s.dormancy_balance += policy.entry_price(self.m, self.d)
+        self._charge_balance(policy.entry_price(self.m, self.d))
         logits = kernels.rows_dot(s.K[h : h + 1], s.Q64[h, i][None, :, None])
         logits = s.K64[h] @ s.Q64[h, i] if logits is None else logits[0, :, 0]  # (m,)
         logits *= self._scale
@@ -1133,6 +1186,7 @@ class DynamicAttention(ValidatedInputs):
         s.value_unit[...] = units
 
     # ================================================================== row / token operations
+    @_metered
     def set_key(self, c: int, k: Any) -> None:
         """``K[..., c, :] = k`` for every head; ``k: (*batch, d)``.
 
@@ -1143,6 +1197,7 @@ class DynamicAttention(ValidatedInputs):
         self._apply_key_row(c, k)
         self._fold_if_full()
 
+    @_metered
     def set_value(self, c: int, v: Any) -> None:
         """``V[..., c, :] = v`` for every head; ``v: (*batch, e)``.
 
@@ -1153,6 +1208,7 @@ class DynamicAttention(ValidatedInputs):
         self._apply_value_row(c, v)
         self._fold_if_full()
 
+    @_metered
     def set_query(self, i: int, q: Any) -> None:
         """``Q[..., i, :] = q`` for every head; ``q: (*batch, d)``. Row i is recomputed exactly.
 
@@ -1162,6 +1218,7 @@ class DynamicAttention(ValidatedInputs):
         q = self._valid_query_row("q", q)
         self._apply_query_row(i, q)
 
+    @_metered
     def set_token(self, i: int, q: Any = None, k: Any = None, v: Any = None) -> None:
         """Self-attention edit of token i: any of its query, key and value rows.
 
@@ -1185,6 +1242,7 @@ class DynamicAttention(ValidatedInputs):
             self._apply_query_row(i, q_row)
         self._fold_if_full()
 
+    @_metered
     def append(self, q: Any = None, k: Any = None, v: Any = None) -> tuple[int | None, int | None]:
         """Add a token: a query row ``q: (*batch, d)`` and/or a key-value pair ``k, v``.
 
@@ -1230,6 +1288,7 @@ class DynamicAttention(ValidatedInputs):
         s.reserve(**grow)
         self._after_resize()
 
+    @_metered
     def slide(self, k: Any, v: Any, *, window: int, sinks: int = 0, q: Any = None) -> tuple[int | None, int]:
         """One step of a sliding window: delete the oldest live keys so that, with the
         new key, ``window`` keys remain besides the first ``sinks`` live keys (attention
@@ -1288,6 +1347,7 @@ class DynamicAttention(ValidatedInputs):
         self._fold_if_full()
         return query_index, key_index
 
+    @_metered
     def delete_key(self, c: int) -> None:
         """Delete key c: hide it from every query and release index c, which a later
         ``append`` may reuse for a new key (other indices never move; a key's causal
@@ -1298,6 +1358,7 @@ class DynamicAttention(ValidatedInputs):
         self._hide_key(c, free=True)
         self._fold_if_full()
 
+    @_metered
     def set_key_mask(self, c: int, visible: bool) -> None:
         """Show or hide key c (a key padding mask update; showing a deleted key keeps it).
 
@@ -1656,6 +1717,8 @@ class DynamicAttention(ValidatedInputs):
         else:
             head_count = 1 if isinstance(heads, int) else int(np.unique(heads).size)
         self._count_read(head_count)
+        if self._meter is not None:
+            self._meter.units = pairs
         t = s.t
         recomputed = self._charge_dormancy(heads, rows, pairs, width)
         if t == 0:
@@ -1663,7 +1726,7 @@ class DynamicAttention(ValidatedInputs):
         deferred, _ = self._policy_plan()
         rent = policy.pending_rent(pairs, t, width, deferred.size, self.d)
         s.pending_rent += rent
-        s.dormancy_balance += rent  # what the pending rows cost this read is upkeep too
+        self._charge_balance(rent)  # what the pending rows cost this read is upkeep too
         if deferred.size:
             s.column_rent[deferred] += policy.column_rent(pairs, self.d, deferred.size, head_count)
             if isinstance(heads, int):  # an entry read: one (head, row) pair
@@ -1685,7 +1748,7 @@ class DynamicAttention(ValidatedInputs):
                 saved = policy.entry_price(self.m, self.d)
             else:
                 saved = policy.row_price(pairs, self.m, self.d, self.e)
-            s.dormancy_balance = max(0.0, s.dormancy_balance - saved)
+            self._charge_balance(-saved)
             return None
         recomputed = None
         if isinstance(heads, slice):  # every head, rows an index array or a slice
@@ -1705,7 +1768,7 @@ class DynamicAttention(ValidatedInputs):
             if count:
                 self._refresh(stale_heads, stale_rows)
         if count:
-            s.dormancy_balance += policy.row_price(count, self.m, self.d, self.e)
+            self._charge_balance(policy.row_price(count, self.m, self.d, self.e))
         return recomputed
 
     def _dormancy_rule(self) -> bool:
@@ -1728,16 +1791,15 @@ class DynamicAttention(ValidatedInputs):
                     if s.awake_updates
                     else policy.awake_update_estimate(self._H, self.n, self.d, self.e)
                 )
-                s.dormancy_balance = max(0.0, s.dormancy_balance - upkeep_rate)
-                if s.dormancy_balance >= policy.wake_price(self._H, self.n, self.m, self.d, self.e):
+                self._charge_balance(-upkeep_rate)
+                if s.dormancy_balance >= self._switch_price():
                     self._wake()
             return s.dormant
-        price = policy.wake_price(self._H, self.n, self.m, self.d, self.e)
         upkeep, s.upkeep_pending = s.upkeep_pending + policy.awake_update_price(), 0.0
         s.upkeep_total += upkeep
         s.awake_updates += 1
-        s.dormancy_balance += upkeep
-        if s.dormancy_balance >= price:
+        self._charge_balance(upkeep)
+        if s.dormancy_balance >= self._switch_price():
             self._go_dormant()
             return True
         return False
@@ -1751,6 +1813,7 @@ class DynamicAttention(ValidatedInputs):
         s.dormancy_balance = 0.0
         s.slots_opened += 1  # no row's snapshot is current
         s.stats["dormant_periods"] += 1
+        self._start_stretch(dormant=True)
 
     def _wake(self) -> None:
         """End dormancy: every row recomputed exactly. Runtime complexity: O(H*n*m*(d+e))."""
@@ -1758,8 +1821,55 @@ class DynamicAttention(ValidatedInputs):
         s.dormant = False
         s.dormancy_balance = s.upkeep_total = 0.0
         s.awake_updates = 0
+        started, predicted = policy.now(), self._switch_price() / self._wake_correction
         self._full_refresh()
+        elapsed = policy.now() - started
+        self._wake_correction = policy.corrected(self._wake_correction, predicted, elapsed)
+        if self._meter is not None:
+            self._meter.switch_seconds += elapsed
+        self._start_stretch(dormant=False)
         s.stats["wakes"] += 1
+
+    def _switch_price(self) -> float:
+        """Rule 4's price of switching: a full refresh, corrected by the measured wakes."""
+        return policy.wake_price(self._H, self.n, self.m, self.d, self.e) * self._wake_correction
+
+    def _charge_balance(self, delta: float) -> None:
+        """Add the model's price difference ``delta`` (seconds) to Rule 4's balance, or,
+        while a public operation is timed, to its model delta (:meth:`_end_meter`)."""
+        if self._meter is not None:
+            self._meter.model_delta += delta
+        else:
+            s = self._state
+            s.dormancy_balance = max(0.0, s.dormancy_balance + delta)
+
+    def _start_stretch(self, *, dormant: bool) -> None:
+        """A new stretch in one state: its operations are measured from now on (the other
+        state's, from its last stretch, stay as they were)."""
+        for key in [key for key in self._operation_costs if key[0] == dormant]:
+            del self._operation_costs[key]
+
+    def _end_meter(self, name: str) -> None:
+        """Rule 4 after the timed public operation ``name``: the balance gains its measured
+        seconds in this state less what the other state took for the same operation (per
+        unit, over its last stretch), or the model's difference where the other state has
+        not run it on ``policy.MIN_METERED_UNITS`` units. An operation that switched state
+        changes nothing (the balance restarted)."""
+        meter, s = self._meter, self._state
+        assert meter is not None
+        self._meter = None
+        if s.dormant != meter.dormant:
+            return
+        elapsed = policy.now() - meter.started - meter.switch_seconds
+        mine = self._operation_costs.setdefault((meter.dormant, name), [0.0, 0.0])
+        mine[0] += elapsed
+        mine[1] += meter.units
+        other = self._operation_costs.get((not meter.dormant, name))
+        if other is not None and other[1] >= policy.MIN_METERED_UNITS:
+            delta = elapsed - other[0] / other[1] * meter.units
+        else:
+            delta = meter.model_delta
+        s.dormancy_balance = max(0.0, s.dormancy_balance + delta)
 
     def _policy_plan(self) -> tuple[np.ndarray, float]:
         """The deferred slots and the fold's predicted price (before the measured
@@ -2235,6 +2345,7 @@ class DynamicAttention(ValidatedInputs):
                 "beyond float64's range; expected inputs whose (scaled) dot products stay below 1e300"
             )
 
+    @_metered
     def update_k_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
         """``K[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order.
 
@@ -2251,6 +2362,7 @@ class DynamicAttention(ValidatedInputs):
             for h, c, j, new in plan:
                 self._apply_k(h, c, j, new)
 
+    @_metered
     def update_v_many(self, rows: Any, cols: Any, deltas: Any, *, heads: Any = None) -> None:
         """``V[heads[b], rows[b], cols[b]] += deltas[b]`` for every b, in order (all-or-nothing;
         folds as :meth:`update_k_many` does)."""
@@ -2266,6 +2378,8 @@ class DynamicAttention(ValidatedInputs):
         axis back its usual size. Only for a fixed τ with amortized folds and an awake
         structure (tau="auto" and spread folds decide each fold themselves)."""
         s = self._state
+        if self._meter is not None:  # Rule 4 compares batches per update
+            self._meter.units = max(1, len(plan))
         wanted = s.t + len({c for _, c, _, _ in plan})
         if self._adaptive or self._spread or s.dormant or wanted <= s.threshold:
             yield
@@ -2364,6 +2478,7 @@ class DynamicAttention(ValidatedInputs):
         assert self._spread or live.all(), "a free or folding slot under schedule='amortized'"
         assert not s.dormant or (self._adaptive and t == 0), "dormant: pending rows, or not tau='auto'"
         assert s.dormancy_balance >= 0, "negative dormancy balance"
+        assert self._meter is None, "a public operation's Rule 4 meter was left open"
         for slot_map, kind in ((s.slot_of, live), (s.folding_slot_of, folding)):
             assert sorted(slot_map.values()) == np.flatnonzero(kind).tolist(), f"{slot_map} != {kinds}"
             assert all(s.pending_rows[slot] == c for c, slot in slot_map.items()), (
