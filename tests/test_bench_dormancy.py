@@ -24,6 +24,7 @@ def test_quick_run_follows_every_stream(bench_dormancy, tmp_path, backend, capsy
         ("paper", 0.1),
         ("llm", 0.01),
         ("llm", 0.1),
+        ("llm", 1.0),
     ]
     for result in saved["results"]:
         windows = result["windows_s"]
@@ -31,6 +32,10 @@ def test_quick_run_follows_every_stream(bench_dormancy, tmp_path, backend, capsy
         assert len(windows["auto"]) == len(windows["OnDemand"]) == -(-result["updates"] // result["window"])
         assert all(t > 0 for times in windows.values() for t in times)
         assert result["stats"]["updates"] == result["updates"]
+        # the states after the windows where it changed: alternating, from dormant (as built)
+        states = [state for _, state in result["switches"]]
+        assert all(before != after for before, after in zip(["dormant", *states], states, strict=False))
+        assert states.count("awake") <= result["stats"]["wakes"]
         if result["dormant_by_update"] is not None:
             assert result["stats"]["dormant_periods"] >= 1 and result["steady_s"]["auto"] > 0
 
