@@ -6,6 +6,7 @@ head by head, with the same mask and scale.
 """
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -387,6 +388,28 @@ def test_rows_that_see_no_key_answer_zero_exactly_and_cheaply(storage):
     att._check()
     expected = reference_attention(Q[0], K[0], V[0], mask=np.tril(np.ones((4, 4), dtype=bool)))
     np.testing.assert_allclose(as_numpy(att.query_row(0))[0], expected[0], atol=1e-12)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_rows_that_see_no_key_stay_exact_when_a_value_column_became_zero(storage):
+    """A value column that was nonzero and is all zero now has an infinite ratio rho_j
+    (values summed into the snapshot, none left); a row that sees no key has bound 0 and
+    stays exact (0 times that ratio is no NaN, so no warning and no recomputation)."""
+    Q, K, V = problem((), 5, 5, 3, 2, seed=4)
+    V[2:, 1] = 0.0  # column 1 nonzero in rows 0 and 1 only
+    att = DynamicAttention(Q, K, V, causal=True, storage=storage, tau=1.0)
+    att.delete_key(0)  # row 0 now sees no key
+    att.update_v(0, 1, -float(V[0, 1]))
+    att.update_v(1, 1, -float(V[1, 1]))  # column 1 is all zero, its scale is not
+    assert att.pending and att._column_ratio(np.array([0]), np.array([1]))[0] == np.inf
+    before = att.stats["query_fallbacks"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert as_numpy(att.query_row(0)).tolist() == [0.0, 0.0]
+        assert as_numpy(att.query_many([0, 0], [0, 1])).tolist() == [0.0, 0.0]
+        assert att.error_bound(0) == 0.0
+    assert att.stats["query_fallbacks"] == before
+    att._check()
 
 
 @pytest.mark.parametrize("storage", STORAGES)

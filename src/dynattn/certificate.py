@@ -97,6 +97,15 @@ def row_bound(error: Any, denominator: Any, where: Where | None) -> Any:
     return where(certifiable, safe / (1 - safe), math.inf)
 
 
+def column_bound(row_bound: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """``row_bound * (rho_j + 1)``, the bound relative to max|V[:, j]| (numpy arrays that
+    broadcast), and 0 wherever ``row_bound`` is 0: an exact answer (a row that sees no
+    key, or certification off) stays exact when a column's ratio is infinite, instead of
+    becoming NaN and being recomputed."""
+    with np.errstate(invalid="ignore"):
+        return np.where(row_bound == 0, 0.0, row_bound * (ratio + 1))
+
+
 def value_ratio(scale: Any, current: Any, where: Where | None) -> Any:
     """``rho_j = value_scale_j / max|V[:, j]|``: how much larger than today's values the
     values summed into the snapshot may have been (1 for an all-zero column).

@@ -937,7 +937,9 @@ class DynamicAttention(ValidatedInputs):
         row_bound = float(self._row_bounds(np.array([h]), np.array([i]))[0][0])
         # per column, as entry queries decide: a column whose bound exceeds tol is answered
         # from an exact recomputation (error 0 here), the others incrementally
-        incremental_by_column = row_bound * (self._column_ratio(np.full(self.e, h), np.arange(self.e)) + 1)
+        incremental_by_column = cert.column_bound(
+            np.float64(row_bound), self._column_ratio(np.full(self.e, h), np.arange(self.e))
+        )
         incremental = float(np.where(incremental_by_column <= self._tol, incremental_by_column, 0.0).max())
         fresh = float(cert.fresh_error(self._logit_error(float(s.q_norm[h, i])), self._unit, self.m))
         output_rounding = self._xp.unit_roundoff(self._output_dtype)
@@ -1015,7 +1017,7 @@ class DynamicAttention(ValidatedInputs):
             numerator += xp.einsum("kt,kt->k", new_w, s.pending_new_values[heads, :t, cols])
             numerator -= xp.einsum("kt,kt->k", old_w, s.pending_old_values[heads, :t, cols])
         row_bound, denominator = self._row_bounds(heads, rows)
-        bound = xp.to_numpy(row_bound) * (self._column_ratio(heads, cols) + 1)
+        bound = cert.column_bound(xp.to_numpy(row_bound), self._column_ratio(heads, cols))
         seen = xp.asarray(s.visible_keys[rows] > 0)
         units = xp.asarray(s.value_unit[heads, cols])
         answer = xp.where(seen, units * (numerator / xp.where(denominator > 0, denominator, 1.0)), 0.0)
@@ -1056,7 +1058,7 @@ class DynamicAttention(ValidatedInputs):
         if not s.visible_keys[rows].all():
             answer[:, xp.index(np.flatnonzero(s.visible_keys[rows] == 0))] = 0.0
         row_bound = xp.to_numpy(row_bound).reshape(H, k)
-        doubtful = ~(row_bound * (self._head_ratios()[:, None] + 1) <= self._tol)
+        doubtful = ~(cert.column_bound(row_bound, self._head_ratios()[:, None]) <= self._tol)
         if doubtful.any():
             bad_heads, bad_rows = np.nonzero(doubtful)
             answer[bad_heads, bad_rows] = self._fallback(bad_heads, rows[bad_rows])
@@ -1097,8 +1099,8 @@ class DynamicAttention(ValidatedInputs):
             denominator, mass, mismatch = xp.copy(z), z, 0.0
         error = self._row_error(s.drift[heads, rows], mass, mismatch)
         bound = cert.row_bound(error, denominator, xp.where)
-        if not self._certify:
-            bound = bound * 0
+        if not self._certify:  # (not bound * 0: an infinite bound would give NaN)
+            bound = xp.zeros(tuple(bound.shape), np.float64)
         elif not s.visible_keys[rows].all():
             bound = xp.where(xp.asarray(s.visible_keys[rows] > 0), bound, 0.0)
         return bound, denominator
