@@ -31,7 +31,7 @@ def test_tiny_run_writes_every_section(bench_paths, tmp_path, backend):
         if "median_s" in rec:
             assert rec["min_s"] <= rec["median_s"] <= rec["max_s"] and rec["ratio_to_ours"] > 0
     contenders = {rec["contender"] for rec in saved["records"] if rec["section"] == "a_token_edit"}
-    assert {"dynattn", "rows-numpy", "eager"} <= contenders
+    assert {"dynattn", "dynattn-auto", "rows-numpy", "eager"} <= contenders
     decode = [
         r for r in saved["records"] if r["section"] == "b_decode" and r["contender"].startswith("dynattn")
     ]

@@ -55,24 +55,48 @@ def rows_dot(rows: Any, head_stride: int, x: Any, out: Any) -> None:  # pragma: 
 @numba.njit(**_OPTIONS)
 def weighted_rows(w: Any, rows: Any, head_stride: int, out: Any) -> None:  # pragma: no cover - compiled
     """``out[h, j, :] = sum_c w[h, j, c] * rows[h * head_stride + c, :]`` (rows float32,
-    C-contiguous; w and out float64). Two rows per step into the accumulator: half the
-    loads and stores of the accumulator per row read."""
+    C-contiguous; w and out float64). Each row is read once for every j (the
+    accumulators of all j stay in cache), two rows per step into each accumulator."""
     heads, columns, count = w.shape
     width = rows.shape[1]
     for h in range(heads):
         base = h * head_stride
-        for j in range(columns):
-            wj = w[h, j]
-            total = np.zeros(width, np.float64)
+        total = np.zeros((columns, width), np.float64)
+        if columns == 1:  # a flat loop (views of the accumulator cost more than they save)
+            _accumulate(w[h, 0], rows, base, count, total[0])
+        else:
             c = 0
             while c + 2 <= count:
-                w0, w1 = wj[c], wj[c + 1]
                 r0, r1 = rows[base + c], rows[base + c + 1]
-                for k in range(width):
-                    total[k] += w0 * np.float64(r0[k]) + w1 * np.float64(r1[k])
+                for j in range(columns):
+                    w0, w1 = w[h, j, c], w[h, j, c + 1]
+                    accumulator = total[j]
+                    for k in range(width):
+                        accumulator[k] += w0 * np.float64(r0[k]) + w1 * np.float64(r1[k])
                 c += 2
             if c < count:
-                weight, row = wj[c], rows[base + c]
-                for k in range(width):
-                    total[k] += weight * np.float64(row[k])
-            out[h, j] = total
+                row = rows[base + c]
+                for j in range(columns):
+                    weight = w[h, j, c]
+                    accumulator = total[j]
+                    for k in range(width):
+                        accumulator[k] += weight * np.float64(row[k])
+        out[h] = total
+
+
+@numba.njit(**_OPTIONS)
+def _accumulate(weights: Any, rows: Any, base: int, count: int, total: Any) -> None:  # pragma: no cover
+    """``total += sum_c weights[c] * rows[base + c]``, two rows per step (the one-column
+    case of :func:`weighted_rows`, in the same order)."""
+    width = rows.shape[1]
+    c = 0
+    while c + 2 <= count:
+        w0, w1 = weights[c], weights[c + 1]
+        r0, r1 = rows[base + c], rows[base + c + 1]
+        for k in range(width):
+            total[k] += w0 * np.float64(r0[k]) + w1 * np.float64(r1[k])
+        c += 2
+    if c < count:
+        weight, row = weights[c], rows[base + c]
+        for k in range(width):
+            total[k] += weight * np.float64(row[k])
