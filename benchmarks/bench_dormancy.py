@@ -186,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         cfg = argparse.Namespace(
-            paper_n=1024, paper_updates=30000, llm_n=4096, llm_updates=6000, llm_long_updates=12000
+            paper_n=1024,
+            paper_updates=30000,
+            llm_n=4096,
+            llm_updates=6000,
+            llm_long_updates=12000,
+            window=500,
         )
-        cfg.window = 500
     ratios = {"paper": (0.01, 0.1), "llm": (0.01, 0.1, 1.0)}
     results = [follow(regime, r, cfg) for regime, rs in ratios.items() for r in rs]
     info = machine_info()

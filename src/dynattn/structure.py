@@ -1549,9 +1549,9 @@ class DynamicAttention(ValidatedInputs):
         if s.all_keys_visible and not self._causal:
             return None
         # every key's position is below next_position: rows at the latest one see them all
-        latest = rows.size and s.query_pos[rows].min() >= s.next_position - 1
-        if keys is None and s.all_keys_visible and latest:
-            return None
+        if keys is None and s.all_keys_visible and rows.size:
+            if s.query_pos[rows].min() >= s.next_position - 1:
+                return None
         if keys is None:
             keys = np.arange(self.m)
         visible = np.broadcast_to(s.key_visible[keys], (rows.size, keys.size))
@@ -1825,7 +1825,7 @@ class DynamicAttention(ValidatedInputs):
         s.dormant = False
         s.dormancy_balance = s.upkeep_total = 0.0
         s.awake_updates = 0
-        started, predicted = policy.now(), self._switch_price() / self._wake_correction
+        started, predicted = policy.now(), policy.wake_price(self._H, self.n, self.m, self.d, self.e)
         self._full_refresh()
         elapsed = policy.now() - started
         self._wake_correction = policy.corrected(self._wake_correction, predicted, elapsed)
